@@ -7,14 +7,14 @@ from pathlib import Path
 
 
 def config_dir() -> Path:
-    """Return the directory holding ``train.yaml``, ``eval.yaml`` and the config groups.
+    """Return the directory holding ``train.yaml`` (arkd-train), ``evaluate.yaml`` (arkd-eval) and the config groups.
 
     An installed wheel ships the top-level ``configs/`` as the package ``arkd.configs``; an editable or source
     checkout has it beside the ``arkd`` package.
     """
     try:
         packaged = Path(str(resources.files("arkd.configs")))
-        if (packaged / "train.yaml").is_file() or (packaged / "eval.yaml").is_file():
+        if (packaged / "train.yaml").is_file() or (packaged / "evaluate.yaml").is_file():
             return packaged
     except (ModuleNotFoundError, TypeError):
         pass
