@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 
 def config_dir() -> Path:
     """Return the directory holding ``train.yaml`` (arkd-train), ``evaluate.yaml`` (arkd-eval) and the config groups.
 
-    An installed wheel ships the top-level ``configs/`` as the package ``arkd.configs``; an editable or source
-    checkout has it beside the ``arkd`` package.
+    The top-level ``configs/`` of the source tree is reached through the symlink ``arkd/configs``; an installed wheel
+    carries the same tree as package data in ``arkd/configs``.
     """
-    try:
-        packaged = Path(str(resources.files("arkd.configs")))
-        if (packaged / "train.yaml").is_file() or (packaged / "evaluate.yaml").is_file():
-            return packaged
-    except (ModuleNotFoundError, TypeError):
-        pass
-    source = Path(__file__).resolve().parent.parent / "configs"
-    if source.is_dir():
-        return source
-    raise FileNotFoundError(
-        "arkd's config tree was not found: expected the package data 'arkd/configs' or a 'configs/' folder beside "
-        "the 'arkd' package; reinstall arkd with 'pip install .'."
-    )
+    path = Path(__file__).resolve().parent / "configs"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"arkd's config tree was not found at {path}: expected the package data 'arkd/configs' "
+            "(reinstall arkd with 'pip install .')."
+        )
+    return path
