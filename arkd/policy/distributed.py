@@ -1,0 +1,80 @@
+"""Small torch.distributed helpers for the policy: every one is a no-op in a single process.
+
+The policy's tensors live on the CPU. Collectives run on the device the process group's backend needs (the current
+CUDA device for NCCL, the CPU otherwise) and results come back on the caller's device, so the same code runs under
+gloo on CPUs and under NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is available, initialised and has more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes (1 without torch.distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over all processes (a new tensor on ``tensor``'s device; the input is left untouched)."""
+    if not is_distributed():
+        return tensor.clone()
+    buf = tensor.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(tensor.device)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all processes (a new tensor)."""
+    return all_reduce_sum(tensor) / world_size()
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``tensor`` as held by process ``src``, on every process (a new tensor on ``tensor``'s device)."""
+    if not is_distributed():
+        return tensor.clone()
+    buf = tensor.detach().to(_comm_device(), copy=True).contiguous()
+    dist.broadcast(buf, src=src)
+    return buf.to(tensor.device)
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite ``module``'s parameters and buffers with those of process ``src`` (in place)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            tensor.copy_(broadcast(tensor, src))
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Replace every parameter's gradient by its mean over processes (one flat all-reduce; missing grads count 0)."""
+    if not is_distributed():
+        return
+    params = list(parameters)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = all_reduce_mean(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
