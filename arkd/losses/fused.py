@@ -1,0 +1,395 @@
+"""The fast paths of the bidirectional KL ``alpha * KL(p||q) + (1 - alpha) * KL(q||p)`` (ARKD's loss).
+
+``bidirectional_kl`` runs at every training step over ``[tokens, V]`` logits with V ~ 50k-150k, so it is not the naive
+autograd composition (two ``log_softmax``, two ``kl_div`` and their saved intermediates). Two custom
+``torch.autograd.Function`` classes process the tokens chunk by chunk, in plain PyTorch (CPU and GPU):
+
+* :class:`BidirectionalKLFunction` (used by :func:`arkd.losses.bidirectional_kl`): for each chunk of tokens, one
+  log-softmax per side gives both KLs and the analytic gradient with respect to the student logits,
+
+  ``d loss / d z_q = [alpha * (q - p) + (1 - alpha) * q * (log q - log p - RKL)] / temperature``,
+
+  written into a single gradient-sized buffer (the student logits' dtype). Nothing ``[tokens, V]`` is saved besides
+  it; backward scales it by the incoming per-token gradient **in place** and returns it. The backward can therefore
+  run once (``retain_graph=True`` with a second backward raises a clear error).
+* :class:`FusedLinearBidirectionalKLFunction` (:func:`fused_linear_bidirectional_kl`): takes the student's final
+  hidden states and output-layer weight and never materialises the ``[tokens, V]`` student logits: each chunk's logits
+  are computed, turned into the loss and the gradient with respect to the chunk's hidden states, the weight and the
+  bias, and dropped. Peak extra memory is one chunk of logits plus a weight-sized gradient accumulator.
+
+Only counted tokens (``mask`` True) are computed at all: uncounted ones get loss 0 and gradient 0.
+
+Teacher gradient: :func:`arkd.losses.bidirectional_kl` also returns the analytic gradient with respect to the teacher
+logits when they require grad (a second buffer), ``[alpha * p * (log p - log q - FKL) + (1 - alpha) * (p - q)] / T``.
+The fused-linear variant treats the teacher as frozen: its inputs are detached (no gradient reaches them).
+
+Infinities: ``-inf`` logits are zero-probability entries. Where both sides are ``-inf`` the entry contributes 0 to
+values and gradients. Where the student gives ``-inf`` to a token the teacher gives mass, FKL is ``+inf`` (true value),
+and symmetrically RKL is ``+inf`` where the teacher gives ``-inf`` to a token the student gives mass; an infinite KL
+makes the mix (and the RKL part of the gradient) infinite/NaN, as it does in the naive composition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import broadcast_token_weight, check_reduction, check_temperature, compute_dtype
+
+DEFAULT_CHUNK_SIZE = 1024
+"""Tokens per chunk: chunk intermediates are a few ``[chunk, V]`` float32 buffers (about 200 MB each at V=50k)."""
+
+_INF = float("inf")
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (tokens per chunk), got {chunk_size!r}")
+
+
+def _chunk_bidirectional(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    alpha: torch.Tensor,
+    temperature: float,
+    student_grad: bool,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Bidirectional KL of one chunk and its analytic gradients.
+
+    Args:
+        student: ``[C, V]`` student logits (any float dtype; the math runs in float32, or float64 for float64 input).
+        teacher: ``[C, V]`` teacher logits.
+        alpha: ``[C]`` weight of FKL per row.
+        temperature: divides both logits.
+        student_grad / teacher_grad: whether to compute the gradient with respect to the (unscaled) logits.
+
+    Returns:
+        ``loss [C]``, ``fkl [C]``, ``rkl [C]``, ``grad_student [C, V] | None``, ``grad_teacher [C, V] | None``
+        (gradients in the compute dtype).
+    """
+    dtype = compute_dtype(student.dtype)
+    s = student.to(dtype)
+    t = teacher.to(dtype)
+    if temperature != 1.0:
+        s = s / temperature
+        t = t / temperature
+    log_q = torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(t, dim=-1)
+    del s, t
+    q = log_q.exp()
+    p = log_p.exp()
+    d = log_p.sub_(log_q)  # log p - log q; NaN where both are -inf, +-inf where exactly one is
+    del log_q, log_p
+    # 0 * (+-inf or NaN) = NaN marks an entry without mass on the weighting side: its true term is 0.
+    f_terms = torch.mul(p, d).nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)
+    r_terms = d.mul_(q).neg_().nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)  # reuses d's storage
+    fkl = f_terms.sum(dim=-1)
+    rkl = r_terms.sum(dim=-1)
+    a = alpha.to(dtype).unsqueeze(-1)
+    loss = alpha.to(dtype) * fkl + (1.0 - alpha.to(dtype)) * rkl
+
+    grad_teacher = None
+    if teacher_grad:
+        # d/dz_p: alpha * p * (log p - log q - FKL) + (1 - alpha) * (p - q)
+        grad_teacher = torch.addcmul(f_terms, p, fkl.unsqueeze(-1), value=-1.0).mul_(a)
+        grad_teacher.add_(torch.sub(p, q).mul_(1.0 - a))
+        if temperature != 1.0:
+            grad_teacher.div_(temperature)
+    del f_terms
+
+    grad_student = None
+    if student_grad:
+        # d/dz_q: alpha * (q - p) + (1 - alpha) * q * (log q - log p - RKL); r_terms = q * (log q - log p)
+        grad_student = r_terms.addcmul_(q, rkl.unsqueeze(-1), value=-1.0).mul_(1.0 - a)
+        grad_student.add_(q.sub_(p).mul_(a))
+        if temperature != 1.0:
+            grad_student.div_(temperature)
+    return loss, fkl, rkl, grad_student, grad_teacher
+
+
+def _row_chunks(mask: torch.Tensor | None, n: int, chunk_size: int):
+    """Yield ``(rows, index)``: a slice (everything counted) or an index tensor of counted rows, chunk by chunk."""
+    if mask is None:
+        for start in range(0, n, chunk_size):
+            yield slice(start, min(start + chunk_size, n)), None
+        return
+    counted = mask.nonzero().squeeze(-1)
+    for start in range(0, counted.numel(), chunk_size):
+        index = counted[start : start + chunk_size]
+        yield index, index
+
+
+class BidirectionalKLFunction(torch.autograd.Function):
+    """Chunked bidirectional KL over ``[N, V]`` logits with a precomputed analytic gradient.
+
+    ``apply(student [N, V], teacher [N, V], alpha [N], mask [N] | None, temperature, chunk_size, inplace_backward)``
+    returns ``(loss [N], fkl [N], rkl [N])``; ``fkl`` and ``rkl`` are not differentiable. Uncounted rows give 0.
+    With ``inplace_backward`` (the default of :func:`arkd.losses.bidirectional_kl`) the saved gradient buffer is
+    scaled in place, so backward can run once; pass False to keep it (e.g. for ``torch.autograd.gradcheck``).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, alpha, mask, temperature, chunk_size, inplace_backward):
+        n, _ = student.shape
+        dtype = compute_dtype(student.dtype)
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        new_buffer = torch.empty if mask is None else torch.zeros  # uncounted rows keep a zero gradient
+        grad_s = new_buffer(student.shape, dtype=student.dtype, device=student.device) if need_s else None
+        grad_t = new_buffer(teacher.shape, dtype=teacher.dtype, device=teacher.device) if need_t else None
+        loss = torch.zeros(n, dtype=dtype, device=student.device)
+        fkl = torch.zeros(n, dtype=dtype, device=student.device)
+        rkl = torch.zeros(n, dtype=dtype, device=student.device)
+        for rows, index in _row_chunks(mask, n, chunk_size):
+            out = _chunk_bidirectional(student[rows], teacher[rows], alpha[rows], temperature, need_s, need_t)
+            for target, value in zip((loss, fkl, rkl, grad_s, grad_t), out):
+                if target is None:
+                    continue
+                if index is None:
+                    target[rows] = value
+                else:
+                    target.index_copy_(0, index, value.to(target.dtype))
+        ctx.mark_non_differentiable(fkl, rkl)
+        ctx.save_for_backward(grad_s, grad_t)
+        ctx.inplace_backward = inplace_backward
+        ctx.used = False
+        return loss, fkl, rkl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_fkl, _grad_rkl):
+        if ctx.inplace_backward and ctx.used:
+            raise RuntimeError(
+                "bidirectional_kl's fast path scales its saved gradient buffer in place, so its backward can run only "
+                "once; recompute the loss instead of calling backward twice with retain_graph=True"
+            )
+        ctx.used = True
+        grad_s, grad_t = ctx.saved_tensors
+        outputs = []
+        for grad in (grad_s, grad_t):
+            if grad is None:
+                outputs.append(None)
+                continue
+            scale = grad_loss.to(grad.dtype).unsqueeze(-1)
+            outputs.append(grad.mul_(scale) if ctx.inplace_backward else grad * scale)
+        return outputs[0], outputs[1], None, None, None, None, None
+
+
+def bidirectional_kl_fast(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    alpha: float | torch.Tensor,
+    temperature: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token bidirectional KL, FKL and RKL ``[...]`` (uncounted tokens 0) through :class:`BidirectionalKLFunction`.
+
+    Arguments as in :func:`arkd.losses.bidirectional_kl` (already checked by the caller except ``alpha`` and
+    ``chunk_size``). Only the first output carries gradients.
+    """
+    _check_chunk_size(chunk_size)
+    token_shape = student_logits.shape[:-1]
+    v = student_logits.shape[-1]
+    alpha_t = broadcast_token_weight("alpha", alpha, token_shape, student_logits.device).reshape(-1)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    loss, fkl, rkl = BidirectionalKLFunction.apply(
+        student_logits.reshape(-1, v),
+        teacher_logits.reshape(-1, v),
+        alpha_t,
+        flat_mask,
+        float(temperature),
+        chunk_size,
+        True,
+    )
+    return loss.reshape(token_shape), fkl.reshape(token_shape), rkl.reshape(token_shape)
+
+
+class FusedLinearBidirectionalKLFunction(torch.autograd.Function):
+    """Weighted sum of the per-token bidirectional KL computed from hidden states, chunk by chunk.
+
+    ``apply(hidden [N, H], weight [V, H], bias [V] | None, teacher_logits [N, V] | None, teacher_hidden [N, Ht] | None,
+    teacher_weight [V, Ht] | None, teacher_bias [V] | None, alpha [N], token_weight [N], temperature, chunk_size)``
+    returns the scalar ``sum_i token_weight_i * loss_i`` (``token_weight`` is 0 on uncounted rows, 1 for
+    ``reduction="sum"``, ``1 / count`` for ``"mean"``). Gradients with respect to hidden, weight and bias are computed
+    in forward (the output is a scalar, so backward only scales them).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        teacher_logits,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        alpha,
+        token_weight,
+        temperature,
+        chunk_size,
+    ):
+        dtype = compute_dtype(hidden.dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        counted = (token_weight != 0).nonzero().squeeze(-1)
+        w_c = weight.to(dtype)
+        b_c = None if bias is None else bias.to(dtype)
+        for start in range(0, counted.numel(), chunk_size):
+            index = counted[start : start + chunk_size]
+            h = hidden.index_select(0, index).to(dtype)
+            logits = torch.nn.functional.linear(h, w_c, b_c)
+            if teacher_logits is not None:
+                t_logits = teacher_logits.index_select(0, index)
+            else:
+                t_h = teacher_hidden.index_select(0, index)
+                t_logits = torch.nn.functional.linear(t_h, teacher_weight, teacher_bias)
+            loss, _, _, grad_logits, _ = _chunk_bidirectional(
+                logits, t_logits, alpha.index_select(0, index), temperature, need_h or need_w or need_b, False
+            )
+            del logits, t_logits
+            tw = token_weight.index_select(0, index).to(dtype)
+            total = total + (tw * loss).sum()
+            if grad_logits is None:
+                continue
+            grad_logits.mul_(tw.unsqueeze(-1))
+            if need_h:
+                grad_h.index_copy_(0, index, (grad_logits @ w_c).to(grad_h.dtype))
+            if need_w:
+                grad_w.addmm_(grad_logits.t(), h)
+            if need_b:
+                grad_b.add_(grad_logits.sum(dim=0))
+        ctx.save_for_backward(
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+        )
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None
+
+
+def fused_linear_bidirectional_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    alpha: float | torch.Tensor = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Bidirectional KL from the student's final hidden states, without materialising ``[tokens, V]`` student logits.
+
+    ``loss = alpha * KL(p || q) + (1 - alpha) * KL(q || p)`` per token, ``q = softmax((h W^T + b) / T)`` the student,
+    ``p`` the teacher (its logits, or ``softmax((h_t W_t^T + b_t) / T)`` from its hidden states), reduced over the
+    counted tokens. Equal to ``bidirectional_kl(student_hidden @ student_weight.T + student_bias, teacher_logits, ...)``
+    in value and in the gradients with respect to ``student_hidden``, ``student_weight`` and ``student_bias``.
+    The teacher is treated as frozen: its tensors are detached and receive no gradient.
+
+    Args:
+        student_hidden: ``[..., H]`` final hidden states of the student (after the final norm).
+        student_weight: ``[V, H]`` the student's output-layer (``lm_head``) weight.
+        teacher_logits: ``[..., V]`` teacher logits; or None and give ``teacher_hidden`` and ``teacher_weight``.
+        mask: ``[...]`` bool, True = counted; None counts every token.
+        teacher_hidden: ``[..., Ht]`` teacher final hidden states (with ``teacher_weight [V, Ht]``).
+        teacher_weight: ``[V, Ht]`` the teacher's output-layer weight.
+        student_bias: ``[V]`` optional output-layer bias of the student.
+        teacher_bias: ``[V]`` optional output-layer bias of the teacher.
+        alpha: FKL weight: a float or a tensor broadcastable to the token shape (leading dimensions aligned); constant.
+        temperature: divides both logits.
+        reduction: ``"sum"`` or ``"mean"`` (a scalar; per-token values would need the full logits' gradients).
+        chunk_size: tokens per chunk; peak extra memory is a few ``[chunk_size, V]`` float32 buffers.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: on inconsistent shapes, mismatched vocabulary sizes, a missing teacher or ``reduction="none"``.
+    """
+    check_temperature(temperature)
+    check_reduction(reduction)
+    _check_chunk_size(chunk_size)
+    if reduction == "none":
+        raise ValueError('fused_linear_bidirectional_kl supports reduction "sum" or "mean", not "none"')
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_hidden [..., H] {tuple(student_hidden.shape)} and student_weight [V, H] "
+            f"{tuple(student_weight.shape)} do not match"
+        )
+    token_shape = student_hidden.shape[:-1]
+    v = student_weight.shape[0]
+    if student_bias is not None and student_bias.shape != (v,):
+        raise ValueError(f"student_bias must have shape ({v},), got {tuple(student_bias.shape)}")
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None:
+            raise ValueError("give either teacher_logits or teacher_hidden with teacher_weight, not both")
+        if teacher_logits.shape[-1] != v:
+            raise ValueError(
+                f"student_weight has vocabulary size {v} but teacher_logits has vocabulary size "
+                f"{teacher_logits.shape[-1]}; slice them to a common size (arkd.losses.truncate_to_common_vocab)"
+            )
+        if teacher_logits.shape[:-1] != token_shape:
+            raise ValueError(
+                f"teacher_logits {tuple(teacher_logits.shape)} does not match the student tokens {tuple(token_shape)}"
+            )
+        teacher_logits = teacher_logits.detach().reshape(-1, v)
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("give teacher_logits, or teacher_hidden together with teacher_weight")
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+            raise ValueError(
+                f"teacher_hidden [..., Ht] {tuple(teacher_hidden.shape)} and teacher_weight [V, Ht] "
+                f"{tuple(teacher_weight.shape)} do not match"
+            )
+        if teacher_weight.shape[0] != v:
+            raise ValueError(
+                f"student_weight has vocabulary size {v} but teacher_weight has vocabulary size "
+                f"{teacher_weight.shape[0]}; slice the weights to a common size"
+            )
+        if teacher_hidden.shape[:-1] != token_shape:
+            raise ValueError(
+                f"teacher_hidden {tuple(teacher_hidden.shape)} does not match the student tokens {tuple(token_shape)}"
+            )
+        teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        teacher_weight = teacher_weight.detach()
+        teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    if mask is not None:
+        if mask.shape != token_shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the token shape is {tuple(token_shape)}")
+        mask = mask.to(device=student_hidden.device, dtype=torch.bool).reshape(-1)
+    dtype = compute_dtype(student_hidden.dtype)
+    n = token_shape.numel()
+    token_weight = torch.ones(n, dtype=dtype, device=student_hidden.device)
+    if mask is not None:
+        token_weight = token_weight * mask
+    if reduction == "mean":
+        token_weight = token_weight / token_weight.sum().clamp(min=1)
+    alpha_t = broadcast_token_weight("alpha", alpha, token_shape, student_hidden.device).reshape(-1)
+    total = FusedLinearBidirectionalKLFunction.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight,
+        student_bias,
+        teacher_logits,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        alpha_t,
+        token_weight,
+        float(temperature),
+        chunk_size,
+    )
+    return total
