@@ -1,0 +1,234 @@
+"""Offline synthetic instruction tasks: every row has exactly one correct answer.
+
+The families are short, deterministic string tasks over small vocabularies, written in the protocol's template,
+so that a tiny GPT-2 learns them within minutes on a CPU and Rouge-L separates a good model from a poor one
+(most answers are several words long, so partial answers earn partial credit). Each family has its own
+instruction sentence; the row's ``topic`` is the family name.
+
+========  =============================================  ==================  =====================
+family    instruction                                    input               output
+========  =============================================  ==================  =====================
+reverse   Reverse the order of the words.                cat plum red        red plum cat
+sort      Sort the words in alphabetical order.          pear cat dog        cat dog pear
+numsort   Sort the numbers from smallest to largest.     7 2 9               2 7 9
+count     Count the words.                               cat dog dog fox     4
+opposite  Write the opposite of each word.               hot up              cold down
+spell     Write each number as a word.                   3 7                 three seven
+add       Add the two numbers.                           12 + 7              19
+double    Repeat each word twice.                        cat dog             cat cat dog dog
+ends      Give the first and the last word.              cat dog fox owl     cat owl
+countup   Count from 3 to 7.                             (none)              3 4 5 6 7
+========  =============================================  ==================  =====================
+
+``generate_synthetic(n, seed)`` is a pure function of its arguments (its own ``random.Random(seed)``);
+:func:`synthetic_splits` keeps validation and test prompts out of the training split.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from arkd.data.example import Example
+from arkd.data.formats import write_jsonl
+from arkd.data.template import format_prompt
+
+WORDS = (
+    "apple", "bird", "cake", "cat", "cow", "dog", "duck", "fish", "fox", "frog",
+    "goat", "hat", "lamp", "lion", "moon", "owl", "pear", "plum", "rose", "star",
+)  # fmt: skip
+OPPOSITES = {
+    "big": "small", "small": "big", "hot": "cold", "cold": "hot", "up": "down", "down": "up",
+    "fast": "slow", "slow": "fast", "old": "new", "new": "old", "happy": "sad", "sad": "happy",
+    "high": "low", "low": "high", "light": "dark", "dark": "light", "early": "late", "late": "early",
+}  # fmt: skip
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+Row = tuple[str, str, str]  # instruction, input, output
+
+
+def _words(rng: random.Random, low: int, high: int) -> list[str]:
+    return [rng.choice(WORDS) for _ in range(rng.randint(low, high))]
+
+
+def _digits(rng: random.Random, low: int, high: int) -> list[int]:
+    return [rng.randrange(10) for _ in range(rng.randint(low, high))]
+
+
+def _reverse(rng: random.Random) -> Row:
+    words = _words(rng, 3, 5)
+    return "Reverse the order of the words.", " ".join(words), " ".join(reversed(words))
+
+
+def _sort(rng: random.Random) -> Row:
+    words = _words(rng, 3, 5)
+    return "Sort the words in alphabetical order.", " ".join(words), " ".join(sorted(words))
+
+
+def _numsort(rng: random.Random) -> Row:
+    nums = _digits(rng, 3, 6)
+    return "Sort the numbers from smallest to largest.", " ".join(map(str, nums)), " ".join(map(str, sorted(nums)))
+
+
+def _count(rng: random.Random) -> Row:
+    words = _words(rng, 2, 8)
+    return "Count the words.", " ".join(words), str(len(words))
+
+
+def _opposite(rng: random.Random) -> Row:
+    words = [rng.choice(sorted(OPPOSITES)) for _ in range(rng.randint(2, 4))]
+    return "Write the opposite of each word.", " ".join(words), " ".join(OPPOSITES[w] for w in words)
+
+
+def _spell(rng: random.Random) -> Row:
+    nums = _digits(rng, 2, 5)
+    return "Write each number as a word.", " ".join(map(str, nums)), " ".join(NUMBER_WORDS[d] for d in nums)
+
+
+def _add(rng: random.Random) -> Row:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    return "Add the two numbers.", f"{a} + {b}", str(a + b)
+
+
+def _double(rng: random.Random) -> Row:
+    words = _words(rng, 2, 4)
+    return "Repeat each word twice.", " ".join(words), " ".join(w for w in words for _ in range(2))
+
+
+def _ends(rng: random.Random) -> Row:
+    words = _words(rng, 3, 6)
+    return "Give the first and the last word.", " ".join(words), f"{words[0]} {words[-1]}"
+
+
+def _countup(rng: random.Random) -> Row:
+    start = rng.randint(0, 50)
+    stop = start + rng.randint(2, 6)
+    return f"Count from {start} to {stop}.", "", " ".join(str(i) for i in range(start, stop + 1))
+
+
+FAMILIES: dict[str, Callable[[random.Random], Row]] = {
+    "reverse": _reverse,
+    "sort": _sort,
+    "numsort": _numsort,
+    "count": _count,
+    "opposite": _opposite,
+    "spell": _spell,
+    "add": _add,
+    "double": _double,
+    "ends": _ends,
+    "countup": _countup,
+}
+
+
+def _check_families(families: Sequence[str] | None) -> list[str]:
+    names = list(FAMILIES) if families is None else list(families)
+    if not names:
+        raise ValueError("families is empty; expected at least one of " + ", ".join(FAMILIES))
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown synthetic families {unknown}; expected names from {', '.join(FAMILIES)}")
+    return names
+
+
+def _make(family: str, rng: random.Random) -> Example:
+    instruction, inp, output = FAMILIES[family](rng)
+    return Example(
+        instruction=instruction, input=inp, references=[output], prompt=format_prompt(instruction, inp), topic=family
+    )
+
+
+def generate_synthetic(n: int, seed: int = 0, families: Sequence[str] | None = None) -> list[Example]:
+    """Generate ``n`` synthetic rows, as balanced across families as ``n`` allows, in a seeded random order.
+
+    Args:
+        n: the number of rows (rows may repeat; families with small input spaces repeat more).
+        seed: the seed; equal arguments give equal rows.
+        families: the families to draw from (None: all of :data:`FAMILIES`).
+
+    Returns:
+        ``n`` examples with ``topic`` set to their family.
+    """
+    if n < 1:
+        raise ValueError(f"n must be a positive number of rows, got {n}")
+    names = _check_families(families)
+    rng = random.Random(seed)
+    plan = [names[i % len(names)] for i in range(n)]
+    rng.shuffle(plan)
+    return [_make(family, rng) for family in plan]
+
+
+def synthetic_splits(
+    n_train: int,
+    n_validation: int,
+    n_test: int,
+    *,
+    seed: int = 0,
+    families: Sequence[str] | None = None,
+) -> dict[str, list[Example]]:
+    """Train / validation / test splits whose held-out prompts never occur in the training split.
+
+    Validation and test rows are distinct prompts (no prompt in both); training rows are drawn from the same
+    generator with every held-out prompt rejected, so training rows may repeat among themselves but never leak.
+
+    Returns:
+        ``{"train": [...], "validation": [...], "test": [...]}`` with the requested sizes.
+
+    Raises:
+        ValueError: non-positive sizes, or families too small to provide enough distinct held-out prompts.
+    """
+    for name, size in (("n_train", n_train), ("n_validation", n_validation), ("n_test", n_test)):
+        if size < 1:
+            raise ValueError(f"{name} must be at least 1, got {size}")
+    names = _check_families(families)
+    rng = random.Random(seed)
+    held_out: dict[str, Example] = {}
+    attempts = 0
+    need = n_validation + n_test
+    while len(held_out) < need:
+        attempts += 1
+        if attempts > 100 * need:
+            raise ValueError(
+                f"could only find {len(held_out)} distinct held-out prompts of {need} for families {names}; "
+                "expected fewer validation / test rows or more families"
+            )
+        ex = _make(names[len(held_out) % len(names)], rng)
+        held_out.setdefault(ex.prompt, ex)
+    held = list(held_out.values())
+    rng.shuffle(held)
+    train: list[Example] = []
+    attempts = 0
+    while len(train) < n_train:
+        attempts += 1
+        if attempts > 100 * n_train:
+            raise ValueError(f"could not draw {n_train} training rows outside the held-out prompts of {names}")
+        ex = _make(names[len(train) % len(names)], rng)
+        if ex.prompt not in held_out:
+            train.append(ex)
+    rng.shuffle(train)
+    return {"train": train, "validation": held[:n_validation], "test": held[n_validation:]}
+
+
+def write_synthetic_splits(
+    out_dir: str | os.PathLike,
+    *,
+    n_train: int = 20000,
+    n_validation: int = 200,
+    n_test: int = 500,
+    seed: int = 0,
+    families: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Write :func:`synthetic_splits` as ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` (MiniLLM schema).
+
+    Returns:
+        The path of each split's file.
+    """
+    splits = synthetic_splits(n_train, n_validation, n_test, seed=seed, families=families)
+    out = Path(out_dir)
+    return {name: write_jsonl(rows, out / f"{name}.jsonl") for name, rows in splits.items()}
+
+
+def synthetic_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Texts (prompt followed by the answer) of ``n`` synthetic rows, e.g. to train the offline tokenizer."""
+    return [ex.prompt + ex.response for ex in generate_synthetic(n, seed)]

@@ -1,0 +1,321 @@
+"""Teacher, student and tokenizer: loading by Hugging Face name or local path, tiny offline ones, vocabulary checks.
+
+Real models load through ``AutoModelForCausalLM`` / ``AutoTokenizer`` (safetensors weights, ``trust_remote_code``
+off unless asked for). The offline default and the tests use a byte-level BPE tokenizer trained on the synthetic
+corpus (:func:`build_tiny_tokenizer`) and small GPT-2 models built from a config (:func:`build_tiny_model`); saved
+with :func:`save_pretrained`, they load back through the very same :func:`load_tokenizer` / :func:`load_model`.
+
+Pad tokens: GPT-2-style tokenizers have none, so the end-of-text token pads (padding is never counted: the
+attention and loss masks are 0 there). Tokenizers come back with ``padding_side="left"``, what batched generation
+needs; arkd's training collator pads on the right by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("arkd.models")
+
+EOS_TOKEN = "<|endoftext|>"
+MAX_VOCAB_PADDING = 1024  # embedding rows a checkpoint may add beyond its tokenizer (rounding, reserved slots)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """Turn ``"float32"``, ``"bfloat16"``, ``"fp16"``, ... into a ``torch.dtype`` (``"auto"`` passes through)."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; expected one of {', '.join(sorted(_DTYPES))} or 'auto'")
+    return _DTYPES[key]
+
+
+def prepare_tokenizer(tokenizer, *, padding_side: str = "left"):
+    """Give a tokenizer a pad token (its end-of-text token when it has none) and a padding side.
+
+    Raises:
+        ValueError: a tokenizer with neither a pad nor an end-of-text token, or a bad ``padding_side``.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no end-of-text (eos) token; expected one to end responses")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+    *,
+    padding_side: str = "left",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """Load a tokenizer by Hugging Face name or local directory, with a pad token and a padding side.
+
+    Args:
+        name_or_path: e.g. ``"gpt2"`` or a directory written by ``save_pretrained``.
+        padding_side: ``"left"`` (generation) or ``"right"``.
+        trust_remote_code: allow code shipped with the checkpoint (off by default).
+        revision: a Hub branch, tag or commit.
+
+    Returns:
+        A ``PreTrainedTokenizerBase`` whose pad token is set (end-of-text for GPT-2-style tokenizers).
+    """
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"could not load a tokenizer from '{name_or_path}' ({err}); expected a Hugging Face model name or a "
+            "local directory written by save_pretrained"
+        ) from err
+    return prepare_tokenizer(tokenizer, padding_side=padding_side)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    use_safetensors: bool | None = True,
+    attn_implementation: str | None = None,
+):
+    """Load a causal language model by Hugging Face name or local directory.
+
+    Args:
+        name_or_path: e.g. ``"gpt2-xl"`` or a directory written by ``save_pretrained``.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or short forms) or ``"auto"``.
+        trust_remote_code: allow code shipped with the checkpoint (off by default).
+        revision: a Hub branch, tag or commit.
+        use_safetensors: True loads safetensors weights only (no pickle); None also accepts ``.bin`` files.
+        attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"`` (None: the library's default).
+
+    Returns:
+        The model (``PreTrainedModel``), in train mode, on the CPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code, "use_safetensors": use_safetensors}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"could not load a causal language model from '{name_or_path}' ({err}); expected a Hugging Face model "
+            "name or a local directory written by save_pretrained (with safetensors weights)"
+        ) from err
+
+
+def load_teacher(name_or_path: str | os.PathLike, **kwargs):
+    """:func:`load_model`, then frozen (no gradients) and in eval mode, as a teacher is used."""
+    model = load_model(name_or_path, **kwargs)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def build_tiny_tokenizer(
+    texts: Iterable[str] | None = None,
+    *,
+    vocab_size: int = 512,
+    save_dir: str | os.PathLike | None = None,
+    padding_side: str = "left",
+    corpus_size: int = 2000,
+    seed: int = 0,
+):
+    """Train a GPT-2-style byte-level BPE tokenizer offline, wrapped as a ``PreTrainedTokenizerFast``.
+
+    Byte-level, so any text encodes; ``<|endoftext|>`` (id 0) is the end-of-text, BOS, unknown and pad token,
+    as in GPT-2. Training is deterministic: equal texts and sizes give equal vocabularies.
+
+    Args:
+        texts: the training texts (None: :func:`arkd.data.synthetic.synthetic_corpus` of ``corpus_size`` rows
+            from ``seed``, the offline default).
+        vocab_size: the vocabulary size including the 256 byte symbols and the special token.
+        save_dir: when given, the tokenizer is saved there with ``save_pretrained``.
+        padding_side: ``"left"`` (generation) or ``"right"``.
+        corpus_size: rows of the default synthetic corpus.
+        seed: seed of the default synthetic corpus.
+
+    Returns:
+        The tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size must be at least 258 (256 bytes, the special token, a merge), got {vocab_size}")
+    if texts is None:
+        from arkd.data.synthetic import synthetic_corpus
+
+        texts = synthetic_corpus(corpus_size, seed)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to train the tokenizer on; expected at least one string")
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
+    tokenizer = prepare_tokenizer(tokenizer, padding_side=padding_side)
+    if save_dir is not None:
+        tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+def build_tiny_model(
+    vocab_size: int,
+    *,
+    n_layer: int = 2,
+    n_head: int = 2,
+    n_embd: int = 64,
+    n_positions: int = 256,
+    dropout: float = 0.0,
+    eos_token_id: int = 0,
+    seed: int = 0,
+):
+    """A small GPT-2 (``GPT2LMHeadModel``) with random weights from ``seed``; the global RNG is left untouched.
+
+    Args:
+        vocab_size: rows of the (tied) embedding; ``len(tokenizer)``.
+        n_layer: transformer blocks.
+        n_head: attention heads (must divide ``n_embd``).
+        n_embd: hidden size.
+        n_positions: the longest sequence.
+        dropout: residual, embedding and attention dropout.
+        eos_token_id: end-of-text (also BOS and pad) id; 0 for :func:`build_tiny_tokenizer`.
+        seed: initialisation seed.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if n_embd % n_head:
+        raise ValueError(f"n_head ({n_head}) must divide n_embd ({n_embd})")
+    if not 0 <= eos_token_id < vocab_size:
+        raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary of {vocab_size} tokens")
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model
+
+
+def save_pretrained(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Save a model (safetensors) and its tokenizer to one directory that :func:`load_model` and
+    :func:`load_tokenizer` read back."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def model_vocab_size(model) -> int:
+    """Rows of the model's output layer (the size of its logits' last dimension)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def check_vocab(
+    teacher,
+    student,
+    tokenizer,
+    *,
+    teacher_tokenizer=None,
+    allow_different_tokenizer: bool = False,
+) -> int:
+    """Check that teacher and student share a vocabulary; return the number of logits to keep.
+
+    Embedding sizes that exceed the tokenizer's vocabulary only by padding (at most ``MAX_VOCAB_PADDING`` rows,
+    e.g. 50272 rows for OPT's 50265 tokens) are fine: logits are sliced to ``len(tokenizer)``.
+
+    Args:
+        teacher: the teacher model.
+        student: the student model.
+        tokenizer: the (student's) tokenizer.
+        teacher_tokenizer: the teacher's tokenizer when it was loaded separately; it must have the same
+            vocabulary as ``tokenizer``.
+        allow_different_tokenizer: the explicit override: skip the checks and keep the first
+            ``min(teacher, student, tokenizer)`` logits (only meaningful when those ids mean the same tokens).
+
+    Returns:
+        The common vocabulary size ``V``; KD losses use ``logits[..., :V]``.
+
+    Raises:
+        ValueError: vocabularies that differ beyond padding, naming both sizes.
+    """
+    v_tok = len(tokenizer)
+    v_teacher, v_student = model_vocab_size(teacher), model_vocab_size(student)
+    if allow_different_tokenizer:
+        common = min(v_tok, v_teacher, v_student)
+        logger.warning(
+            "vocabulary check overridden: teacher %d, student %d, tokenizer %d; keeping the first %d logits",
+            v_teacher,
+            v_student,
+            v_tok,
+            common,
+        )
+        return common
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"the teacher's tokenizer ({len(teacher_tokenizer)} tokens) and the student's ({v_tok} tokens) differ; "
+            "expected one shared tokenizer, or allow_different_tokenizer=True"
+        )
+    for role, size in (("teacher", v_teacher), ("student", v_student)):
+        if not v_tok <= size <= v_tok + MAX_VOCAB_PADDING:
+            raise ValueError(
+                f"teacher vocabulary size {v_teacher} and student vocabulary size {v_student} do not match the "
+                f"tokenizer's {v_tok} tokens up to padding (the {role} has {size}); expected both to be at least "
+                f"{v_tok} and at most {v_tok + MAX_VOCAB_PADDING} (a shared tokenizer), or "
+                "allow_different_tokenizer=True"
+            )
+    return v_tok
