@@ -1,0 +1,249 @@
+r"""Immediate reward signals for the alpha strategies: pure functions of logits and masks.
+
+Notation: at a counted position, p is the teacher's and q the student's next-token distribution (softmax of logits /
+temperature). The alignment of a student with the teacher on a set of counted tokens is
+
+    D = mean over counted tokens of (KL(p || q) + KL(q || p)) / 2.
+
+**Default reward: same-batch improvement.** After the optimiser step taken with alpha on batch x, one extra student
+forward without gradient on the same x (the teacher logits are reused) gives
+
+    r = D_before(x) - D_after(x),
+
+the improvement in alignment that this step caused on the data it was computed from. It is the most direct credit
+for the action (nothing but the step differs between the two terms), symmetric in FKL and RKL (so it does not favour
+either end of alpha by construction), in nats, and costs one forward pass, which the trainer bounds by computing it
+every ``reward.interval`` steps only. Alternatives, each a function below:
+
+- ``next_batch_improvement``: r = D_before(x_t) - D_before(x_{t+1}); free (both terms come from training forwards)
+  but noisier: batch-to-batch differences in difficulty swamp the step's effect.
+- ``teacher_baseline``: r = mean over counted tokens of log q(y*) - log p(y*), y* = argmax p: how close the student's
+  likelihood of the teacher's preferred token is to the teacher's own (0 when they agree; a level, not a change).
+- ``js_similarity``: r = mean over counted tokens of exp(-JS(p, q)), bounded in [1/2, 1] (JS <= log 2): a bounded
+  level of similarity, robust to outliers, but it credits the state as much as the action.
+
+Every reward takes a ``granularity``: ``"batch"`` (a scalar), ``"sequence"`` (``[B]``: the mean over each row's
+counted tokens, 0 for a row with none) or ``"token"`` (``[B, T]``, 0 where not counted), matching the shape of the
+alpha it rewards. Rewards are computed without autograd and returned detached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+GRANULARITIES = ("batch", "sequence", "token")
+
+
+def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None, where: str) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"{where}: student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape [B, T, V]"
+        )
+    if student_logits.dim() != 3:
+        raise ValueError(f"{where}: logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    if mask is not None and mask.shape != student_logits.shape[:2]:
+        raise ValueError(f"{where}: mask shape {tuple(mask.shape)} must be [B, T] = {tuple(student_logits.shape[:2])}")
+
+
+def reduce_tokens(values: torch.Tensor, mask: torch.Tensor | None = None, granularity: str = "batch") -> torch.Tensor:
+    """Reduce per-token values ``[B, T]`` over the counted tokens.
+
+    Args:
+        values: ``[B, T]`` per-token values.
+        mask: ``[B, T]`` bool, True = counted; None counts everything.
+        granularity: ``"batch"`` -> ``[]`` mean over all counted tokens; ``"sequence"`` -> ``[B]`` mean per row;
+            ``"token"`` -> ``[B, T]``. Uncounted positions are 0; a reduction with no counted token is 0.
+
+    Returns:
+        ``[]``, ``[B]`` or ``[B, T]``.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if mask is None:
+        mask = torch.ones_like(values, dtype=torch.bool)
+    mask = mask.to(device=values.device, dtype=torch.bool)
+    values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if granularity == "token":
+        return values
+    if granularity == "sequence":
+        return values.sum(-1) / mask.sum(-1).clamp_min(1).to(values.dtype)
+    return values.sum() / mask.sum().clamp_min(1).to(values.dtype)
+
+
+def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_q = F.log_softmax(student_logits.detach().float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return log_q, log_p
+
+
+@torch.no_grad()
+def token_alignment(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-token ``(KL(p || q) + KL(q || p)) / 2`` of ``[..., V]`` logits: ``[...]`` (fp32, -inf safe)."""
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    p, q = log_p.exp(), log_q.exp()
+    diff = log_p - log_q
+    zero = p.new_zeros(())
+    fkl = torch.where(p > 0, p * diff, zero).sum(-1)
+    rkl = torch.where(q > 0, -q * diff, zero).sum(-1)
+    return 0.5 * (fkl + rkl)
+
+
+def alignment(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    granularity: str = "batch",
+) -> torch.Tensor:
+    """D = (FKL + RKL) / 2 over the counted tokens (lower is better aligned).
+
+    Args:
+        student_logits: ``[B, T, V]``.
+        teacher_logits: ``[B, T, V]``.
+        mask: ``[B, T]`` bool, True = counted.
+        temperature: softmax temperature of both distributions.
+        granularity: ``"batch"`` (``[]``), ``"sequence"`` (``[B]``) or ``"token"`` (``[B, T]``).
+    """
+    _check(student_logits, teacher_logits, mask, "alignment")
+    return reduce_tokens(token_alignment(student_logits, teacher_logits, temperature=temperature), mask, granularity)
+
+
+def improvement(d_before: torch.Tensor | float, d_after: torch.Tensor | float) -> torch.Tensor:
+    """``d_before - d_after``: positive when alignment improved (any matching shapes)."""
+    return torch.as_tensor(d_before) - torch.as_tensor(d_after)
+
+
+def same_batch_improvement(
+    student_logits_before: torch.Tensor,
+    student_logits_after: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    granularity: str = "batch",
+) -> torch.Tensor:
+    """The default reward: D on a batch before the step minus D on the same batch after it.
+
+    Args:
+        student_logits_before: ``[B, T, V]`` from the training forward (detached here).
+        student_logits_after: ``[B, T, V]`` from one extra forward without gradient after the optimiser step.
+        teacher_logits: ``[B, T, V]``, reused from the training step.
+        mask: ``[B, T]`` bool.
+        temperature: softmax temperature.
+        granularity: ``"batch"``, ``"sequence"`` or ``"token"`` (the shape of the alpha being rewarded).
+    """
+    before = alignment(student_logits_before, teacher_logits, mask, temperature=temperature, granularity=granularity)
+    after = alignment(student_logits_after, teacher_logits, mask, temperature=temperature, granularity=granularity)
+    return improvement(before, after)
+
+
+def next_batch_improvement(d_current: torch.Tensor | float, d_next: torch.Tensor | float) -> torch.Tensor:
+    """``D(x_t) - D(x_{t+1})``, both measured by the training forwards before their steps (batch-level only).
+
+    Raises:
+        ValueError: when either value is not a scalar (different batches hold different sequences).
+    """
+    d_current, d_next = torch.as_tensor(d_current), torch.as_tensor(d_next)
+    if d_current.numel() != 1 or d_next.numel() != 1:
+        raise ValueError(
+            "next_batch_improvement: both alignments must be scalars (batch granularity), got shapes "
+            f"{tuple(d_current.shape)} and {tuple(d_next.shape)}"
+        )
+    return (d_current - d_next).reshape(())
+
+
+@torch.no_grad()
+def teacher_baseline(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    granularity: str = "batch",
+) -> torch.Tensor:
+    """``log q(y*) - log p(y*)`` with ``y* = argmax p``: the student's log-likelihood of the teacher's preferred token
+    relative to the teacher's own (0 when they assign it the same probability).
+
+    Args and shapes as ``alignment``.
+    """
+    _check(student_logits, teacher_logits, mask, "teacher_baseline")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    log_p_top, top = log_p.max(dim=-1, keepdim=True)
+    values = (log_q.gather(-1, top) - log_p_top).squeeze(-1)
+    return reduce_tokens(values, mask, granularity)
+
+
+@torch.no_grad()
+def js_similarity(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    granularity: str = "batch",
+) -> torch.Tensor:
+    """Mean over counted tokens of ``exp(-JS(p, q))``, ``JS = (KL(p || m) + KL(q || m)) / 2``, ``m = (p + q) / 2``.
+
+    Bounded in [1/2, 1] (1 iff p = q). Args and shapes as ``alignment``.
+    """
+    _check(student_logits, teacher_logits, mask, "js_similarity")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    p, q = log_p.exp(), log_q.exp()
+    log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0))
+    zero = p.new_zeros(())
+    kl_pm = torch.where(p > 0, p * (log_p - log_m), zero).sum(-1)
+    kl_qm = torch.where(q > 0, q * (log_q - log_m), zero).sum(-1)
+    return reduce_tokens(torch.exp(-0.5 * (kl_pm + kl_qm)), mask, granularity)
+
+
+def linear_lookahead(
+    params: Mapping[str, torch.Tensor],
+    grad_fkl: Mapping[str, torch.Tensor | None],
+    grad_rkl: Mapping[str, torch.Tensor | None],
+    *,
+    lr: float,
+    reward_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor | float],
+) -> Callable[[float], float]:
+    """A one-step look-ahead ``alpha -> reward`` from two backward passes instead of one per candidate.
+
+    With a scalar alpha the loss ``alpha * FKL + (1 - alpha) * RKL`` has the gradient
+    ``g(alpha) = alpha * g_F + (1 - alpha) * g_R``, linear in alpha. So after one backward of FKL (``grad_fkl``) and
+    one of RKL (``grad_rkl``), the SGD step of any alpha is ``theta - lr * g(alpha)``, and trying K alphas costs K
+    forwards without gradient (inside ``reward_fn``), e.g. through ``torch.func.functional_call``. The step is plain
+    SGD: an approximation of an adaptive optimiser's step, which ranks candidates the same way when the step is small.
+
+    Args:
+        params: name -> parameter tensor (the current student).
+        grad_fkl: name -> gradient of the FKL loss (None or missing: the parameter does not move).
+        grad_rkl: name -> gradient of the RKL loss.
+        lr: step size of the simulated step.
+        reward_fn: new parameters (name -> tensor) -> reward (higher is better), e.g. ``D_before - D(new params)``.
+
+    Returns:
+        ``lookahead(alpha) -> float``, evaluated without autograd.
+    """
+
+    def lookahead(alpha: float) -> float:
+        alpha = float(alpha)
+        with torch.no_grad():
+            new_params = {}
+            for name, theta in params.items():
+                g_f, g_r = grad_fkl.get(name), grad_rkl.get(name)
+                step = None
+                if g_f is not None:
+                    step = alpha * g_f
+                if g_r is not None:
+                    step = (1 - alpha) * g_r if step is None else step + (1 - alpha) * g_r
+                new_params[name] = theta.detach() if step is None else theta.detach() - lr * step
+            return float(reward_fn(new_params))
+
+    return lookahead
