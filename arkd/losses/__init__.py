@@ -1,1 +1,80 @@
-"""arkd.losses."""
+"""Divergences for knowledge distillation: pure functions, ``nn.Module`` wrappers and the fast bidirectional paths.
+
+Every divergence takes ``(student_logits [..., V], teacher_logits [..., V], mask [...] | None, *, temperature=1.0,
+reduction="mean", <hyper-parameters>)``; see :mod:`arkd.losses.functional` and ``docs/losses.md``. Imports only torch.
+"""
+
+from ._base import masked_reduce, truncate_to_common_vocab
+from .functional import (
+    adaptive_kl,
+    alpha_beta_divergence,
+    bidirectional_kl,
+    diversity_aware_rkl,
+    entropy_gated_kl,
+    forward_kl,
+    generalized_jsd,
+    js_divergence,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    taid_kl,
+    token_wise_kl,
+    total_variation,
+)
+from .fused import BidirectionalKLFunction, FusedLinearBidirectionalKLFunction, fused_linear_bidirectional_kl
+from .modules import (
+    AdaptiveKLLoss,
+    AlphaBetaDivergenceLoss,
+    BidirectionalKLLoss,
+    DivergenceLoss,
+    DiversityAwareRKLLoss,
+    EntropyGatedKLLoss,
+    ForwardKLLoss,
+    FusedLinearBidirectionalKLLoss,
+    GeneralizedJSDLoss,
+    JSDivergenceLoss,
+    ReverseKLLoss,
+    SkewForwardKLLoss,
+    SkewReverseKLLoss,
+    TAIDLoss,
+    TokenWiseKLLoss,
+    TotalVariationLoss,
+)
+
+__all__ = [
+    "AdaptiveKLLoss",
+    "AlphaBetaDivergenceLoss",
+    "BidirectionalKLFunction",
+    "BidirectionalKLLoss",
+    "DivergenceLoss",
+    "DiversityAwareRKLLoss",
+    "EntropyGatedKLLoss",
+    "ForwardKLLoss",
+    "FusedLinearBidirectionalKLFunction",
+    "FusedLinearBidirectionalKLLoss",
+    "GeneralizedJSDLoss",
+    "JSDivergenceLoss",
+    "ReverseKLLoss",
+    "SkewForwardKLLoss",
+    "SkewReverseKLLoss",
+    "TAIDLoss",
+    "TokenWiseKLLoss",
+    "TotalVariationLoss",
+    "adaptive_kl",
+    "alpha_beta_divergence",
+    "bidirectional_kl",
+    "diversity_aware_rkl",
+    "entropy_gated_kl",
+    "forward_kl",
+    "fused_linear_bidirectional_kl",
+    "generalized_jsd",
+    "js_divergence",
+    "masked_reduce",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "taid_kl",
+    "token_wise_kl",
+    "total_variation",
+    "truncate_to_common_vocab",
+]

@@ -1,0 +1,416 @@
+"""Thin ``nn.Module`` wrappers of :mod:`arkd.losses.functional`.
+
+Each wrapper validates and stores its hyper-parameters (a clear ``ValueError`` on bad ones), ``temperature`` and
+``reduction``, and calls its function: ``loss(student_logits, teacher_logits, mask=None)``. Two class attributes let
+a trainer drive every wrapper without branching on names:
+
+* ``takes_alpha``: True only for :class:`BidirectionalKLLoss`, whose ``forward`` accepts ``alpha=`` per call
+  (overriding the stored one), so an alpha strategy can feed it every step.
+* ``needs_target_ids``: True only for :class:`DiversityAwareRKLLoss`, whose ``forward`` needs ``target_ids=``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import functional
+from ._base import check_reduction, check_temperature, check_unit_interval
+from .fused import DEFAULT_CHUNK_SIZE, fused_linear_bidirectional_kl
+
+__all__ = [
+    "AdaptiveKLLoss",
+    "AlphaBetaDivergenceLoss",
+    "BidirectionalKLLoss",
+    "DiversityAwareRKLLoss",
+    "EntropyGatedKLLoss",
+    "ForwardKLLoss",
+    "FusedLinearBidirectionalKLLoss",
+    "GeneralizedJSDLoss",
+    "JSDivergenceLoss",
+    "ReverseKLLoss",
+    "SkewForwardKLLoss",
+    "SkewReverseKLLoss",
+    "TAIDLoss",
+    "TokenWiseKLLoss",
+    "TotalVariationLoss",
+]
+
+
+def _check_finite(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class DivergenceLoss(nn.Module):
+    """Base of the wrappers: stores ``temperature`` and ``reduction`` and calls ``function`` with ``hyper()``."""
+
+    function: Callable[..., torch.Tensor]
+    takes_alpha: bool = False
+    needs_target_ids: bool = False
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__()
+        check_temperature(temperature)
+        check_reduction(reduction)
+        self.temperature = float(temperature)
+        self.reduction = reduction
+
+    def hyper(self) -> dict[str, object]:
+        """The function's hyper-parameters as keyword arguments."""
+        return {}
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[..., V]`` logits and a ``[...]`` mask → ``[...]`` (``reduction="none"``) or a scalar."""
+        return type(self).function(
+            student_logits,
+            teacher_logits,
+            mask,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            **self.hyper(),
+        )
+
+    def extra_repr(self) -> str:
+        items = {"temperature": self.temperature, "reduction": self.reduction, **self.hyper()}
+        return ", ".join(f"{k}={v!r}" for k, v in items.items())
+
+
+class ForwardKLLoss(DivergenceLoss):
+    """``KL(p || q)``; see :func:`arkd.losses.forward_kl`."""
+
+    function = staticmethod(functional.forward_kl)
+
+
+class ReverseKLLoss(DivergenceLoss):
+    """``KL(q || p)``; see :func:`arkd.losses.reverse_kl`."""
+
+    function = staticmethod(functional.reverse_kl)
+
+
+class BidirectionalKLLoss(DivergenceLoss):
+    """``alpha KL(p || q) + (1 - alpha) KL(q || p)`` through the fast path; see :func:`arkd.losses.bidirectional_kl`.
+
+    Args:
+        alpha: default FKL weight in [0, 1]; ``forward(..., alpha=...)`` overrides it per call (a float or a tensor
+            ``[]``, ``[B]``, ``[B, 1]`` or ``[B, T]``).
+        chunk_size: tokens per chunk of the fast path.
+    """
+
+    function = staticmethod(functional.bidirectional_kl)
+    takes_alpha = True
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        *,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__(temperature=temperature, reduction=reduction)
+        check_unit_interval("alpha", alpha)
+        self.alpha = float(alpha)
+        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+
+    def hyper(self) -> dict[str, object]:
+        return {"alpha": self.alpha, "chunk_size": self.chunk_size}
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        alpha: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`DivergenceLoss.forward`; ``alpha`` (when given) replaces the stored weight for this call."""
+        hyper = self.hyper()
+        if alpha is not None:
+            hyper["alpha"] = alpha
+        return functional.bidirectional_kl(
+            student_logits, teacher_logits, mask, temperature=self.temperature, reduction=self.reduction, **hyper
+        )
+
+
+class GeneralizedJSDLoss(DivergenceLoss):
+    """GKD's generalized JSD (TRL convention, ``beta`` in [0, 1]); see :func:`arkd.losses.generalized_jsd`."""
+
+    function = staticmethod(functional.generalized_jsd)
+
+    def __init__(self, beta: float = 0.5, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(temperature=temperature, reduction=reduction)
+        check_unit_interval("beta", beta)
+        self.beta = float(beta)
+
+    def hyper(self) -> dict[str, object]:
+        return {"beta": self.beta}
+
+
+class JSDivergenceLoss(DivergenceLoss):
+    """Jensen-Shannon divergence; see :func:`arkd.losses.js_divergence`."""
+
+    function = staticmethod(functional.js_divergence)
+
+
+class TotalVariationLoss(DivergenceLoss):
+    """Total variation distance; see :func:`arkd.losses.total_variation`."""
+
+    function = staticmethod(functional.total_variation)
+
+
+class SkewForwardKLLoss(DivergenceLoss):
+    """DistiLLM's skew FKL (``skew`` in [0, 1)); see :func:`arkd.losses.skew_forward_kl`."""
+
+    function = staticmethod(functional.skew_forward_kl)
+
+    def __init__(self, skew: float = 0.1, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(temperature=temperature, reduction=reduction)
+        check_unit_interval("skew", skew, open_high=True)
+        self.skew = float(skew)
+
+    def hyper(self) -> dict[str, object]:
+        return {"skew": self.skew}
+
+
+class SkewReverseKLLoss(SkewForwardKLLoss):
+    """DistiLLM's skew RKL (``skew`` in [0, 1)); see :func:`arkd.losses.skew_reverse_kl`."""
+
+    function = staticmethod(functional.skew_reverse_kl)
+
+
+class AdaptiveKLLoss(DivergenceLoss):
+    """AKL (``mu`` in [0, 1], the head's teacher mass); see :func:`arkd.losses.adaptive_kl`."""
+
+    function = staticmethod(functional.adaptive_kl)
+
+    def __init__(self, mu: float = 0.5, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(temperature=temperature, reduction=reduction)
+        check_unit_interval("mu", mu)
+        self.mu = float(mu)
+
+    def hyper(self) -> dict[str, object]:
+        return {"mu": self.mu}
+
+
+class TokenWiseKLLoss(DivergenceLoss):
+    """ToDi; see :func:`arkd.losses.token_wise_kl`."""
+
+    function = staticmethod(functional.token_wise_kl)
+
+
+class AlphaBetaDivergenceLoss(DivergenceLoss):
+    """ABKD's alpha-beta divergence (finite ``alpha``, ``beta``); see :func:`arkd.losses.alpha_beta_divergence`."""
+
+    function = staticmethod(functional.alpha_beta_divergence)
+
+    def __init__(
+        self, alpha: float = 0.5, beta: float = 0.5, *, temperature: float = 1.0, reduction: str = "mean"
+    ) -> None:
+        super().__init__(temperature=temperature, reduction=reduction)
+        self.alpha = _check_finite("alpha", alpha)
+        self.beta = _check_finite("beta", beta)
+
+    def hyper(self) -> dict[str, object]:
+        return {"alpha": self.alpha, "beta": self.beta}
+
+
+class EntropyGatedKLLoss(DivergenceLoss):
+    """BDKD's entropy-gated FKL + RKL (``weight`` > 0); see :func:`arkd.losses.entropy_gated_kl`."""
+
+    function = staticmethod(functional.entropy_gated_kl)
+
+    def __init__(self, weight: float = 3.0, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(temperature=temperature, reduction=reduction)
+        self.weight = _check_finite("weight", weight)
+        if self.weight <= 0:
+            raise ValueError(f"weight must be > 0, got {weight!r}")
+
+    def hyper(self) -> dict[str, object]:
+        return {"weight": self.weight}
+
+
+class DiversityAwareRKLLoss(DivergenceLoss):
+    """DRKL (``gamma`` >= 0, the non-target weight); see :func:`arkd.losses.diversity_aware_rkl`.
+
+    ``forward(student_logits, teacher_logits, mask=None, *, target_ids)`` needs the target token at each position.
+    """
+
+    function = staticmethod(functional.diversity_aware_rkl)
+    needs_target_ids = True
+
+    def __init__(self, gamma: float = 0.5, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(temperature=temperature, reduction=reduction)
+        self.gamma = _check_finite("gamma", gamma)
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+
+    def hyper(self) -> dict[str, object]:
+        return {"gamma": self.gamma}
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        target_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """As :meth:`DivergenceLoss.forward`, with ``target_ids [...]`` (long; negative ids are not counted)."""
+        return functional.diversity_aware_rkl(
+            student_logits,
+            teacher_logits,
+            mask,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            target_ids=target_ids,
+            gamma=self.gamma,
+        )
+
+
+class TAIDLoss(DivergenceLoss):
+    """TAID's ``KL(p_t || q)`` with its interpolation parameter ``t`` and its adaptive schedule.
+
+    The schedule (TAID, Shing et al. 2025, arXiv 2501.16937, Algorithm 1 as transcribed; verify against the paper):
+    after each optimisation step ``n`` of ``total_steps``, :meth:`update` takes that step's loss ``J_n`` and sets
+
+    * ``delta_n = (J_{n-1} - J_n) / (J_{n-1} + 1e-8)`` (relative improvement; 0 at the first step),
+    * ``m_n = momentum * m_{n-1} + (1 - momentum) * delta_n``,
+    * ``t_{n+1} = min(t_end, max(t_linear(n+1), t_n + step_size * sigmoid(m_n) * (1 - t_n)))``,
+
+    where ``t_linear(n) = t_start + (t_end - t_start) * n / total_steps`` is the linear floor. With
+    ``adaptive=False`` ``t`` follows the linear floor only. ``t`` and the schedule's state are in ``state_dict``.
+
+    Args:
+        t_start: the initial ``t`` (0.4 in the paper).
+        t_end: the final ``t`` (1.0).
+        total_steps: the number of optimisation steps of the run (for the linear floor).
+        momentum: the momentum coefficient of the relative improvement (0.99).
+        step_size: the adaptive step size (5e-4).
+        adaptive: use the momentum-adaptive step on top of the linear floor.
+    """
+
+    function = staticmethod(functional.taid_kl)
+
+    def __init__(
+        self,
+        t_start: float = 0.4,
+        t_end: float = 1.0,
+        total_steps: int = 1000,
+        *,
+        momentum: float = 0.99,
+        step_size: float = 5e-4,
+        adaptive: bool = True,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(temperature=temperature, reduction=reduction)
+        check_unit_interval("t_start", t_start)
+        check_unit_interval("t_end", t_end)
+        if t_end < t_start:
+            raise ValueError(f"t_end ({t_end!r}) must be >= t_start ({t_start!r})")
+        check_unit_interval("momentum", momentum, open_high=True)
+        self.step_size = _check_finite("step_size", step_size)
+        if self.step_size < 0:
+            raise ValueError(f"step_size must be >= 0, got {step_size!r}")
+        self.t_start, self.t_end, self.momentum = float(t_start), float(t_end), float(momentum)
+        self.total_steps = _check_positive_int("total_steps", total_steps)
+        self.adaptive = bool(adaptive)
+        self.register_buffer("t", torch.tensor(float(t_start), dtype=torch.float64))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("momentum_value", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("previous_loss", torch.tensor(float("nan"), dtype=torch.float64))
+
+    def hyper(self) -> dict[str, object]:
+        return {"t": float(self.t)}
+
+    def linear_floor(self, step: int) -> float:
+        """``t_start + (t_end - t_start) * step / total_steps``, capped at ``t_end``."""
+        return min(self.t_end, self.t_start + (self.t_end - self.t_start) * step / self.total_steps)
+
+    @torch.no_grad()
+    def update(self, loss: float | torch.Tensor) -> float:
+        """Advance the schedule after an optimisation step whose TAID loss was ``loss``; return the new ``t``."""
+        value = float(loss)
+        if not math.isfinite(value):
+            raise ValueError(f"TAIDLoss.update needs a finite loss, got {value!r}")
+        previous = float(self.previous_loss)
+        delta = 0.0 if math.isnan(previous) else (previous - value) / (previous + 1e-8)
+        m = self.momentum * float(self.momentum_value) + (1.0 - self.momentum) * delta
+        step = int(self.step) + 1
+        t = float(self.t)
+        candidate = self.linear_floor(step)
+        if self.adaptive:
+            candidate = max(candidate, t + self.step_size / (1.0 + math.exp(-m)) * (1.0 - t))
+        self.t.fill_(min(self.t_end, candidate))
+        self.step.fill_(step)
+        self.momentum_value.fill_(m)
+        self.previous_loss.fill_(value)
+        return float(self.t)
+
+
+class FusedLinearBidirectionalKLLoss(nn.Module):
+    """Module form of :func:`arkd.losses.fused_linear_bidirectional_kl` (hidden states in, no full student logits).
+
+    ``forward(student_hidden, student_weight, teacher_logits=None, mask=None, *, alpha=None, **teacher)`` where
+    ``teacher`` is ``teacher_hidden``/``teacher_weight``/``teacher_bias``/``student_bias``; ``reduction`` is
+    ``"sum"`` or ``"mean"``.
+    """
+
+    takes_alpha = True
+    needs_target_ids = False
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        *,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__()
+        check_unit_interval("alpha", alpha)
+        check_temperature(temperature)
+        check_reduction(reduction)
+        if reduction == "none":
+            raise ValueError('FusedLinearBidirectionalKLLoss supports reduction "sum" or "mean", not "none"')
+        self.alpha, self.temperature, self.reduction = float(alpha), float(temperature), reduction
+        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        alpha: float | torch.Tensor | None = None,
+        **tensors: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """See :func:`arkd.losses.fused_linear_bidirectional_kl`; ``alpha`` overrides the stored weight."""
+        return fused_linear_bidirectional_kl(
+            student_hidden,
+            student_weight,
+            teacher_logits,
+            mask,
+            alpha=self.alpha if alpha is None else alpha,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            **tensors,
+        )
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, temperature={self.temperature}, reduction={self.reduction!r}"
