@@ -1,1 +1,58 @@
-"""arkd.evaluation."""
+"""arkd.evaluation: the MiniLLM evaluation protocol (generation, Rouge-L, exact match, BERTScore), reports, plots.
+
+Names are imported lazily, so ``import arkd.evaluation`` stays light and Rouge-L's worker processes import only
+``rouge_score``. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "rouge_l": "metrics",
+    "rouge_l_per_row": "metrics",
+    "exact_match": "metrics",
+    "exact_match_per_row": "metrics",
+    "normalize_answer": "metrics",
+    "bertscore": "metrics",
+    "mean_x100": "metrics",
+    "BertScoreLoadError": "metrics",
+    "DecodingConfig": "generation",
+    "GREEDY": "generation",
+    "PROTOCOL_SEEDS": "generation",
+    "BertScoreSettings": "generation",
+    "generate": "generation",
+    "evaluate_model": "generation",
+    "clean_output": "generation",
+    "legacy_cleanup": "generation",
+    "summarize": "generation",
+    "build_results": "reports",
+    "validate_results": "reports",
+    "write_run_outputs": "reports",
+    "results_markdown": "reports",
+    "load_result_records": "reports",
+    "records_table": "reports",
+    "table_markdown": "reports",
+    "package_versions": "reports",
+    "model_identity": "reports",
+    "plot_alpha_trajectory": "plots",
+    "plot_dynamics": "plots",
+    "plot_heatmap": "plots",
+    "read_metrics_jsonl": "plots",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'arkd.evaluation' has no attribute {name!r}")
+    value = getattr(import_module(f"arkd.evaluation.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,179 @@
+"""Figures: the alpha trajectory (paper Figure 5), reward / FKL / RKL dynamics (Figure 6), strategy x dataset heatmap
+(Figure 3). All use matplotlib's Agg backend and write PNG files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a run's ``metrics.jsonl`` (one JSON object per line; blank lines skipped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is not a JSON object (names the file and the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such metrics file; expected a run's metrics.jsonl.")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: a {type(row).__name__}; expected a JSON object.")
+        rows.append(row)
+    return rows
+
+
+def _training_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("split", "train") == "train" and isinstance(r.get("step"), int | float)]
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows where ``key`` holds a finite number."""
+    steps, values = [], []
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            steps.append(float(row["step"]))
+            values.append(float(value))
+    return steps, values
+
+
+def plot_alpha_trajectory(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Plot ``alpha_mean`` over training steps with a ± ``alpha_std`` band (paper Figure 5).
+
+    Args:
+        rows: ``metrics.jsonl`` rows (validation rows are ignored).
+        path: the PNG to write.
+        title: figure title.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: no training row carries a numeric ``alpha_mean``.
+    """
+    train = _training_rows(rows)
+    steps, means = _series(train, "alpha_mean")
+    if not steps:
+        raise ValueError("no training row has a numeric 'alpha_mean'; expected the metrics.jsonl of a training run.")
+    stds = {float(r["step"]): r.get("alpha_std") for r in train}
+    low = [m - (stds.get(s) or 0.0) for s, m in zip(steps, means)]
+    high = [m + (stds.get(s) or 0.0) for s, m in zip(steps, means)]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.fill_between(steps, [max(0.0, v) for v in low], [min(1.0, v) for v in high], alpha=0.25, label="± std")
+    ax.plot(steps, means, lw=1.6, label="alpha mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("alpha (weight of FKL)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    ax.set_title(title or "alpha trajectory")
+    return _save(fig, path)
+
+
+def plot_dynamics(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Plot reward, FKL and RKL over training steps, one panel each (paper Figure 6).
+
+    Panels without any numeric value (e.g. ``reward`` of a strategy that computes none) say so instead of a line.
+
+    Raises:
+        ValueError: none of ``reward``, ``fkl``, ``rkl`` has a numeric value.
+    """
+    train = _training_rows(rows)
+    keys = (("reward", "immediate reward"), ("fkl", "FKL"), ("rkl", "RKL"))
+    series = {key: _series(train, key) for key, _ in keys}
+    if not any(steps for steps, _ in series.values()):
+        raise ValueError("no training row has a numeric 'reward', 'fkl' or 'rkl'; expected a training metrics.jsonl.")
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6.4, 7.2), sharex=True)
+    for ax, (key, name) in zip(axes, keys):
+        steps, values = series[key]
+        if steps:
+            ax.plot(steps, values, lw=1.2)
+        else:
+            ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(title or "training dynamics")
+    return _save(fig, path)
+
+
+def plot_heatmap(
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    values: Sequence[Sequence[float | None]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Rouge-L",
+    cmap: str = "viridis",
+) -> Path:
+    """A strategy x dataset heatmap with the value in each cell (paper Figure 3); None cells are blank.
+
+    Args:
+        row_labels: ``R`` strategy names.
+        col_labels: ``C`` dataset names.
+        values: ``R x C`` numbers (None: missing).
+        path: the PNG to write.
+        title: colour bar / figure title.
+        cmap: matplotlib colour map.
+    """
+    import numpy as np
+
+    if len(values) != len(row_labels) or any(len(r) != len(col_labels) for r in values):
+        raise ValueError(
+            f"values must be {len(row_labels)} rows x {len(col_labels)} columns to match the labels; got "
+            f"{[len(r) for r in values]}."
+        )
+    grid = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    if np.isnan(grid).all():
+        raise ValueError("the heatmap has no value; expected at least one number.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.4 * len(col_labels) + 2.5, 0.55 * len(row_labels) + 1.8))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels))
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
+    low, high = np.nanmin(grid), np.nanmax(grid)
+    middle = (low + high) / 2
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                color = "black" if grid[i, j] > middle else "white"
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color=color, fontsize=9)
+    fig.colorbar(image, ax=ax, label=title)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
