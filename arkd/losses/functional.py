@@ -355,7 +355,7 @@ def token_wise_kl(
 
     ``w_v = sigmoid(log p_v - log q_v)`` (no gradient);
     ``ToDi = sum_v [w_v p_v log(p_v / q_v) + (1 - w_v) q_v log(q_v / p_v)]``.
-    Tests check: a naive formula; with ``w = 1`` the formula is FKL and with ``w = 0`` RKL (checked on the entries).
+    Tests check: a naive formula (with ``w = p / (p + q)``), 0 iff p = q, no gradient through ``w``.
     """
     log_q, log_p, mask = _prepare(student_logits, teacher_logits, mask, temperature, reduction)
     w = torch.sigmoid(_safe_log_ratio(log_p, log_q)).detach()

@@ -26,7 +26,8 @@ The fused-linear variant treats the teacher as frozen: its inputs are detached (
 Infinities: ``-inf`` logits are zero-probability entries. Where both sides are ``-inf`` the entry contributes 0 to
 values and gradients. Where the student gives ``-inf`` to a token the teacher gives mass, FKL is ``+inf`` (true value),
 and symmetrically RKL is ``+inf`` where the teacher gives ``-inf`` to a token the student gives mass; an infinite KL
-makes the mix (and the RKL part of the gradient) infinite/NaN, as it does in the naive composition.
+makes the mix infinite, unless its weight is exactly 0 (``alpha = 0`` with an infinite FKL is plain RKL, and
+``alpha = 1`` with an infinite RKL plain FKL, in values and gradients).
 """
 
 from __future__ import annotations
@@ -85,13 +86,15 @@ def _chunk_bidirectional(
     r_terms = d.mul_(q).neg_().nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)  # reuses d's storage
     fkl = f_terms.sum(dim=-1)
     rkl = r_terms.sum(dim=-1)
-    a = alpha.to(dtype).unsqueeze(-1)
-    loss = alpha.to(dtype) * fkl + (1.0 - alpha.to(dtype)) * rkl
+    alpha = alpha.to(dtype)
+    a = alpha.unsqueeze(-1)
+    # A zero weight drops its divergence even where it is infinite (alpha = 0 with an infinite FKL is plain RKL).
+    loss = _weighted(alpha, fkl) + _weighted(1.0 - alpha, rkl)
 
     grad_teacher = None
     if teacher_grad:
         # d/dz_p: alpha * p * (log p - log q - FKL) + (1 - alpha) * (p - q)
-        grad_teacher = torch.addcmul(f_terms, p, fkl.unsqueeze(-1), value=-1.0).mul_(a)
+        grad_teacher = torch.addcmul(f_terms, p, fkl.unsqueeze(-1), value=-1.0).mul_(a).masked_fill_(a == 0, 0.0)
         grad_teacher.add_(torch.sub(p, q).mul_(1.0 - a))
         if temperature != 1.0:
             grad_teacher.div_(temperature)
@@ -100,11 +103,16 @@ def _chunk_bidirectional(
     grad_student = None
     if student_grad:
         # d/dz_q: alpha * (q - p) + (1 - alpha) * q * (log q - log p - RKL); r_terms = q * (log q - log p)
-        grad_student = r_terms.addcmul_(q, rkl.unsqueeze(-1), value=-1.0).mul_(1.0 - a)
+        grad_student = r_terms.addcmul_(q, rkl.unsqueeze(-1), value=-1.0).mul_(1.0 - a).masked_fill_(a == 1, 0.0)
         grad_student.add_(q.sub_(p).mul_(a))
         if temperature != 1.0:
             grad_student.div_(temperature)
     return loss, fkl, rkl, grad_student, grad_teacher
+
+
+def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``weight * value`` with 0 where ``weight == 0`` (also when ``value`` is infinite)."""
+    return torch.where(weight == 0, torch.zeros((), dtype=value.dtype, device=value.device), weight * value)
 
 
 def _row_chunks(mask: torch.Tensor | None, n: int, chunk_size: int):

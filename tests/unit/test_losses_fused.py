@@ -1,0 +1,325 @@
+"""The fast bidirectional KL paths against the naive autograd composition, gradcheck and memory behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import arkd.losses as L
+from arkd.losses import fused
+
+SHAPE = (3, 47, 123)
+
+
+def _logits(shape=SHAPE, seed=0, dtype=torch.float64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_(True)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_(True)
+    return s, t
+
+
+def naive_bidirectional(s, t, mask, alpha, temperature, reduction):
+    """Two log_softmax and two F.kl_div under autograd: the reference the fast path replaces."""
+    log_q = TF.log_softmax(s.double() / temperature, -1)
+    log_p = TF.log_softmax(t.double() / temperature, -1)
+    fkl = TF.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    rkl = TF.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    values = alpha * fkl + (1 - alpha) * rkl
+    if mask is not None:
+        values = values * mask
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    count = values.numel() if mask is None else mask.sum().clamp(min=1)
+    return values.sum() / count
+
+
+def _alpha(kind: str):
+    g = torch.Generator().manual_seed(9)
+    return {
+        "scalar": 0.3,
+        "batch": torch.tensor(0.8, dtype=torch.float64),
+        "sequence": torch.rand(3, generator=g, dtype=torch.float64),
+        "sequence_column": torch.rand(3, 1, generator=g, dtype=torch.float64),
+        "token": torch.rand(3, 47, generator=g, dtype=torch.float64),
+    }[kind]
+
+
+def _expand_alpha(alpha):
+    if not torch.is_tensor(alpha):
+        return alpha
+    return alpha.reshape(tuple(alpha.shape) + (1,) * (2 - alpha.dim()))
+
+
+@pytest.mark.parametrize("alpha_kind", ["scalar", "batch", "sequence", "sequence_column", "token"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fast_path_equals_naive_composition(alpha_kind, reduction, masked):
+    s, t = _logits(seed=1)
+    mask = (torch.rand(SHAPE[:-1], generator=torch.Generator().manual_seed(2)) < 0.6) if masked else None
+    alpha = _alpha(alpha_kind)
+    temperature = 1.7 if masked else 1.0
+    got = L.bidirectional_kl(s, t, mask, alpha=alpha, temperature=temperature, reduction=reduction, chunk_size=13)
+    ref = naive_bidirectional(s, t, mask, _expand_alpha(alpha), temperature, reduction)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # a non-uniform upstream gradient for reduction="none"; a scalar otherwise
+    upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    g_got = torch.autograd.grad(got, (s, t), upstream)
+    g_ref = torch.autograd.grad(ref, (s, t), upstream)
+    torch.testing.assert_close(g_got[0], g_ref[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_got[1], g_ref[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 141, 10_000])
+def test_chunk_size_does_not_change_the_result(chunk_size):
+    s, t = _logits(seed=4)
+    mask = torch.rand(SHAPE[:-1], generator=torch.Generator().manual_seed(5)) < 0.5
+    got = L.bidirectional_kl(s, t, mask, alpha=0.4, reduction="sum", chunk_size=chunk_size)
+    ref = naive_bidirectional(s, t, mask, 0.4, 1.0, "sum")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(ref, s)[0])
+
+
+def test_gradcheck_bidirectional_function_float64():
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    alpha = torch.rand(6, dtype=torch.float64, generator=g)
+    mask = torch.rand(6, generator=g) < 0.7
+    for m in (None, mask):
+        assert torch.autograd.gradcheck(
+            lambda a, b, m=m: fused.BidirectionalKLFunction.apply(a, b, alpha, m, 1.7, 4, False)[0], (s, t)
+        )
+        # fast mode exercises a random projection of the full Jacobian (incl. the in-place path's maths)
+        assert torch.autograd.gradcheck(
+            lambda a, b, m=m: fused.BidirectionalKLFunction.apply(a, b, alpha, m, 1.7, 4, False)[0],
+            (s, t),
+            fast_mode=True,
+        )
+
+
+def test_gradcheck_fused_linear_function_float64():
+    g = torch.Generator().manual_seed(7)
+    n, h, v = 5, 4, 9
+    hidden = torch.randn(n, h, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=True)
+    teacher = torch.randn(n, v, dtype=torch.float64, generator=g)
+    alpha = torch.rand(n, dtype=torch.float64, generator=g)
+    token_weight = (torch.rand(n, generator=g) < 0.7).double() / 3
+
+    def fn(hd, w, b):
+        return fused.FusedLinearBidirectionalKLFunction.apply(
+            hd, w, b, teacher, None, None, None, alpha, token_weight, 1.3, 3
+        )
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_alpha_is_a_constant():
+    s, t = _logits((2, 5, 9), seed=8)
+    alpha = torch.full((2,), 0.25, dtype=torch.float64, requires_grad=True)
+    loss = L.bidirectional_kl(s, t, alpha=alpha)
+    loss.backward()
+    assert alpha.grad is None
+    assert s.grad is not None
+
+
+def test_frozen_teacher_gets_no_buffer_and_second_backward_is_refused():
+    s, _ = _logits((2, 5, 9), seed=10)
+    t = torch.randn(2, 5, 9, dtype=torch.float64)  # frozen teacher: no grad requested
+    loss = L.bidirectional_kl(s, t, alpha=0.5)
+    grad_fn = loss.grad_fn
+    while not isinstance(getattr(grad_fn, "_forward_cls", None), type) or not issubclass(
+        grad_fn._forward_cls, fused.BidirectionalKLFunction
+    ):
+        grad_fn = grad_fn.next_functions[0][0]
+    assert grad_fn.saved_tensors[1] is None  # no teacher gradient buffer
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+def test_return_components_are_fkl_and_rkl():
+    s, t = _logits(seed=11)
+    mask = torch.rand(SHAPE[:-1], generator=torch.Generator().manual_seed(12)) < 0.5
+    loss, fkl, rkl = L.bidirectional_kl(s, t, mask, alpha=0.2, return_components=True, temperature=2.0)
+    torch.testing.assert_close(fkl, L.forward_kl(s, t, mask, temperature=2.0).detach())
+    torch.testing.assert_close(rkl, L.reverse_kl(s, t, mask, temperature=2.0).detach())
+    torch.testing.assert_close(loss.detach(), 0.2 * fkl + 0.8 * rkl)
+    assert not fkl.requires_grad and not rkl.requires_grad
+
+
+def test_shared_neg_inf_and_all_masked_rows():
+    s, t = _logits(seed=13)
+    ninf = torch.tensor(float("-inf"), dtype=torch.float64)
+    banned = torch.zeros(SHAPE, dtype=torch.bool)
+    banned[..., -7:] = True
+    s_inf, t_inf = torch.where(banned, ninf, s), torch.where(banned, ninf, t)
+    # an uncounted token whose logits are all -inf (undefined distribution) must not poison anything
+    s_inf = s_inf.clone()
+    s_inf[1, 2] = float("-inf")
+    t_inf = t_inf.clone()
+    t_inf[1, 2] = float("-inf")
+    mask = torch.ones(SHAPE[:-1], dtype=torch.bool)
+    mask[1, 2] = False
+    got = L.bidirectional_kl(s_inf, t_inf, mask, alpha=_alpha("token"), reduction="sum")
+    ref = naive_bidirectional(s[..., :-7], t[..., :-7], mask, _alpha("token"), 1.0, "sum")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    gs, gt = torch.autograd.grad(got, (s, t))
+    assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    assert torch.all(gs[banned] == 0) and torch.all(gs[1, 2] == 0)
+    rs, rt = torch.autograd.grad(ref, (s, t))
+    torch.testing.assert_close(gs[..., :-7], rs[..., :-7])
+    # nothing counted
+    nothing = torch.zeros(SHAPE[:-1], dtype=torch.bool)
+    loss = L.bidirectional_kl(s, t, nothing)
+    assert loss.item() == 0.0
+    assert torch.all(torch.autograd.grad(loss, s)[0] == 0)
+
+
+def test_student_neg_inf_where_teacher_has_mass_gives_inf_fkl_but_finite_rkl_gradient():
+    s, t = _logits((1, 2, 6), seed=14)
+    s2 = s.detach().clone()
+    s2[0, 0, 0] = float("-inf")
+    s2.requires_grad_(True)
+    loss, fkl, _ = L.bidirectional_kl(s2, t.detach(), alpha=0.0, reduction="none", return_components=True)
+    assert fkl[0, 0].item() == float("inf")
+    torch.testing.assert_close(loss, L.reverse_kl(s2, t.detach(), reduction="none"))
+    assert torch.isfinite(torch.autograd.grad(loss.sum(), s2)[0]).all()
+    # symmetric case: the teacher gives -inf where the student has mass; alpha = 1 is plain FKL
+    t2 = t.detach().clone()
+    t2[0, 1, 2] = float("-inf")
+    t2.requires_grad_(True)
+    s3 = s.detach().clone().requires_grad_(True)
+    loss = L.bidirectional_kl(s3, t2, alpha=1.0, reduction="none")
+    torch.testing.assert_close(loss, L.forward_kl(s3, t2, reduction="none"))
+    gs, gt = torch.autograd.grad(loss.sum(), (s3, t2))
+    assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    # an interior alpha mixes in the infinite divergence: +inf, never NaN
+    mixed = L.bidirectional_kl(s2, t.detach(), alpha=0.5, reduction="none")
+    assert mixed[0, 0].item() == float("inf") and not torch.isnan(mixed).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    s, t = _logits((4, 19, 257), seed=15, dtype=dtype)
+    alpha = torch.rand(4, 19, generator=torch.Generator().manual_seed(1))
+    got = L.bidirectional_kl(s, t, alpha=alpha, reduction="sum", chunk_size=10)
+    assert got.dtype == torch.float32
+    ref = naive_bidirectional(s.detach().float().requires_grad_(True), t.detach().float(), None, alpha, 1.0, "sum")
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    gs = torch.autograd.grad(got, s)[0]
+    assert gs.dtype == dtype
+    s32 = s.detach().float().requires_grad_(True)
+    ref32 = naive_bidirectional(s32, t.detach().float(), None, alpha, 1.0, "sum")
+    g_ref = torch.autograd.grad(ref32, s32)[0]
+    torch.testing.assert_close(gs.float(), g_ref.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_alpha_and_chunk_size_validation():
+    s, t = _logits((2, 3, 5))
+    with pytest.raises(ValueError, match="alpha"):
+        L.bidirectional_kl(s, t, alpha=torch.rand(3))  # [3] does not align with the leading dimension 2
+    with pytest.raises(ValueError, match="alpha"):
+        L.bidirectional_kl(s, t, alpha=torch.rand(2, 3, 5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        L.bidirectional_kl(s, t, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------- fused linear
+def _hidden_case(seed=20, shape=(2, 13), h=8, v=37, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, h, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=dtype, requires_grad=True)
+    bias = torch.randn(v, generator=g, dtype=dtype, requires_grad=True)
+    t_hidden = torch.randn(*shape, h + 3, generator=g, dtype=dtype)
+    t_weight = torch.randn(v, h + 3, generator=g, dtype=dtype)
+    t_bias = torch.randn(v, generator=g, dtype=dtype)
+    return hidden, weight, bias, t_hidden, t_weight, t_bias
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("teacher_from_hidden", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_fused_linear_equals_logits_path(reduction, teacher_from_hidden, chunk_size):
+    hidden, weight, bias, t_hidden, t_weight, t_bias = _hidden_case()
+    mask = torch.rand(2, 13, generator=torch.Generator().manual_seed(21)) < 0.7
+    alpha = torch.rand(2, 13, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    t_logits = t_hidden @ t_weight.T + t_bias
+    teacher = (
+        {"teacher_hidden": t_hidden, "teacher_weight": t_weight, "teacher_bias": t_bias}
+        if teacher_from_hidden
+        else {"teacher_logits": t_logits}
+    )
+    got = L.fused_linear_bidirectional_kl(
+        hidden,
+        weight,
+        mask=mask,
+        student_bias=bias,
+        alpha=alpha,
+        temperature=1.5,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        **teacher,
+    )
+    ref = naive_bidirectional(hidden @ weight.T + bias, t_logits, mask, alpha, 1.5, reduction)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    g_got = torch.autograd.grad(got * 1.7, (hidden, weight, bias))
+    g_ref = torch.autograd.grad(ref * 1.7, (hidden, weight, bias))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_linear_never_materialises_all_logits(monkeypatch):
+    hidden, weight, _, _, _, _ = _hidden_case(shape=(4, 50), v=101)
+    teacher = torch.randn(4, 50, 101, dtype=torch.float64)
+    mask = torch.rand(4, 50, generator=torch.Generator().manual_seed(23)) < 0.5
+    rows = []
+    real = fused._chunk_bidirectional
+
+    def spy(student, *args, **kwargs):
+        rows.append(student.shape[0])
+        return real(student, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "_chunk_bidirectional", spy)
+    loss = L.fused_linear_bidirectional_kl(hidden, weight, teacher, mask, chunk_size=16)
+    loss.backward()
+    assert max(rows) <= 16  # at most one chunk of logits exists at a time
+    assert sum(rows) == int(mask.sum())  # uncounted tokens are never computed
+    assert hidden.grad is not None and torch.all(hidden.grad[~mask] == 0)
+
+
+def test_fused_linear_teacher_is_detached_and_validation():
+    hidden, weight, bias, t_hidden, t_weight, _ = _hidden_case()
+    t_weight.requires_grad_(True)
+    loss = L.fused_linear_bidirectional_kl(hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight)
+    loss.backward()
+    assert t_weight.grad is None
+    t_logits = torch.randn(2, 13, 36, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"37.*36"):
+        L.fused_linear_bidirectional_kl(hidden, weight, t_logits)
+    with pytest.raises(ValueError, match="teacher"):
+        L.fused_linear_bidirectional_kl(hidden, weight)
+    with pytest.raises(ValueError, match="none"):
+        L.fused_linear_bidirectional_kl(hidden, weight, torch.randn(2, 13, 37), reduction="none")
+    with pytest.raises(ValueError, match="student_weight"):
+        L.fused_linear_bidirectional_kl(hidden, weight[:, :5], torch.randn(2, 13, 37))
+
+
+def test_fused_linear_all_masked_and_bf16():
+    hidden, weight, _, _, _, _ = _hidden_case(dtype=torch.float32)
+    teacher = torch.randn(2, 13, 37)
+    loss = L.fused_linear_bidirectional_kl(hidden, weight, teacher, torch.zeros(2, 13, dtype=torch.bool))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
+    hb = hidden.detach().bfloat16().requires_grad_(True)
+    wb = weight.detach().bfloat16().requires_grad_(True)
+    got = L.fused_linear_bidirectional_kl(hb, wb, teacher.bfloat16(), alpha=0.7)
+    ref = L.bidirectional_kl(hb.float() @ wb.float().T, teacher.bfloat16().float(), alpha=0.7)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
