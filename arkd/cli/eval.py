@@ -98,33 +98,30 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1
 
 
-def load_model_and_tokenizer(cfg: DictConfig, device: str):
-    """Load the model (``cfg.model_path``) and its tokenizer (``cfg.tokenizer_path`` or the model's) on ``device``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype not in dtypes:
-        raise EvalError(f"dtype={cfg.dtype} is not supported; expected one of {', '.join(dtypes)}.")
+def _model_sources(cfg: DictConfig) -> dict[str, str]:
+    """``model_path`` and ``tokenizer_path`` as strings; a path-like value that does not exist is an error."""
     sources = {"model_path": str(cfg.model_path), "tokenizer_path": str(cfg.tokenizer_path or cfg.model_path)}
     for key, source in sources.items():
         if not Path(source).expanduser().exists() and _looks_like_path(source):
             raise EvalError(f"{key}={source}: no such directory; expected a model directory or a Hub name.")
+    return sources
+
+
+def load_model_and_tokenizer(cfg: DictConfig, device: str):
+    """Load the model (``cfg.model_path``) and its tokenizer (``cfg.tokenizer_path`` or the model's) on ``device``."""
+    from arkd.models import load_model, load_tokenizer, resolve_dtype
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(sources["tokenizer_path"]).expanduser()))
-    except Exception as err:
-        raise EvalError(
-            f"tokenizer {sources['tokenizer_path']!r} could not be loaded ({type(err).__name__}: {_first_line(err)}); "
-            "set tokenizer_path=PATH to a tokenizer directory."
-        ) from err
+        dtype = resolve_dtype(str(cfg.dtype))
+    except ValueError as err:
+        raise EvalError(f"dtype: {err}.") from err
+    sources = _model_sources(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(Path(sources["model_path"]).expanduser()), dtype=dtypes[cfg.dtype]
-        )
-    except Exception as err:
+        tokenizer = load_tokenizer(Path(sources["tokenizer_path"]).expanduser())
+        model = load_model(Path(sources["model_path"]).expanduser(), dtype=dtype)
+    except OSError as err:
         raise EvalError(
-            f"model {sources['model_path']!r} could not be loaded ({type(err).__name__}: {_first_line(err)}); "
-            "set model_path=PATH to a directory saved with save_pretrained, or a Hub name on a connected machine."
+            f"{_first_line(err)} (set model_path=PATH, and tokenizer_path=PATH if it lives elsewhere)."
         ) from err
     return model.to(device).eval(), tokenizer
 
@@ -153,6 +150,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise EvalError("arkd-eval runs in a single process; start it without accelerate launch / torchrun.")
+    _model_sources(cfg)  # fail on a missing model_path before anything slow
     out = Path(output_dir or cfg.output_dir or _hydra_run_dir())
     seeds = [int(s) for s in cfg.seeds]
     if not seeds:
@@ -246,11 +244,7 @@ def _check_bertscore(bert) -> None:
     try:
         _load_scorer(bert.model_type, bert.num_layers, bert.idf, bert.rescale_with_baseline, bert.device, bert.lang)
     except BertScoreLoadError as err:
-        raise EvalError(
-            f"BERTScore model {bert.model_type!r} (layer {bert.num_layers}) could not be loaded "
-            f"({_first_line(err.__cause__ or err)}); set bertscore.model_type=PATH to a local model directory "
-            "with bertscore.num_layers=N, or bertscore.enabled=false to skip BERTScore."
-        ) from err
+        raise EvalError(str(err)) from err
 
 
 def _hydra_run_dir() -> str:

@@ -177,6 +177,12 @@ def _load_scorer(model_type: str, num_layers: int | None, idf: bool, rescale: bo
     key = (model_type, num_layers, idf, rescale, device, lang)
     if key in _SCORERS:
         return _SCORERS[key]
+    if model_type.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(model_type)):
+        raise BertScoreLoadError(
+            f"BERTScore model directory {model_type!r} does not exist; point model_type at a local model directory "
+            "(arkd-eval: bertscore.model_type=PATH bertscore.num_layers=N), or skip BERTScore explicitly "
+            "(arkd-eval: bertscore.enabled=false)."
+        )
     try:
         from bert_score import BERTScorer
         from bert_score.utils import model2layers
@@ -186,7 +192,7 @@ def _load_scorer(model_type: str, num_layers: int | None, idf: bool, rescale: bo
                 f"num_layers is required for {model_type!r}, which is not in bert_score's table of default layers"
             )
         scorer = BERTScorer(
-            model_type=model_type,
+            model_type=os.path.expanduser(model_type),
             num_layers=num_layers,
             idf=idf,
             rescale_with_baseline=rescale,
