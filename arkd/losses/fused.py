@@ -216,10 +216,10 @@ class FusedLinearBidirectionalKLFunction(torch.autograd.Function):
     """Weighted sum of the per-token bidirectional KL computed from hidden states, chunk by chunk.
 
     ``apply(hidden [N, H], weight [V, H], bias [V] | None, teacher_logits [N, V] | None, teacher_hidden [N, Ht] | None,
-    teacher_weight [V, Ht] | None, teacher_bias [V] | None, alpha [N], token_weight [N], temperature, chunk_size)``
-    returns the scalar ``sum_i token_weight_i * loss_i`` (``token_weight`` is 0 on uncounted rows, 1 for
-    ``reduction="sum"``, ``1 / count`` for ``"mean"``). Gradients with respect to hidden, weight and bias are computed
-    in forward (the output is a scalar, so backward only scales them).
+    teacher_weight [V, Ht] | None, teacher_bias [V] | None, alpha [N], token_weight [N], mask [N] | None, temperature,
+    chunk_size)`` returns the scalar ``sum_i token_weight_i * loss_i`` over the counted rows (``token_weight`` is 1 for
+    ``reduction="sum"``, ``1 / count`` for ``"mean"``); uncounted rows are never computed. Gradients with respect to
+    hidden, weight and bias are computed in forward (the output is a scalar, so backward only scales them).
     """
 
     @staticmethod
@@ -234,6 +234,7 @@ class FusedLinearBidirectionalKLFunction(torch.autograd.Function):
         teacher_bias,
         alpha,
         token_weight,
+        mask,
         temperature,
         chunk_size,
     ):
@@ -244,33 +245,34 @@ class FusedLinearBidirectionalKLFunction(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=dtype, device=hidden.device)
-        counted = (token_weight != 0).nonzero().squeeze(-1)
         w_c = weight.to(dtype)
         b_c = None if bias is None else bias.to(dtype)
-        for start in range(0, counted.numel(), chunk_size):
-            index = counted[start : start + chunk_size]
-            h = hidden.index_select(0, index).to(dtype)
+        for rows, index in _row_chunks(mask, hidden.shape[0], chunk_size):
+            h = hidden[rows].to(dtype)
             logits = torch.nn.functional.linear(h, w_c, b_c)
             if teacher_logits is not None:
-                t_logits = teacher_logits.index_select(0, index)
+                t_logits = teacher_logits[rows]
             else:
-                t_h = teacher_hidden.index_select(0, index)
-                t_logits = torch.nn.functional.linear(t_h, teacher_weight, teacher_bias)
+                t_logits = torch.nn.functional.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
             loss, _, _, grad_logits, _ = _chunk_bidirectional(
-                logits, t_logits, alpha.index_select(0, index), temperature, need_h or need_w or need_b, False
+                logits, t_logits, alpha[rows], temperature, need_h or need_w or need_b, False
             )
             del logits, t_logits
-            tw = token_weight.index_select(0, index).to(dtype)
+            tw = token_weight[rows].to(dtype)
             total = total + (tw * loss).sum()
             if grad_logits is None:
                 continue
-            grad_logits.mul_(tw.unsqueeze(-1))
+            # The per-token weights scale the small [C, H] / [C] factors, never the [C, V] gradient.
             if need_h:
-                grad_h.index_copy_(0, index, (grad_logits @ w_c).to(grad_h.dtype))
+                chunk_grad_h = (grad_logits @ w_c).mul_(tw.unsqueeze(-1)).to(grad_h.dtype)
+                if index is None:
+                    grad_h[rows] = chunk_grad_h
+                else:
+                    grad_h.index_copy_(0, index, chunk_grad_h)
             if need_w:
-                grad_w.addmm_(grad_logits.t(), h)
+                grad_w.addmm_(grad_logits.t(), h * tw.unsqueeze(-1))
             if need_b:
-                grad_b.add_(grad_logits.sum(dim=0))
+                grad_b.add_(tw @ grad_logits)
         ctx.save_for_backward(
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -282,7 +284,7 @@ class FusedLinearBidirectionalKLFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
         grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_bidirectional_kl(
@@ -397,6 +399,7 @@ def fused_linear_bidirectional_kl(
         teacher_bias,
         alpha_t,
         token_weight,
+        mask,
         float(temperature),
         chunk_size,
     )

@@ -108,14 +108,16 @@ def test_gradcheck_fused_linear_function_float64():
     bias = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=True)
     teacher = torch.randn(n, v, dtype=torch.float64, generator=g)
     alpha = torch.rand(n, dtype=torch.float64, generator=g)
-    token_weight = (torch.rand(n, generator=g) < 0.7).double() / 3
+    mask = torch.rand(n, generator=g) < 0.7
+    token_weight = torch.rand(n, dtype=torch.float64, generator=g)
+    for m in (None, mask):
 
-    def fn(hd, w, b):
-        return fused.FusedLinearBidirectionalKLFunction.apply(
-            hd, w, b, teacher, None, None, None, alpha, token_weight, 1.3, 3
-        )
+        def fn(hd, w, b, m=m):
+            return fused.FusedLinearBidirectionalKLFunction.apply(
+                hd, w, b, teacher, None, None, None, alpha, token_weight, m, 1.3, 3
+            )
 
-    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+        assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
 def test_alpha_is_a_constant():
