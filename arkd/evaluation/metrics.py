@@ -201,7 +201,7 @@ def _load_scorer(model_type: str, num_layers: int | None, idf: bool, rescale: bo
         )
     except Exception as err:  # loading fails in many ways: offline Hub, missing files, bad layer count
         raise BertScoreLoadError(
-            f"BERTScore model {model_type!r} (layer {num_layers}) could not be loaded: {err}. "
+            f"BERTScore model {model_type!r} (layer {num_layers}) could not be loaded: {' '.join(str(err).split())}. "
             "Point model_type at a local model directory and give its num_layers "
             "(arkd-eval: bertscore.model_type=PATH bertscore.num_layers=N), "
             "or skip BERTScore explicitly (arkd-eval: bertscore.enabled=false)."
