@@ -170,7 +170,9 @@ def main() -> None:
         fkl, rkl = _kl_parts(student, teacher)
         init_d.append(0.5 * (fkl + rkl))
     print(f"toy distillation: {cfg}")
-    print(f"seeds {args.seeds}; initial D = {sum(init_d) / len(init_d):.4f}; final D = (FKL + RKL) / 2, lower is better")
+    print(
+        f"seeds {args.seeds}; initial D = {sum(init_d) / len(init_d):.4f}; final D = (FKL + RKL) / 2, lower is better"
+    )
     print(f"{'strategy':<24} {'final D mean':>12} {'std':>8} {'FKL':>8} {'RKL':>8} {'mean alpha':>10}  per seed")
     for name in names:
         ds = [r.final_d for r in results[name]]

@@ -10,20 +10,22 @@ from torch.distributions import Beta
 
 
 class PolicyNetwork(nn.Module):
-    """MLP from normalised features to ``Beta(m * kappa, (1 - m) * kappa)`` over alpha.
+    """MLP from normalised features to a unimodal ``Beta(a, b)`` over alpha, ``a = 1 + softplus(h_0)``,
+    ``b = 1 + softplus(h_1)``.
 
-    The head predicts the mean ``m = sigmoid(h_0)`` and the concentration ``kappa = min_concentration +
-    softplus(h_1)``: the mean is what the deterministic policy plays, the concentration how much it explores. The
-    last layer starts near zero, so before any learning every input gets mean ``init_alpha`` and concentration
-    ``init_concentration``.
+    Keeping ``a, b > 1`` makes every policy unimodal with a density that vanishes at 0 and 1 (Chou et al. 2017, Beta
+    policies for bounded actions): log-probabilities and their gradients stay bounded, where ``a < 1`` or ``b < 1``
+    would pile mass on the edges and let a few samples dominate the update. The mean ``a / (a + b)`` can still reach
+    any value in (0, 1). The last layer starts near zero, so before any learning every input gets mean
+    ``init_alpha`` and concentration ``a + b = init_concentration``.
 
     Args:
         in_features: length of a feature vector.
         hidden_size: width of the hidden layers.
         num_layers: number of hidden layers (>= 1).
         init_alpha: initial mean of alpha, in (0, 1).
-        init_concentration: initial kappa (> min_concentration); Beta(2, 2) at 4 with mean 0.5.
-        min_concentration: lower bound of kappa (> 0).
+        init_concentration: initial ``a + b``; both ``init_alpha * init_concentration`` and
+            ``(1 - init_alpha) * init_concentration`` must exceed 1 (Beta(2, 2) at the defaults).
     """
 
     def __init__(
@@ -34,17 +36,17 @@ class PolicyNetwork(nn.Module):
         num_layers: int = 2,
         init_alpha: float = 0.5,
         init_concentration: float = 4.0,
-        min_concentration: float = 0.5,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"PolicyNetwork: num_layers must be >= 1, got {num_layers}")
         if not 0 < init_alpha < 1:
             raise ValueError(f"PolicyNetwork: init_alpha must be in (0, 1), got {init_alpha}")
-        if not 0 < min_concentration < init_concentration:
+        a0, b0 = init_alpha * init_concentration, (1 - init_alpha) * init_concentration
+        if a0 <= 1 or b0 <= 1:
             raise ValueError(
-                f"PolicyNetwork: need 0 < min_concentration < init_concentration, got {min_concentration} and "
-                f"{init_concentration}"
+                f"PolicyNetwork: init_concentration={init_concentration} is too small for init_alpha={init_alpha}; "
+                f"need init_alpha * init_concentration > 1 and (1 - init_alpha) * init_concentration > 1"
             )
         layers: list[nn.Module] = []
         width = in_features
@@ -53,30 +55,26 @@ class PolicyNetwork(nn.Module):
             width = hidden_size
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, 2)
-        self.min_concentration = float(min_concentration)
         with torch.no_grad():
             self.head.weight.mul_(0.01)
-            kappa_excess = init_concentration - min_concentration
-            softplus_inverse = kappa_excess + math.log(-math.expm1(-kappa_excess))
-            self.head.bias.copy_(torch.tensor([math.log(init_alpha / (1 - init_alpha)), softplus_inverse]))
+            self.head.bias.copy_(torch.tensor([_softplus_inverse(a0 - 1), _softplus_inverse(b0 - 1)]))
+
+    def concentrations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beta parameters ``(a [...], b [...])`` (both > 1) for inputs ``x`` ``[..., in_features]``."""
+        h = self.head(self.body(x))
+        softplus = nn.functional.softplus(h)
+        return 1.0 + softplus[..., 0], 1.0 + softplus[..., 1]
 
     def mean_concentration(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and concentration of alpha's Beta distribution.
-
-        Args:
-            x: ``[..., in_features]``.
-
-        Returns:
-            ``(mean [...], kappa [...])``.
-        """
-        h = self.head(self.body(x))
-        mean = torch.sigmoid(h[..., 0])
-        kappa = self.min_concentration + nn.functional.softplus(h[..., 1])
-        return mean, kappa
+        """Mean ``a / (a + b)`` and concentration ``a + b`` of alpha's distribution, each ``[...]``."""
+        a, b = self.concentrations(x)
+        return a / (a + b), a + b
 
     def forward(self, x: torch.Tensor) -> Beta:
         """The distribution of alpha for every row of ``x`` ``[..., in_features]`` (batch shape ``[...]``)."""
-        mean, kappa = self.mean_concentration(x)
-        eps = 1e-6
-        mean = mean.clamp(eps, 1 - eps)
-        return Beta(mean * kappa, (1 - mean) * kappa)
+        a, b = self.concentrations(x)
+        return Beta(a, b)
+
+
+def _softplus_inverse(y: float) -> float:
+    return y + math.log(-math.expm1(-y))

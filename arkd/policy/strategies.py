@@ -259,8 +259,8 @@ class LearnedPolicy(AlphaStrategy):
     """ARKD: a Beta policy over alpha, trained by REINFORCE (or PPO) from immediate rewards.
 
     State: the normalised ``FEATURE_NAMES`` statistics (FKL and RKL through log1p first) at the chosen granularity,
-    plus three context inputs: ``2 * progress - 1``, the recent reward (moving baseline / reward scale) and the loss
-    trend ``log D_t - log EMA(D)`` with ``D = (FKL + RKL) / 2``. Action: alpha ~ Beta (its mean when
+    plus three context inputs: ``2 * progress - 1``, the recent reward (a moving average of the mean advantage)
+    and the loss trend ``log D_t - log EMA(D)`` with ``D = (FKL + RKL) / 2``. Action: alpha ~ Beta (its mean when
     ``deterministic``). Update (per reward, or per ``buffer_size`` rewards with PPO):
     ``A = (r - b) / s``, ``loss = -mean(A * log pi(a | x)) - entropy_coef * mean(H(pi(. | x)))``,
     with ``b`` a moving average of the reward and ``s^2`` one of ``(r - b)^2``.
@@ -347,6 +347,7 @@ class LearnedPolicy(AlphaStrategy):
         self._baseline: float | None = None
         self._reward_scale: float | None = None
         self._d_ema: float | None = None
+        self._recent_advantage = 0.0
         self._num_updates = 0
         self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._pending: _Pending | None = None
@@ -355,9 +356,7 @@ class LearnedPolicy(AlphaStrategy):
     def _context(self, progress: float, d: float) -> torch.Tensor:
         """``[3]``: centred progress, recent reward, loss trend (updates the loss EMA when training)."""
         progress = min(max(float(progress), 0.0), 1.0)
-        recent = 0.0
-        if self._baseline is not None:
-            recent = self._baseline / math.sqrt((self._reward_scale or 0.0) + 1e-12)
+        recent = self._recent_advantage
         trend = 0.0
         if self._d_ema is not None and math.isfinite(d):
             trend = math.log(d + 1e-8) - math.log(self._d_ema + 1e-8)
@@ -464,9 +463,11 @@ class LearnedPolicy(AlphaStrategy):
         m = self.baseline_momentum
         self._reward_scale = dev2 if self._reward_scale is None else m * self._reward_scale + (1 - m) * dev2
         self._baseline = mean if self._baseline is None else m * self._baseline + (1 - m) * mean
-        adv = r - b
-        if self.normalize_reward:
-            adv = adv / math.sqrt(self._reward_scale + 1e-12)
+        scale = math.sqrt(self._reward_scale + 1e-12) if self.normalize_reward else 1.0
+        adv = (r - b) / scale
+        # The "recent reward" input: a moving average of the mean advantage (how the last rewards compared with the
+        # baseline), identical on every process because it is built from pooled statistics.
+        self._recent_advantage = 0.9 * self._recent_advantage + 0.1 * (mean - b) / scale
         return adv.float(), mean
 
     def update(self, reward: torch.Tensor | float) -> dict[str, float]:
@@ -546,6 +547,7 @@ class LearnedPolicy(AlphaStrategy):
             "baseline": self._baseline,
             "reward_scale": self._reward_scale,
             "d_ema": self._d_ema,
+            "recent_advantage": self._recent_advantage,
             "num_updates": self._num_updates,
             "rng_state": self._rng_state.clone(),
             "buffer": [tuple(t.clone() for t in entry) for entry in self._buffer],
@@ -563,6 +565,7 @@ class LearnedPolicy(AlphaStrategy):
         self._baseline = state["baseline"]
         self._reward_scale = state["reward_scale"]
         self._d_ema = state["d_ema"]
+        self._recent_advantage = float(state["recent_advantage"])
         self._num_updates = int(state["num_updates"])
         self._rng_state = state["rng_state"].clone()
         self._buffer = [tuple(t.clone() for t in entry) for entry in state["buffer"]]
