@@ -143,7 +143,7 @@ def load_teacher(name_or_path: str | os.PathLike, **kwargs):
 def build_tiny_tokenizer(
     texts: Iterable[str] | None = None,
     *,
-    vocab_size: int = 512,
+    vocab_size: int = 1024,
     save_dir: str | os.PathLike | None = None,
     padding_side: str = "left",
     corpus_size: int = 2000,
@@ -157,7 +157,9 @@ def build_tiny_tokenizer(
     Args:
         texts: the training texts (None: :func:`arkd.data.synthetic.synthetic_corpus` of ``corpus_size`` rows
             from ``seed``, the offline default).
-        vocab_size: the vocabulary size including the 256 byte symbols and the special token.
+        vocab_size: the largest vocabulary, including the 256 byte symbols and the special token; training stops
+            earlier when every word of the corpus is a single token (the default synthetic corpus gives about
+            670), so use ``len(tokenizer)`` for the model (or a larger size: :func:`check_vocab` slices).
         save_dir: when given, the tokenizer is saved there with ``save_pretrained``.
         padding_side: ``"left"`` (generation) or ``"right"``.
         corpus_size: rows of the default synthetic corpus.
