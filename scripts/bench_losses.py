@@ -13,7 +13,8 @@ and prints each fast path as a ratio of its reference measured in the same invoc
 linear variant at 1/4, 1/2 and 1x the tokens to show that its peak extra memory does not grow with tokens x V.
 
 Method. CPU: each variant runs in a fresh subprocess (so allocations of one cannot be reused by the next). Time is the
-median wall-clock of ``--repeats`` forward + backward passes after one warm-up. Peak extra memory is the process's
+median wall-clock of ``--repeats`` forward + backward passes (after ``--warmup`` untimed ones; the CPU path has no
+compilation or caching allocator to warm up, so the default is none). Peak extra memory is the process's
 peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) during those passes minus its resident
 size just before them, with the inputs already allocated; it includes the gradient returned to the student logits
 (or hidden states and weight), which every variant must produce. PyTorch's CPU allocator hands large blocks straight
@@ -86,7 +87,15 @@ def _build(variant: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtyp
 
 
 def run_variant(
-    variant: str, tokens: int, vocab: int, hidden: int, repeats: int, dtype: str, device: str, chunk_size: int
+    variant: str,
+    tokens: int,
+    vocab: int,
+    hidden: int,
+    repeats: int,
+    warmup: int,
+    dtype: str,
+    device: str,
+    chunk_size: int,
 ) -> dict:
     """Measure one variant in this process; returns times (s) and peak extra memory (MiB)."""
     torch.manual_seed(0)
@@ -100,7 +109,9 @@ def run_variant(
         _reset_peak_rss()
         base = _status_kib("VmRSS") * 1024
     times, loss_value = [], None
-    for i in range(repeats + 1):
+    if cuda:
+        warmup = max(warmup, 1)  # kernels' first-call set-up is not what we measure
+    for i in range(warmup + repeats):
         for leaf in leaves:
             leaf.grad = None
         if cuda:
@@ -110,9 +121,9 @@ def run_variant(
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
-        if i > 0:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         del loss
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
     return {
@@ -141,6 +152,8 @@ def _spawn(args: argparse.Namespace, variant: str, tokens: int, dtype: str, devi
         str(args.hidden),
         "--repeats",
         str(args.repeats),
+        "--warmup",
+        str(args.warmup),
         "--chunk-size",
         str(args.chunk_size),
         "--dtype",
@@ -195,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--hidden", type=int, default=768, help="hidden size of the fused-linear variants")
-    parser.add_argument("--repeats", type=int, default=2, help="timed passes after one warm-up")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the fused-linear variants")
+    parser.add_argument("--repeats", type=int, default=2, help="timed forward + backward passes per variant")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed passes before them (CUDA: at least 1)")
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the library's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", default=None, help="worker only")
@@ -213,7 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         device = args.device if args.device != "auto" else "cpu"
         result = run_variant(
-            args.worker, args.tokens, args.vocab, args.hidden, args.repeats, args.dtype, device, args.chunk_size
+            args.worker,
+            args.tokens,
+            args.vocab,
+            args.hidden,
+            args.repeats,
+            args.warmup,
+            args.dtype,
+            device,
+            args.chunk_size,
         )
         print(json.dumps(result))
         return
@@ -230,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for variant, tokens, dtype, device in tqdm(jobs, desc="variants", unit="run"):
         rows.append(_spawn(args, variant, tokens, dtype, device))
-    print(f"\nchunk_size={args.chunk_size}, hidden={args.hidden}, repeats={args.repeats}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads\n")  # fmt: skip
+    settings = f"chunk_size={args.chunk_size}, hidden={args.hidden}, repeats={args.repeats}, warmup={args.warmup}"
+    print(f"\n{settings}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
     print(_table(rows))
     for row in rows:
         ref = next((r for r in rows if r["variant"] == REFERENCE.get(row["variant"]) and r["tokens"] == row["tokens"]
