@@ -1,0 +1,118 @@
+"""``arkd-train config=NAME [overrides]``: the Hydra entry point of arkd's trainer.
+
+Also runs as ``accelerate launch -m arkd.cli.train config=NAME``; rank 0 alone writes and prints. The work is done by
+:func:`arkd.pipeline.run`, importable and testable without this CLI (``from arkd.cli.train import run``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from arkd.config_paths import config_dir
+from arkd.pipeline import ConfigError, run
+
+__all__ = ["available_configs", "check_overrides", "main", "run"]
+
+_HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
+_HYDRA_FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--info", "--experimental-rerun"}
+
+
+def available_configs() -> list[str]:
+    """The experiment names ``config=NAME`` accepts (the files of ``configs/config/``)."""
+    return sorted(path.stem for path in (config_dir() / "config").glob("*.yaml"))
+
+
+def _rank() -> int:
+    for key in ("RANK", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _split(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """Overrides, whether it is a multirun, and whether other Hydra flags were given."""
+    overrides, multirun, flags = [], False, False
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg.startswith("-"):
+            flags = True
+            skip = arg in _HYDRA_FLAGS_WITH_VALUE
+        else:
+            overrides.append(arg)
+    return overrides, multirun, flags
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """One sentence describing what is wrong with the command line, or None when it composes.
+
+    Checks that every ``config=NAME`` names an experiment file, then (for a single run) composes the config with
+    the overrides through Hydra's compose API, turning Hydra's error into its first sentence.
+    """
+    overrides, multirun, flags = _split(argv)
+    names = available_configs()
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "config" and value and value != "null":
+            for name in value.split(","):
+                if name not in names:
+                    return f"unknown config '{name}'; expected one of: {', '.join(names)}."
+    if multirun or flags:
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            compose(config_name="train", overrides=plain)
+    except Exception as err:  # Hydra / OmegaConf composition errors: report their first sentence
+        message = " ".join(str(err).split("\n")[0].split())
+        return f"bad override ({message}); see `arkd-train --help` and docs/configs.md."
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from arkd.trainer import NonFiniteLossError
+
+    if cfg.output_dir is None:
+        cfg.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = run(cfg)
+    except (ConfigError, NonFiniteLossError, FileNotFoundError, OSError) as err:
+        print(f"arkd-train: {err}", file=sys.stderr)
+        sys.exit(1)
+    if _rank() == 0:
+        print(f"arkd-train: done; run directory {summary['run_dir']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: check the command line, then hand it to Hydra."""
+    import hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in ("--help", "-h", "--hydra-help") for a in argv):
+        error = check_overrides(argv)
+        if error is not None:
+            print(f"arkd-train: {error}", file=sys.stderr)
+            sys.exit(2)
+    if _rank() > 0:  # only rank 0 writes: no .hydra/ folder, no log file, no run directory of its own
+        argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        if not any(a.startswith("hydra.run.dir=") for a in argv):
+            argv.append("hydra.run.dir=.")
+    sys.argv = [sys.argv[0]] + argv
+    hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

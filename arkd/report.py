@@ -1,0 +1,186 @@
+"""The end-of-run report: teacher, student before distillation and student after, on the held-out test split.
+
+Writes ``report.json`` (every number and what it depends on), ``report.md`` (a table a person reads) and
+``alpha_trajectory.png`` (alpha mean +- std over training, from ``metrics.jsonl``) into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import arkd
+
+MODELS = ("teacher", "student_before", "student_after")
+LABELS = {
+    "teacher": "teacher",
+    "student_before": "student before distillation",
+    "student_after": "student after distillation",
+}
+
+
+def _evaluate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], cfg: DictConfig, label: str):
+    from arkd.evaluation import DecodingConfig, evaluate_model
+
+    final = cfg.eval.final
+    decoding = DecodingConfig(
+        do_sample=bool(final.do_sample),
+        max_new_tokens=int(final.max_new_tokens),
+        max_prompt_tokens=int(cfg.data.max_prompt_length),
+    )
+    result = evaluate_model(
+        model,
+        tokenizer,
+        examples,
+        seeds=[int(s) for s in final.seeds],
+        batch_size=int(final.batch_size),
+        decoding=decoding,
+        progress=True,
+        desc=label,
+    )
+    return {key: result[key] for key in ("rougeL", "exact_match")}, result["decoding"], result["generations"]
+
+
+def final_report(
+    cfg: DictConfig,
+    *,
+    run_dir: Path,
+    tokenizer: Any,
+    test_examples: Sequence[Any],
+    teacher: torch.nn.Module | None,
+    student_before: Callable[[], torch.nn.Module],
+    summary: dict[str, Any],
+    accelerator: Any,
+) -> dict[str, Any] | None:
+    """Evaluate the three models on the test split (main process) and write the report files.
+
+    Args:
+        cfg: the run's config (``eval.final``: subset, seeds, do_sample, max_new_tokens, batch_size, student).
+        run_dir: the run directory (``best/``, ``final/`` and ``metrics.jsonl`` are read from it).
+        tokenizer: the tokenizer.
+        test_examples: the test split.
+        teacher: the teacher (None: not evaluated).
+        student_before: builds the student as it was before training (the SFT'd student of the tiny job).
+        summary: the training summary (steps, time, best validation Rouge-L) recorded in the report.
+        accelerator: the run's accelerator (only the main process evaluates; the others wait).
+
+    Returns:
+        The report dict on the main process, None elsewhere.
+    """
+    from arkd.models import load_model
+
+    report = None
+    if accelerator.is_main_process:
+        if not test_examples:
+            raise ValueError("eval.final.enabled is true but data.splits gave no 'test' rows: expected a test split.")
+        final = cfg.eval.final
+        examples = list(test_examples)[: final.subset] if final.subset else list(test_examples)
+        after_dir = run_dir / "best" if final.student == "best" and (run_dir / "best").is_dir() else run_dir / "final"
+        device = accelerator.device
+        results: dict[str, Any] = {}
+        samples: dict[str, list[str]] = {}
+        decoding: dict[str, Any] = {}
+        started = time.perf_counter()
+        builders: dict[str, Callable[[], torch.nn.Module] | None] = {
+            "teacher": (lambda: teacher) if teacher is not None else None,
+            "student_before": student_before,
+            "student_after": lambda: load_model(after_dir),
+        }
+        for name, build in builders.items():
+            if build is None:
+                continue
+            model = accelerator.unwrap_model(build()).to(device).eval()
+            results[name], decoding, generations = _evaluate(model, tokenizer, examples, cfg, LABELS[name])
+            samples[name] = generations[next(iter(generations))][:5]
+            if name != "teacher":
+                del model
+        report = {
+            "arkd_version": arkd.__version__,
+            "experiment": str(cfg.name),
+            "run_dir": str(run_dir),
+            "test_rows": len(examples),
+            "seeds": [int(s) for s in cfg.eval.final.seeds],
+            "decoding": decoding,
+            "student_after": after_dir.name,
+            "student_after_step": summary.get("best_step") if after_dir.name == "best" else summary.get("steps"),
+            "results": results,
+            "training": {k: v for k, v in summary.items() if k != "report"},
+            "eval_seconds": round(time.perf_counter() - started, 1),
+            "examples": [
+                {
+                    "prompt": ex.prompt,
+                    "reference": ex.references[0],
+                    **{name: samples[name][i] for name in samples if i < len(samples[name])},
+                }
+                for i, ex in enumerate(examples[:5])
+            ],
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        plot = _alpha_plot(run_dir)
+        (run_dir / "report.md").write_text(report_markdown(report, plot))
+    accelerator.wait_for_everyone()
+    return report
+
+
+def _alpha_plot(run_dir: Path) -> Path | None:
+    from arkd.evaluation.plots import plot_alpha_trajectory, read_metrics_jsonl
+
+    rows = read_metrics_jsonl(run_dir / "metrics.jsonl")
+    if not any(isinstance(r.get("alpha_mean"), (int, float)) for r in rows):
+        return None
+    return plot_alpha_trajectory(rows, run_dir / "alpha_trajectory.png", title="alpha (weight of FKL) over training")
+
+
+def _cell(summary: dict[str, Any]) -> str:
+    if summary.get("std") is None:
+        return f"{summary['mean']:.2f}"
+    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+
+
+def report_markdown(report: dict[str, Any], plot: Path | None = None) -> str:
+    """The report as markdown: the three models' Rouge-L and exact match, the set-up, a few generations."""
+    decoding = report["decoding"]
+    mode = "sampling (temperature 1, top_p 1, top_k 0)" if decoding.get("do_sample") else "greedy decoding"
+    training = report["training"]
+    lines = [
+        f"# arkd report: {report['experiment']}",
+        "",
+        f"Test split: {report['test_rows']} held-out rows; {mode}, max {decoding.get('max_new_tokens')} new tokens, "
+        f"no_repeat_ngram_size {decoding.get('no_repeat_ngram_size')}; seeds {', '.join(map(str, report['seeds']))} "
+        "(mean ± std over seeds).",
+        "",
+        "| model | Rouge-L | exact match |",
+        "|---|---|---|",
+    ]
+    for name in MODELS:
+        if name in report["results"]:
+            row = report["results"][name]
+            lines.append(f"| {LABELS[name]} | {_cell(row['rougeL'])} | {_cell(row['exact_match'])} |")
+    results = report["results"]
+    if "student_before" in results and "student_after" in results:
+        gain = results["student_after"]["rougeL"]["mean"] - results["student_before"]["rougeL"]["mean"]
+        lines += ["", f"Distillation changed the student's Rouge-L by {gain:+.2f} points."]
+    lines += [
+        "",
+        f"Student after: `{report['student_after']}/` (step {report['student_after_step']}); "
+        f"{training.get('steps')} steps in {training.get('train_seconds', 0):.0f} s, "
+        f"{training.get('skipped_steps', 0)} skipped; best {training.get('best_metric')} "
+        f"{training.get('best_value')}.",
+    ]
+    if plot is not None:
+        lines += ["", f"![alpha trajectory]({plot.name})"]
+    if report.get("examples"):
+        lines += ["", "## First test rows", ""]
+        for example in report["examples"][:3]:
+            lines.append(f"- reference: `{example['reference']}`")
+            for name in MODELS:
+                if name in example:
+                    lines.append(f"  - {LABELS[name]}: `{example[name]}`")
+    return "\n".join(lines) + "\n"
