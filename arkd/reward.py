@@ -34,6 +34,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from arkd.losses.functional import bidirectional_kl, js_divergence
+
 GRANULARITIES = ("batch", "sequence", "token")
 
 
@@ -84,16 +86,22 @@ def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 @torch.no_grad()
 def token_alignment(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token ``(KL(p || q) + KL(q || p)) / 2`` of ``[..., V]`` logits: ``[...]`` (fp32, -inf safe)."""
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
-    p, q = log_p.exp(), log_q.exp()
-    diff = log_p - log_q
-    zero = p.new_zeros(())
-    fkl = torch.where(p > 0, p * diff, zero).sum(-1)
-    rkl = torch.where(q > 0, -q * diff, zero).sum(-1)
-    return 0.5 * (fkl + rkl)
+    """Per-token ``(KL(p || q) + KL(q || p)) / 2`` of ``[..., V]`` logits: ``[...]`` (0 where not counted).
+
+    This is ``arkd.losses.bidirectional_kl`` at ``alpha = 0.5`` (its chunked path: fp32, -inf safe, a few
+    ``[chunk, V]`` buffers), evaluated without autograd.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return bidirectional_kl(
+        student_logits.detach(), teacher_logits.detach(), mask, temperature=temperature, alpha=0.5, reduction="none"
+    ).float()
 
 
 def alignment(
@@ -114,7 +122,8 @@ def alignment(
         granularity: ``"batch"`` (``[]``), ``"sequence"`` (``[B]``) or ``"token"`` (``[B, T]``).
     """
     _check(student_logits, teacher_logits, mask, "alignment")
-    return reduce_tokens(token_alignment(student_logits, teacher_logits, temperature=temperature), mask, granularity)
+    values = token_alignment(student_logits, teacher_logits, mask, temperature=temperature)
+    return reduce_tokens(values, mask, granularity)
 
 
 def improvement(d_before: torch.Tensor | float, d_after: torch.Tensor | float) -> torch.Tensor:
@@ -196,13 +205,12 @@ def js_similarity(
     Bounded in [1/2, 1] (1 iff p = q). Args and shapes as ``alignment``.
     """
     _check(student_logits, teacher_logits, mask, "js_similarity")
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
-    p, q = log_p.exp(), log_q.exp()
-    log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0))
-    zero = p.new_zeros(())
-    kl_pm = torch.where(p > 0, p * (log_p - log_m), zero).sum(-1)
-    kl_qm = torch.where(q > 0, q * (log_q - log_m), zero).sum(-1)
-    return reduce_tokens(torch.exp(-0.5 * (kl_pm + kl_qm)), mask, granularity)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    js = js_divergence(
+        student_logits.detach(), teacher_logits.detach(), mask, temperature=temperature, reduction="none"
+    ).float()
+    return reduce_tokens(torch.exp(-js), mask, granularity)
 
 
 def linear_lookahead(
