@@ -430,6 +430,9 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         started = time.perf_counter()
 
+        # accelerate syncs gradients (DDP) and lets the optimizer step on the window's last micro-batch only.
+        acc.gradient_accumulation_steps, acc.step = cfg.grad_accum, 0
+
         # 1. The window, and its counted tokens over all micro-batches and processes.
         window = [{k: v.to(acc.device) for k, v in next(self.batches).items()} for _ in range(cfg.grad_accum)]
         local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in window)

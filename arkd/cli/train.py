@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from arkd.config_paths import config_dir
-from arkd.pipeline import ConfigError, run
 
 __all__ = ["available_configs", "check_overrides", "main", "run"]
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Build everything from ``cfg`` and train: see :func:`arkd.pipeline.run` (imported lazily: a bad command line
+    is reported before torch is imported)."""
+    from arkd.pipeline import run as pipeline_run
+
+    return pipeline_run(cfg)
 
 _HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
 _HYDRA_FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--info", "--experimental-rerun"}
@@ -83,6 +91,7 @@ def check_overrides(argv: list[str]) -> str | None:
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from arkd.pipeline import ConfigError
     from arkd.trainer import NonFiniteLossError
 
     if cfg.output_dir is None:
