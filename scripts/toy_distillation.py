@@ -139,7 +139,7 @@ def _lookahead(
 
 def strategies(cfg: ToyConfig, seed: int) -> dict[str, Callable[[], AlphaStrategy]]:
     """The compared strategies, built fresh for every seed."""
-    learned = dict(hidden_size=32, lr=3e-3, entropy_coef=1e-3, baseline_momentum=0.9, seed=seed)
+    learned = dict(hidden_size=32, lr=1e-2, entropy_coef=1e-3, baseline_momentum=0.9, seed=seed)
     return {
         "FKL only (alpha=1)": lambda: ConstantAlpha(alpha=1.0),
         "RKL only (alpha=0)": lambda: ConstantAlpha(alpha=0.0),

@@ -149,8 +149,10 @@ def compute_features(
 ) -> Features:
     """Per-token teacher-student statistics from logits the step already has.
 
-    Only the counted rows are processed (prompt and padding positions cost nothing), in fp32, without autograd.
-    ``-inf`` logits (padded vocabulary, banned tokens) contribute 0 where the probability is 0.
+    Only the counted rows are processed (prompt and padding positions cost nothing), in fp32, without autograd, in
+    one pass over the vocabulary plus one sort of the teacher's probabilities (AKL's head). Peak extra memory is a
+    few (about eight) fp32 copies of the counted rows' logits ``[N, V]``, freed on return. ``-inf`` logits (padded
+    vocabulary, banned tokens) contribute 0 where the probability is 0.
 
     Args:
         student_logits: ``[B, T, V]`` student logits (any float dtype; detached here).

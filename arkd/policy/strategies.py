@@ -492,6 +492,7 @@ class LearnedPolicy(AlphaStrategy):
             "reward": mean_reward,
             "reward_baseline": float(self._baseline),
             "advantage_std": float(adv.std(unbiased=False)) if adv.numel() > 1 else 0.0,
+            "policy_updated": 0.0,
         }
         if self.ppo_clip is None:
             stats.update(self._reinforce_step(pending.inputs, pending.actions, adv))

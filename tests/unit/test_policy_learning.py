@@ -198,7 +198,7 @@ def _load_toy():
 
 def test_toy_distillation_learned_beats_the_worse_of_fkl_and_rkl():
     toy = _load_toy()
-    cfg = toy.ToyConfig(steps=100)
+    cfg = toy.ToyConfig(steps=80)
     for seed in (0, 1, 2):
         built = toy.strategies(cfg, seed)
         fkl = toy.run(built["FKL only (alpha=1)"](), cfg, seed).final_d
