@@ -1,0 +1,179 @@
+"""Every shipped config composes through Hydra's compose API and its objects instantiate, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from arkd.cli.train import available_configs, check_overrides
+from arkd.config_paths import config_dir
+from arkd.pipeline import ConfigError, build_model, held_out_splits, run
+
+CONFIG_DIR = config_dir()
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "config").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def local_gpt2(tmp_path_factory) -> Path:
+    """A tiny GPT-2 and its tokenizer saved like a Hub checkpoint (stands in for gpt2 / gpt2-xl offline)."""
+    from arkd.models import build_tiny_model, build_tiny_tokenizer, save_pretrained
+
+    out = tmp_path_factory.mktemp("local_gpt2")
+    tokenizer = build_tiny_tokenizer(vocab_size=300, corpus_size=200)
+    save_pretrained(build_tiny_model(len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=64), tokenizer, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dolly_like(tmp_path_factory) -> dict[str, Path]:
+    """Three small JSONL files in the MiniLLM schema standing in for the Dolly pool, validation and test sets."""
+    from arkd.data import generate_synthetic, write_jsonl
+
+    out = tmp_path_factory.mktemp("dolly_like")
+    rows = generate_synthetic(30, seed=11)
+    return {
+        "train": write_jsonl(rows[:20], out / "train.jsonl"),
+        "validation": write_jsonl(rows[20:25], out / "valid.jsonl"),
+        "test": write_jsonl(rows[25:], out / "test.jsonl"),
+    }
+
+
+def test_experiment_list_is_complete():
+    expected = {"tiny", "gpt2_120m", "gpt2_340m", "gpt2_760m", "gpt2_xl_sft", "gpt2_120m_sft"}
+    assert expected <= set(EXPERIMENTS)
+    assert available_configs() == EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_opens_with_its_description(name):
+    lines = (CONFIG_DIR / "config" / f"{name}.yaml").read_text().splitlines()
+    header = [line for line in lines[:20] if line.startswith("#") and "@package" not in line]
+    text = " ".join(header).lower()
+    assert len(header) >= 5, f"{name}.yaml must open with a comment describing the experiment"
+    assert f"config={name}" in text, "the launch command"
+    assert "expected" in text and "hardware" in text.replace("sized for", "hardware")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(name, local_gpt2, dolly_like):
+    overrides = [f"config={name}", "output_dir=unused"]
+    cfg = _compose(*overrides)
+    if cfg.data.splits._target_ != "arkd.data.synthetic.synthetic_splits":  # Dolly: offline stand-ins
+        overrides += [
+            f"data.splits.train.source={dolly_like['train']}",
+            "data.splits.train.format=auto",
+            f"data.splits.validation.source={dolly_like['validation']}",
+            f"data.splits.test.source={dolly_like['test']}",
+        ]
+    if cfg.tokenizer._target_ == "arkd.models.load_tokenizer":
+        overrides += [f"tokenizer.name_or_path={local_gpt2}", f"model.name_or_path={local_gpt2}"]
+        if cfg.teacher is not None:
+            overrides.append(f"teacher.name_or_path={local_gpt2}")
+    if name == "tiny":
+        overrides += ["data.splits.n_train=50"]
+    cfg = _compose(*overrides)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+    tokenizer = instantiate(cfg.tokenizer)
+    splits = instantiate(cfg.data.splits)
+    assert splits["train"] and splits["validation"] and splits["test"]
+    student = build_model(cfg.model, tokenizer)
+    assert student(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] >= len(tokenizer)
+    if cfg.teacher is not None:
+        assert build_model(cfg.teacher, tokenizer) is not None
+    if cfg.loss is not None:
+        loss = instantiate(cfg.loss)
+        assert loss.reduction == "sum"
+        if getattr(loss, "takes_alpha", False):
+            strategy = instantiate(cfg.policy)
+            assert strategy.granularity in ("batch", "sequence", "token")
+            assert callable(instantiate(cfg.reward.fn))
+    else:
+        assert cfg.trainer.ce_weight > 0 and cfg.teacher is None  # SFT
+    optimizer = instantiate(cfg.optimizer)(params=student.parameters())
+    assert isinstance(optimizer, torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml")))
+def test_every_loss_option_instantiates(option):
+    cfg = _compose(f"loss={option}")
+    if cfg.loss is None:
+        assert cfg.trainer.ce_weight == 1.0 and cfg.trainer.kd_weight == 0.0
+        return
+    loss = instantiate(cfg.loss)
+    s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    extra = {"alpha": torch.tensor(0.5)} if loss.takes_alpha else {}
+    if getattr(loss, "needs_target_ids", False):
+        extra["target_ids"] = torch.zeros(2, 3, dtype=torch.long)
+    assert torch.isfinite(loss(s, t, mask, **extra))
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIG_DIR / "policy").glob("*.yaml")))
+def test_every_policy_option_selects_alpha(option):
+    from arkd.policy import StepContext
+    from arkd.policy.features import compute_features
+
+    strategy = instantiate(_compose(f"policy={option}").policy)
+    s, t = torch.randn(2, 4, 11), torch.randn(2, 4, 11)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    features = compute_features(s, t, mask, **strategy.feature_options)
+    alpha = strategy.select(StepContext(features=features, progress=0.5, step=3, lookahead=lambda a: -abs(a - 0.75)))
+    assert ((alpha >= 0) & (alpha <= 1)).all()
+
+
+def test_baselines_are_overrides():
+    fkl = _compose("config=gpt2_120m", "policy=constant", "policy.alpha=1.0")
+    assert fkl.policy._target_ == "arkd.policy.ConstantAlpha" and fkl.policy.alpha == 1.0
+    assert _compose("config=gpt2_120m", "policy=akl").policy._target_ == "arkd.policy.AKLHeuristic"
+    assert _compose("config=gpt2_120m", "loss=generalized_jsd").loss._target_ == "arkd.losses.GeneralizedJSDLoss"
+
+
+def test_unknown_config_lists_the_available_ones_in_one_sentence():
+    message = check_overrides(["config=nope"])
+    assert message.startswith("unknown config 'nope'") and "tiny" in message and "gpt2_120m" in message
+    assert "\n" not in message
+
+
+def test_bad_override_is_one_sentence():
+    message = check_overrides(["config=tiny", "trainer.no_such_key=3"])
+    assert message is not None and "no_such_key" in message and "\n" not in message
+    assert check_overrides(["config=tiny", "trainer.max_steps=5"]) is None
+    assert check_overrides(["-m", "config=tiny", "policy=constant,learned"]) is None  # sweeps are left to Hydra
+
+
+def test_missing_teacher_names_the_key():
+    cfg = _compose("config=gpt2_120m", "output_dir=unused")
+    with pytest.raises(ConfigError, match=r"teacher\.name_or_path="):
+        run(cfg)
+    cfg = _compose("config=gpt2_120m", "teacher=none", "output_dir=unused")
+    with pytest.raises(ConfigError, match=r"teacher="):
+        run(cfg)
+
+
+def test_held_out_splits_drop_leaking_training_rows():
+    from arkd.data import generate_synthetic
+
+    rows = generate_synthetic(40, seed=5)
+    splits = held_out_splits(rows, rows[:5], rows[5:8])
+    held = {r.prompt for r in rows[:8]}
+    assert splits["train"] and all(r.prompt not in held for r in splits["train"])
+    assert len(splits["train"]) == sum(r.prompt not in held for r in rows)
+
+
+def test_resolved_config_is_json_serialisable():
+    cfg = _compose("config=tiny", "output_dir=unused")
+    json.dumps(OmegaConf.to_container(cfg, resolve=True))
