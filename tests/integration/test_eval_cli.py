@@ -85,9 +85,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _main(argv: list[str], monkeypatch, tmp_path: Path) -> None:
-    """Run the console entry point ``arkd.cli.eval:main`` in this process (Hydra reads sys.argv)."""
+    """Run the console entry point ``arkd.cli.eval:main`` in this process (Hydra reads sys.argv).
+
+    Hydra's logging set-up is switched off (the ``none`` presets): its ``dictConfig`` would close pytest's own log
+    capture handlers.
+    """
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["arkd-eval", *argv, f"hydra.run.dir={tmp_path / 'hydra'}"])
+    hydra = [f"hydra.run.dir={tmp_path / 'hydra'}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    monkeypatch.setattr(sys, "argv", ["arkd-eval", *argv, *hydra])
     main()
 
 
