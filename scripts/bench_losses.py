@@ -191,14 +191,14 @@ def _plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['device']}\n{r['variant']}\n{r['tokens']}" for r in rows]
+    labels = [f"{r['device']} {r['variant'].replace('_', ' ')}\n{r['tokens']} tokens" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.3), 4))
     axes[0].bar(labels, [r["time_s"] for r in rows], color="tab:blue")
     axes[0].set_ylabel("forward + backward time (s)")
     axes[1].bar(labels, [r["peak_extra_mib"] for r in rows], color="tab:orange")
     axes[1].set_ylabel("peak extra memory (MiB)")
     for ax in axes:
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
     fig.suptitle(f"bidirectional KL, V = {rows[0]['vocab']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -75,11 +75,9 @@ def _chunk_bidirectional(
     if temperature != 1.0:
         s = s / temperature
         t = t / temperature
-    log_q = torch.log_softmax(s, dim=-1)
-    log_p = torch.log_softmax(t, dim=-1)
+    q, log_q = _softmax_and_log_softmax(s)
+    p, log_p = _softmax_and_log_softmax(t)
     del s, t
-    q = log_q.exp()
-    p = log_p.exp()
     d = log_p.sub_(log_q)  # log p - log q; NaN where both are -inf, +-inf where exactly one is
     del log_q, log_p
     # 0 * (+-inf or NaN) = NaN marks an entry without mass on the weighting side: its true term is 0.
@@ -95,7 +93,8 @@ def _chunk_bidirectional(
     grad_teacher = None
     if teacher_grad:
         # d/dz_p: alpha * p * (log p - log q - FKL) + (1 - alpha) * (p - q)
-        grad_teacher = torch.addcmul(f_terms, p, fkl.unsqueeze(-1), value=-1.0).mul_(a).masked_fill_(a == 0, 0.0)
+        grad_teacher = torch.addcmul(f_terms, p, fkl.unsqueeze(-1), value=-1.0).mul_(a)
+        _zero_rows(grad_teacher, alpha == 0)
         grad_teacher.add_(torch.sub(p, q).mul_(1.0 - a))
         if temperature != 1.0:
             grad_teacher.div_(temperature)
@@ -104,11 +103,30 @@ def _chunk_bidirectional(
     grad_student = None
     if student_grad:
         # d/dz_q: alpha * (q - p) + (1 - alpha) * q * (log q - log p - RKL); r_terms = q * (log q - log p)
-        grad_student = r_terms.addcmul_(q, rkl.unsqueeze(-1), value=-1.0).mul_(1.0 - a).masked_fill_(a == 1, 0.0)
+        grad_student = r_terms.addcmul_(q, rkl.unsqueeze(-1), value=-1.0).mul_(1.0 - a)
+        _zero_rows(grad_student, alpha == 1)
         grad_student.add_(q.sub_(p).mul_(a))
         if temperature != 1.0:
             grad_student.div_(temperature)
     return loss, fkl, rkl, grad_student, grad_teacher
+
+
+def _softmax_and_log_softmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(x), log_softmax(x))`` over the last dimension with a single ``exp`` pass (``x`` is not modified).
+
+    ``-inf`` entries give probability 0 and log-probability ``-inf``; a row that is entirely ``-inf`` gives NaN (such a
+    token has no distribution; uncounted tokens are never computed).
+    """
+    shifted = x - x.amax(dim=-1, keepdim=True)
+    prob = shifted.exp()
+    total = prob.sum(dim=-1, keepdim=True)
+    return prob.div_(total), shifted.sub_(total.log_())
+
+
+def _zero_rows(values: torch.Tensor, rows: torch.Tensor) -> None:
+    """Set ``values[rows] = 0`` in place (``rows``: bool ``[C]``); free when no row is selected."""
+    if bool(rows.any()):
+        values[rows] = 0.0
 
 
 def _weighted(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
