@@ -206,3 +206,26 @@ def test_toy_distillation_learned_beats_the_worse_of_fkl_and_rkl():
         learned = toy.run(built["learned, batch"](), cfg, seed)
         assert learned.final_d < max(fkl, rkl), (seed, learned.final_d, fkl, rkl)
         assert math.isfinite(learned.final_d) and len(learned.alphas) == cfg.steps
+
+
+@pytest.mark.gpu
+def test_features_and_strategies_on_cuda():
+    """Features stay on the logits' device, the policy on the CPU, and alpha comes back on the logits' device."""
+    from arkd.policy import AKLHeuristic, ConstantAlpha, EntropyGated, ToDiHeuristic
+
+    g = torch.Generator().manual_seed(0)
+    s, t = 2 * torch.randn(3, 5, 11, generator=g), 2 * torch.randn(3, 5, 11, generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    cpu = compute_features(s, t, mask)
+    gpu = compute_features(s.cuda().bfloat16(), t.cuda().bfloat16(), mask.cuda())
+    ref = compute_features(s.bfloat16().float(), t.bfloat16().float(), mask)
+    assert gpu.fkl.device.type == "cuda"
+    torch.testing.assert_close(gpu.batch().cpu(), ref.batch(), rtol=1e-4, atol=1e-5)
+    assert cpu.fkl_mean > 0
+    for strategy in (ConstantAlpha(alpha=0.5), AKLHeuristic(), ToDiHeuristic(), EntropyGated()):
+        assert strategy.select(StepContext(features=gpu)).device.type == "cuda"
+    for granularity in ("batch", "sequence", "token"):
+        pol = LearnedPolicy(granularity=granularity)
+        alpha = pol.select(StepContext(features=gpu))
+        assert alpha.device.type == "cuda"
+        pol.update(-((alpha - 0.3) ** 2))
