@@ -121,7 +121,12 @@ def _entropy(log_a: torch.Tensor) -> torch.Tensor:
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, accurate on both sides of ``-log 2``."""
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate on both sides of ``-log 2``.
+
+    ``x`` is capped just below 0 so that a probability that rounds to exactly 1 gives a finite value (about -87 in
+    float32) and a finite gradient instead of ``log 0``.
+    """
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
@@ -480,7 +485,7 @@ def diversity_aware_rkl(
     binary = _kl_entries(lq_y, lp_y) + _kl_entries(l1q, l1p)
     # Non-target distributions: the target column is removed (-inf on both sides contributes 0).
     is_target = torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, y, True)
-    has_rest = torch.isfinite(l1q)
+    has_rest = lq_y < -torch.finfo(lq_y.dtype).tiny  # q_y rounds to 1: no non-target mass to renormalise
     zero = torch.zeros((), dtype=log_q.dtype, device=log_q.device)
     neg_inf = torch.full((), _NEG_INF, dtype=log_q.dtype, device=log_q.device)
     log_q_hat = torch.where(is_target, neg_inf, log_q - torch.where(has_rest, l1q, zero).unsqueeze(-1))

@@ -235,6 +235,20 @@ def test_diversity_aware_rkl_with_gamma_one_minus_qy_is_rkl():
     torch.testing.assert_close(got, L.reverse_kl(s, t, reduction="none"), rtol=1e-10, atol=1e-12)
 
 
+def test_diversity_aware_rkl_with_a_certain_student_stays_finite():
+    # q_y rounds to exactly 1 in float32 (log q_y == 0): no log(0) in values or gradients
+    s = torch.zeros(2, 17)
+    s[:, 3] = 100.0
+    s.requires_grad_(True)
+    t = torch.randn(2, 17, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([3, 4])
+    assert torch.log_softmax(s, -1)[0, 3].item() == 0.0
+    values = L.diversity_aware_rkl(s, t, target_ids=y, reduction="none")
+    assert torch.isfinite(values).all()
+    assert torch.isfinite(torch.autograd.grad(values.sum(), s)[0]).all()
+    torch.testing.assert_close(values[0], L.reverse_kl(s, t, reduction="none")[0], rtol=1e-5, atol=1e-5)
+
+
 def test_diversity_aware_rkl_ignores_negative_targets_and_rejects_large_ids():
     s, t = _logits(SMALL, seed=13)
     y = torch.randint(0, SMALL[-1], SMALL[:-1], generator=torch.Generator().manual_seed(4))
