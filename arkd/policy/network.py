@@ -73,7 +73,7 @@ class PolicyNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> Beta:
         """The distribution of alpha for every row of ``x`` ``[..., in_features]`` (batch shape ``[...]``)."""
         a, b = self.concentrations(x)
-        return Beta(a, b)
+        return Beta(a, b, validate_args=False)  # a, b > 1 by construction; also allows 0 rows
 
 
 def _softplus_inverse(y: float) -> float:

@@ -514,8 +514,8 @@ class LearnedPolicy(AlphaStrategy):
 
     def _reinforce_step(self, x: torch.Tensor, actions: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
         dist = self.network(x)
-        entropy = dist.entropy().mean()
-        loss = -(adv * dist.log_prob(actions)).mean() - self.entropy_coef * entropy
+        n = max(actions.numel(), 1)  # a process without counted entries still joins the gradient average, with 0
+        loss = -(adv * dist.log_prob(actions)).sum() / n - self.entropy_coef * dist.entropy().sum() / n
         self._step(loss)
         return {"policy_loss": float(loss.detach()), "policy_updated": 1.0}
 
@@ -523,13 +523,14 @@ class LearnedPolicy(AlphaStrategy):
         x, actions, old_log_probs, adv = (torch.cat(parts) for parts in zip(*self._buffer))
         self._buffer.clear()
         eps = self.ppo_clip
+        n = max(actions.numel(), 1)
         for _ in range(self.ppo_epochs):
             dist = self.network(x)
             ratio = torch.exp(dist.log_prob(actions) - old_log_probs)
             surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
-            loss = -surrogate.mean() - self.entropy_coef * dist.entropy().mean()
+            loss = -surrogate.sum() / n - self.entropy_coef * dist.entropy().sum() / n
             self._step(loss)
-        clipped = ((ratio - 1).abs() > eps).float().mean()
+        clipped = ((ratio.detach() - 1).abs() > eps).float().sum() / n
         return {"policy_loss": float(loss.detach()), "policy_updated": 1.0, "ppo_clip_fraction": float(clipped)}
 
     # ------------------------------------------------------------------ inspect

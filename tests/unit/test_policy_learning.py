@@ -107,6 +107,19 @@ def test_uncounted_positions_are_neither_acted_on_nor_credited():
         reward = torch.zeros(alpha.shape)
         reward[1] = math.nan  # ignored: nothing was counted there
         pol.update(reward)
+    # a batch without any counted token: nothing to learn, and nothing breaks
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    empty = StepContext(features=compute_features(s, t, torch.zeros(2, 3, dtype=torch.bool)))
+    for granularity in ("sequence", "token"):
+        pol = LearnedPolicy(granularity=granularity, seed=0)
+        before = [p.clone() for p in pol.network.parameters()]
+        alpha = pol.select(empty)
+        assert torch.all(alpha == 0.5)
+        pol.update(torch.zeros(alpha.shape))
+        for p0, p1 in zip(before, pol.network.parameters()):
+            assert torch.isfinite(p1).all()
+            torch.testing.assert_close(p0, p1)
 
 
 def test_deterministic_plays_the_mean_and_records_nothing():
