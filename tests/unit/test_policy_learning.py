@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
 import math
 import sys
 from pathlib import Path
@@ -140,7 +141,10 @@ def test_state_dict_round_trip_continues_identically(ppo_clip):
         alpha = a.select(make_ctx(seed=step, progress=step / 10))
         a.update(-((alpha - 0.3) ** 2))
     b = LearnedPolicy(granularity="sequence", seed=99, ppo_clip=ppo_clip, buffer_size=3, ppo_epochs=2)
-    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)  # a checkpoint holds plain tensors and numbers: loadable with weights_only
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=True))
     for step in range(4, 7):
         ctx_a, ctx_b = make_ctx(seed=step), make_ctx(seed=step)
         alpha_a, alpha_b = a.select(ctx_a), b.select(ctx_b)
