@@ -309,6 +309,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     _check(cfg)
     _quiet_libraries()
+    if cfg.trainer.get("num_threads"):
+        torch.set_num_threads(int(cfg.trainer.num_threads))
     accelerator = make_accelerator(cfg)
     run_dir = _run_dir(cfg, accelerator)
     if accelerator.is_main_process:

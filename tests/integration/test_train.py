@@ -1,0 +1,193 @@
+"""arkd-train end to end: the tiny job through the real entry point, crash-and-resume equality, two gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from arkd.checkpoint import latest_checkpoint, load_weights, read_state
+from arkd.config_paths import config_dir
+from arkd.metrics import read_metrics
+
+BIN = Path(sys.executable).parent
+WORKER = Path(__file__).with_name("_train_worker.py")
+
+# A tiny job small enough for CI: a few SFT and KD steps, short generations, small splits.
+SMALL = [
+    "data.splits.n_train=256",
+    "data.splits.n_validation=8",
+    "data.splits.n_test=8",
+    "data.batch_size=8",
+    "init_sft.teacher.max_steps=4",
+    "init_sft.teacher.batch_size=8",
+    "init_sft.student.max_steps=2",
+    "init_sft.student.batch_size=8",
+    "trainer.max_steps=6",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=3",
+    "trainer.save_interval=3",
+    "reward.interval=2",
+    "eval.validation.max_new_tokens=6",
+    "eval.final.max_new_tokens=6",
+    "eval.final.subset=8",
+]
+REQUIRED_KEYS = {"step", "loss", "fkl", "rkl", "alpha_mean", "alpha_std", "reward", "policy_entropy", "lr"}
+REQUIRED_KEYS |= {"tokens_per_sec"}
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, ARKD_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def test_tiny_job_end_to_end_through_arkd_train(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "arkd-train"), "config=tiny", f"hydra.run.dir={run_dir}", *SMALL]
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "arkd-train: done" in proc.stdout
+    assert "distil" in proc.stderr  # the progress bar
+
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md", "alpha_trajectory.png"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "final" / "tokenizer.json").is_file()
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_0000006"
+    assert len(list((tmp_path / "cache").glob("teacher-sft-*"))) == 1
+    assert len(list((tmp_path / "cache").glob("student-sft-*"))) == 1
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r.get("split") != "validation"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(REQUIRED_KEYS <= set(r) for r in train)
+    assert [r["reward"] is not None for r in train] == [False, True, False, True, False, True]
+    assert all(0 <= r["alpha_mean"] <= 1 and r["fkl"] >= 0 and r["rkl"] >= 0 for r in train)
+    validation = [r for r in rows if r.get("split") == "validation"]
+    assert [r["step"] for r in validation] == [3, 6] and all("val_rougeL" in r and "val_loss" in r for r in validation)
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["results"]) == {"teacher", "student_before", "student_after"}
+    assert report["test_rows"] == 8
+    for result in report["results"].values():
+        assert 0 <= result["rougeL"]["mean"] <= 100
+    assert "student before distillation" in (run_dir / "report.md").read_text()
+
+    # Again with resume=auto: the SFT'd models come from the cache and the finished run has nothing left to do.
+    again = cmd + ["trainer.resume=auto"]
+    proc = subprocess.run(again, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing the SFT'd teacher" in proc.stdout and "resuming from" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") != "validation"] == list(
+        range(1, 7)
+    )
+
+
+def test_unknown_config_is_one_sentence(tmp_path):
+    proc = subprocess.run(
+        [str(BIN / "arkd-train"), "config=nope"], env=_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown config 'nope'" in lines[0] and "tiny" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def _compose(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch):
+    from arkd.pipeline import run
+    from arkd.trainer import Trainer
+
+    common = [
+        "config=tiny",
+        f"cache_dir={tmp_path / 'cache'}",
+        "init_sft.teacher=null",
+        "init_sft.student=null",
+        "data.splits.n_train=128",
+        "data.splits.n_validation=4",
+        "data.batch_size=8",
+        "trainer.max_steps=6",
+        "trainer.save_interval=2",
+        "trainer.eval_interval=0",
+        "trainer.keep_last=0",
+        "trainer.log_interval=1",
+        "trainer.progress=false",
+        "reward.interval=1",
+        "eval.validation.max_new_tokens=2",
+        "eval.final.enabled=false",
+    ]
+    straight = run(_compose(*common, f"output_dir={tmp_path / 'a'}"))
+    assert straight["steps"] == 6
+
+    original = Trainer.train_step
+
+    def crash_at_step_5(self):
+        if self.state.step == 4:  # checkpoint step_0000004 is on disk; the process dies during step 5
+            raise _Crash("killed")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
+    with pytest.raises(_Crash):
+        run(_compose(*common, f"output_dir={tmp_path / 'b'}"))
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_0000004"
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = run(_compose(*common, f"output_dir={tmp_path / 'b'}", "trainer.resume=auto"))
+    assert resumed["steps"] == 6
+
+    a = load_weights(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_weights(tmp_path / "b" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    policy_a = read_state(tmp_path / "a" / "checkpoints" / "step_0000006")["strategy"]
+    policy_b = read_state(tmp_path / "b" / "checkpoints" / "step_0000006")["strategy"]
+    for name, value in policy_a["network"].items():
+        torch.testing.assert_close(value, policy_b["network"][name], rtol=0, atol=1e-6, msg=name)
+    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if r.get("split") != "validation"]  # noqa: E731
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun is not installed")
+def test_two_gloo_processes_keep_identical_weights(tmp_path):
+    run_dir, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    env = _env(tmp_path)
+    env["ARKD_TEST_DUMP"] = str(dump)
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        "--master_port=0",
+        str(WORKER),
+        "config=tiny",
+        f"hydra.run.dir={run_dir}",
+        "trainer.cpu=true",
+        *SMALL,
+        "reward.interval=1",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["steps"] == rank1["steps"] == 6
+    for part in ("student", "policy"):
+        for name, value in rank0[part].items():
+            assert torch.equal(value, rank1[part][name]), f"{part}.{name} differs between ranks"
+    # Rank 0 alone wrote the run directory; the report covers the three models.
+    assert (run_dir / "report.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+    assert not any(p.name.startswith("rank1") for p in run_dir.iterdir())
