@@ -12,12 +12,13 @@ memory of
 and prints each fast path as a ratio of its reference measured in the same invocation. ``--scaling`` adds the fused-
 linear variant at 1/4, 1/2 and 1x the tokens to show that its peak extra memory does not grow with tokens x V.
 
-Method. CPU: each variant runs in a fresh subprocess (so allocations of one cannot be reused by the next). Time is the
-median wall-clock of ``--repeats`` forward + backward passes (after ``--warmup`` untimed ones; the CPU path has no
-compilation or caching allocator to warm up, so the default is none). Peak extra memory is the process's
-peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) during those passes minus its resident
-size just before them, with the inputs already allocated; it includes the gradient returned to the student logits
-(or hidden states and weight), which every variant must produce. PyTorch's CPU allocator hands large blocks straight
+Method. Memory: each variant runs one forward + backward in a fresh subprocess (so allocations of one cannot be
+reused by the next); peak extra memory is the process's peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs``) during that pass minus its resident size just before it, with the inputs already allocated.
+It includes the gradient returned to the student logits (or hidden states and weight), which every variant must
+produce. Time: one subprocess per fast path builds the inputs once and alternates passes of the reference and the fast
+path (``--warmup`` untimed rounds, then ``--repeats`` timed ones), so both see the same load on a shared machine; the
+speed-up is the median of the per-round ratios. PyTorch's CPU allocator hands large blocks straight
 back to the OS, so the resident size tracks live tensors. CUDA (bf16): ``torch.cuda.max_memory_allocated`` minus the
 allocated memory before the passes, and CUDA-synchronised wall-clock time.
 
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-CPU_VARIANTS = ("naive", "fast", "naive_linear", "fused_linear")
+VARIANTS = ("naive", "fast", "naive_linear", "fused_linear")
 REFERENCE = {"fast": "naive", "fused_linear": "naive_linear"}
 
 
@@ -65,121 +66,132 @@ def _naive_loss(student_logits, teacher_logits, alpha, temperature):
     return (alpha * fkl + (1.0 - alpha) * rkl).mean()
 
 
-def _build(variant: str, tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: str, chunk_size: int):
-    """Inputs and a closure computing the loss; returns (closure, tensors whose .grad to clear)."""
+def _build(variants, tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: str, chunk_size: int):
+    """Shared inputs and one closure per variant; returns ({variant: closure}, tensors whose .grad to clear)."""
     from arkd.losses import bidirectional_kl, fused_linear_bidirectional_kl
 
     g = torch.Generator(device=device).manual_seed(0)
     teacher = (torch.randn(tokens, vocab, generator=g, device=device, dtype=torch.float32) * 2).to(dtype)
     alpha = torch.rand(tokens, generator=g, device=device)
-    if variant in ("naive", "fast"):
+    if set(variants) <= {"naive", "fast"}:
         student = (torch.randn(tokens, vocab, generator=g, device=device, dtype=torch.float32) * 2).to(dtype)
         student.requires_grad_(True)
-        if variant == "naive":
-            return (lambda: _naive_loss(student, teacher, alpha, 1.0)), [student]
-        return (lambda: bidirectional_kl(student, teacher, alpha=alpha, chunk_size=chunk_size)), [student]
+        closures = {
+            "naive": lambda: _naive_loss(student, teacher, alpha, 1.0),
+            "fast": lambda: bidirectional_kl(student, teacher, alpha=alpha, chunk_size=chunk_size),
+        }
+        return {v: closures[v] for v in variants}, [student]
     h = (torch.randn(tokens, hidden, generator=g, device=device, dtype=torch.float32)).to(dtype).requires_grad_(True)
     w = (torch.randn(vocab, hidden, generator=g, device=device, dtype=torch.float32) / hidden**0.5).to(dtype)
     w.requires_grad_(True)
-    if variant == "naive_linear":
-        return (lambda: _naive_loss(h @ w.T, teacher, alpha, 1.0)), [h, w]
-    return (lambda: fused_linear_bidirectional_kl(h, w, teacher, alpha=alpha, chunk_size=chunk_size)), [h, w]
+    closures = {
+        "naive_linear": lambda: _naive_loss(h @ w.T, teacher, alpha, 1.0),
+        "fused_linear": lambda: fused_linear_bidirectional_kl(h, w, teacher, alpha=alpha, chunk_size=chunk_size),
+    }
+    return {v: closures[v] for v in variants}, [h, w]
 
 
-def run_variant(
-    variant: str,
-    tokens: int,
-    vocab: int,
-    hidden: int,
-    repeats: int,
-    warmup: int,
-    dtype: str,
-    device: str,
-    chunk_size: int,
-) -> dict:
-    """Measure one variant in this process; returns times (s) and peak extra memory (MiB)."""
-    torch.manual_seed(0)
-    closure, leaves = _build(variant, tokens, vocab, hidden, getattr(torch, dtype), device, chunk_size)
+def _pass(closure, leaves, cuda: bool) -> tuple[float, float]:
+    """One forward + backward; returns (seconds, loss)."""
+    for leaf in leaves:
+        leaf.grad = None
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss = closure()
+    loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, float(loss.detach())
+
+
+def measure_memory(variant: str, tokens: int, vocab: int, hidden: int, dtype: str, device: str, chunk_size: int):
+    """Peak extra memory (MiB) of one forward + backward of ``variant``, in this (fresh) process."""
+    closures, leaves = _build((variant,), tokens, vocab, hidden, getattr(torch, dtype), device, chunk_size)
     cuda = device.startswith("cuda")
     if cuda:
+        _pass(closures[variant], leaves, cuda)  # first-call set-up is not what we measure
+        for leaf in leaves:
+            leaf.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         _reset_peak_rss()
         base = _status_kib("VmRSS") * 1024
-    times, loss_value = [], None
-    if cuda:
-        warmup = max(warmup, 1)  # kernels' first-call set-up is not what we measure
-    for i in range(warmup + repeats):
-        for leaf in leaves:
-            leaf.grad = None
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = closure()
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        loss_value = float(loss.detach())
-        del loss
+    _, loss = _pass(closures[variant], leaves, cuda)
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    return {"variant": variant, "tokens": tokens, "peak_extra_mib": (peak - base) / 2**20, "loss": loss}
+
+
+def measure_time(
+    variant: str, tokens: int, vocab: int, hidden: int, repeats: int, warmup: int, dtype: str, device: str, chunk_size
+):
+    """Alternate passes of ``variant`` and its reference on the same inputs (so both see the same machine load)."""
+    reference = REFERENCE[variant]
+    closures, leaves = _build((reference, variant), tokens, vocab, hidden, getattr(torch, dtype), device, chunk_size)
+    cuda = device.startswith("cuda")
+    warmup = max(warmup, 1) if cuda else warmup
+    times = {reference: [], variant: []}
+    losses = {}
+    for i in range(warmup + repeats):
+        for name in (reference, variant):
+            seconds, losses[name] = _pass(closures[name], leaves, cuda)
+            if i >= warmup:
+                times[name].append(seconds)
+    ratios = [r / f for r, f in zip(times[reference], times[variant])]
     return {
         "variant": variant,
+        "reference": reference,
         "tokens": tokens,
-        "vocab": vocab,
-        "dtype": dtype,
-        "device": device,
-        "time_s": statistics.median(times),
-        "peak_extra_mib": (peak - base) / 2**20,
-        "loss": loss_value,
+        "time_s": statistics.median(times[variant]),
+        "reference_time_s": statistics.median(times[reference]),
+        "speedup": statistics.median(ratios),
+        "loss": losses[variant],
+        "reference_loss": losses[reference],
     }
 
 
-def _spawn(args: argparse.Namespace, variant: str, tokens: int, dtype: str, device: str) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        variant,
-        "--tokens",
-        str(tokens),
-        "--vocab",
-        str(args.vocab),
-        "--hidden",
-        str(args.hidden),
-        "--repeats",
-        str(args.repeats),
-        "--warmup",
-        str(args.warmup),
-        "--chunk-size",
-        str(args.chunk_size),
-        "--dtype",
-        dtype,
-        "--device",
-        device,
-    ]
+def _spawn(args: argparse.Namespace, mode: str, variant: str, tokens: int, dtype: str, device: str) -> dict:
+    command = [sys.executable, __file__, "--worker", mode, "--variant", variant, "--tokens", str(tokens)]
+    command += ["--vocab", str(args.vocab), "--hidden", str(args.hidden), "--repeats", str(args.repeats)]
+    command += ["--warmup", str(args.warmup), "--chunk-size", str(args.chunk_size), "--dtype", dtype]
+    command += ["--device", device]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _rows(memory: list[dict], timing: list[dict], device: str, dtype: str, vocab: int) -> list[dict]:
+    """One row per (variant, tokens): time (from the paired runs), memory, ratios."""
+    mem = {(m["variant"], m["tokens"]): m for m in memory}
+    rows = []
+    for m in memory:
+        row = {"device": device, "dtype": dtype, "vocab": vocab, **m, "time_s": None, "speedup": None}
+        row["memory_ratio"] = None
+        for t in timing:
+            if t["tokens"] == m["tokens"] and m["variant"] in (t["variant"], t["reference"]):
+                row["time_s"] = t["time_s"] if m["variant"] == t["variant"] else t["reference_time_s"]
+                row["speedup"] = t["speedup"] if m["variant"] == t["variant"] else None
+        ref = mem.get((REFERENCE.get(m["variant"], ""), m["tokens"]))
+        if ref is not None:
+            row["memory_ratio"] = m["peak_extra_mib"] / ref["peak_extra_mib"]
+        rows.append(row)
+    return rows
+
+
 def _table(rows: list[dict]) -> str:
-    by_key = {(r["variant"], r["tokens"], r["device"]): r for r in rows}
     lines = [
         "| device, dtype | variant | tokens x V | fwd+bwd time (s) | peak extra memory (MiB) "
-        "| time vs ref | memory vs ref |",
+        "| speed vs reference | memory vs reference |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ref = by_key.get((REFERENCE.get(r["variant"], ""), r["tokens"], r["device"]))
-        speed = f"{ref['time_s'] / r['time_s']:.2f}x faster" if ref else "reference"
-        memory = f"{r['peak_extra_mib'] / ref['peak_extra_mib']:.2f}x" if ref else "reference"
-        if not ref and r["variant"] in REFERENCE:
-            speed = memory = "-"
+        is_ref = r["variant"] not in REFERENCE
+        time_s = "-" if r["time_s"] is None else f"{r['time_s']:.2f}"
+        speed = "reference" if is_ref else ("-" if r["speedup"] is None else f"{r['speedup']:.2f}x faster")
+        memory = "reference" if is_ref else ("-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x")
         lines.append(
-            f"| {r['device']}, {r['dtype']} | {r['variant']} | {r['tokens']} x {r['vocab']} | {r['time_s']:.3f} | "
+            f"| {r['device']}, {r['dtype']} | {r['variant']} | {r['tokens']} x {r['vocab']} | {time_s} | "
             f"{r['peak_extra_mib']:.0f} | {speed} | {memory} |"
         )
     return "\n".join(lines)
@@ -193,7 +205,7 @@ def _plot(rows: list[dict], path: str) -> None:
 
     labels = [f"{r['device']} {r['variant'].replace('_', ' ')}\n{r['tokens']} tokens" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.3), 4))
-    axes[0].bar(labels, [r["time_s"] for r in rows], color="tab:blue")
+    axes[0].bar(labels, [r["time_s"] or 0.0 for r in rows], color="tab:blue")
     axes[0].set_ylabel("forward + backward time (s)")
     axes[1].bar(labels, [r["peak_extra_mib"] for r in rows], color="tab:orange")
     axes[1].set_ylabel("peak extra memory (MiB)")
@@ -209,15 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the fused-linear variants")
-    parser.add_argument("--repeats", type=int, default=2, help="timed forward + backward passes per variant")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward + backward passes per variant")
     parser.add_argument("--warmup", type=int, default=0, help="untimed passes before them (CUDA: at least 1)")
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the library's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", default=None, help="worker only")
-    parser.add_argument("--scaling", action="store_true", help="fused-linear at 1/4, 1/2, 1x tokens (CPU)")
+    parser.add_argument("--scaling", action="store_true", help="fused-linear memory at 1/4 and 1/2 of the tokens")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("memory", "time"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.chunk_size is None:
         from arkd.losses.fused import DEFAULT_CHUNK_SIZE
@@ -225,43 +238,43 @@ def main(argv: list[str] | None = None) -> None:
         args.chunk_size = DEFAULT_CHUNK_SIZE
 
     if args.worker:
-        device = args.device if args.device != "auto" else "cpu"
-        result = run_variant(
-            args.worker,
-            args.tokens,
-            args.vocab,
-            args.hidden,
-            args.repeats,
-            args.warmup,
-            args.dtype,
-            device,
-            args.chunk_size,
-        )
+        device = "cpu" if args.device == "auto" else args.device
+        shape = (args.tokens, args.vocab, args.hidden)
+        if args.worker == "memory":
+            result = measure_memory(args.variant, *shape, args.dtype, device, args.chunk_size)
+        else:
+            result = measure_time(args.variant, *shape, args.repeats, args.warmup, args.dtype, device, args.chunk_size)
         print(json.dumps(result))
         return
 
     from tqdm import tqdm
 
-    jobs = []
+    devices = []
     if args.device in ("auto", "cpu"):
-        jobs += [(v, args.tokens, "float32", "cpu") for v in CPU_VARIANTS]
-        if args.scaling:
-            jobs += [("fused_linear", args.tokens // k, "float32", "cpu") for k in (4, 2)]
+        devices.append(("cpu", "float32"))
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        jobs += [(v, args.tokens, "bfloat16", "cuda") for v in CPU_VARIANTS]
+        devices.append(("cuda", "bfloat16"))
+    jobs = []
+    for device, dtype in devices:
+        jobs += [("memory", v, args.tokens, dtype, device) for v in VARIANTS]
+        if args.scaling:
+            jobs += [("memory", "fused_linear", args.tokens // k, dtype, device) for k in (4, 2)]
+        jobs += [("time", v, args.tokens, dtype, device) for v in REFERENCE]
+    results = {d: {"memory": [], "time": []} for d, _ in devices}
+    for mode, variant, tokens, dtype, device in tqdm(jobs, desc="benchmark runs", unit="run"):
+        results[device][mode].append(_spawn(args, mode, variant, tokens, dtype, device))
     rows = []
-    for variant, tokens, dtype, device in tqdm(jobs, desc="variants", unit="run"):
-        rows.append(_spawn(args, variant, tokens, dtype, device))
+    for device, dtype in devices:
+        rows += _rows(results[device]["memory"], results[device]["time"], device, dtype, args.vocab)
     settings = f"chunk_size={args.chunk_size}, hidden={args.hidden}, repeats={args.repeats}, warmup={args.warmup}"
     print(f"\n{settings}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
     print(_table(rows))
-    for row in rows:
-        ref = next((r for r in rows if r["variant"] == REFERENCE.get(row["variant"]) and r["tokens"] == row["tokens"]
-                    and r["device"] == row["device"]), None)  # fmt: skip
-        if ref is not None and abs(ref["loss"] - row["loss"]) > 1e-3 * max(1.0, abs(ref["loss"])):
-            print(f"WARNING: {row['variant']} loss {row['loss']} differs from {ref['variant']} {ref['loss']}")
+    for device, _ in devices:
+        for t in results[device]["time"]:
+            if abs(t["loss"] - t["reference_loss"]) > 1e-3 * max(1.0, abs(t["reference_loss"])):
+                print(f"WARNING ({device}): {t['variant']} loss {t['loss']} != reference {t['reference_loss']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "raw": results}, indent=2))
     if args.plot:
         _plot(rows, args.plot)
 
