@@ -11,6 +11,7 @@ import math
 import multiprocessing as mp
 import os
 import string
+import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import metadata
@@ -96,8 +97,10 @@ def rouge_l_per_row(
     n_chunks = min(len(rows), n_workers * 8)
     size = math.ceil(len(rows) / n_chunks)
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
-    # "spawn" keeps the workers free of the parent's threads (torch, tokenizers); each imports only rouge_score.
-    with mp.get_context("spawn").Pool(n_workers) as pool:
+    # Linux: fork (no re-import of the caller's main module, so scripts without a __main__ guard work; the workers
+    # only run rouge_score). Elsewhere: spawn, the platform's safe default.
+    context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with context.Pool(n_workers) as pool:
         scored = list(_progress(pool.imap(_rouge_chunk, chunks), progress, "Rouge-L", total=len(chunks)))
     return [score for chunk in scored for score in chunk]
 
