@@ -66,7 +66,7 @@ def _naive_loss(student_logits, teacher_logits, alpha, temperature):
     return (alpha * fkl + (1.0 - alpha) * rkl).mean()
 
 
-def _build(variants, tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: str, chunk_size: int):
+def _build(variants, tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: str, chunk_size: int | None):
     """Shared inputs and one closure per variant; returns ({variant: closure}, tensors whose .grad to clear)."""
     from arkd.losses import bidirectional_kl, fused_linear_bidirectional_kl
 
@@ -105,7 +105,7 @@ def _pass(closure, leaves, cuda: bool) -> tuple[float, float]:
     return time.perf_counter() - start, float(loss.detach())
 
 
-def measure_memory(variant: str, tokens: int, vocab: int, hidden: int, dtype: str, device: str, chunk_size: int):
+def measure_memory(variant: str, tokens: int, vocab: int, hidden: int, dtype: str, device: str, chunk_size: int | None):
     """Peak extra memory (MiB) of one forward + backward of ``variant``, in this (fresh) process."""
     closures, leaves = _build((variant,), tokens, vocab, hidden, getattr(torch, dtype), device, chunk_size)
     cuda = device.startswith("cuda")
@@ -155,8 +155,9 @@ def measure_time(
 def _spawn(args: argparse.Namespace, mode: str, variant: str, tokens: int, dtype: str, device: str) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--variant", variant, "--tokens", str(tokens)]
     command += ["--vocab", str(args.vocab), "--hidden", str(args.hidden), "--repeats", str(args.repeats)]
-    command += ["--warmup", str(args.warmup), "--chunk-size", str(args.chunk_size), "--dtype", dtype]
-    command += ["--device", device]
+    command += ["--warmup", str(args.warmup), "--dtype", dtype, "--device", device]
+    if args.chunk_size is not None:
+        command += ["--chunk-size", str(args.chunk_size)]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -232,10 +233,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.chunk_size is None:
-        from arkd.losses.fused import DEFAULT_CHUNK_SIZE
-
-        args.chunk_size = DEFAULT_CHUNK_SIZE
 
     if args.worker:
         device = "cpu" if args.device == "auto" else args.device
@@ -266,7 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for device, dtype in devices:
         rows += _rows(results[device]["memory"], results[device]["time"], device, dtype, args.vocab)
-    settings = f"chunk_size={args.chunk_size}, hidden={args.hidden}, repeats={args.repeats}, warmup={args.warmup}"
+    from arkd.losses.fused import default_chunk_size
+
+    chunks = ", ".join(f"{d}: {args.chunk_size or default_chunk_size(args.vocab, d)}" for d, _ in devices)
+    settings = f"chunk_size ({chunks}), hidden={args.hidden}, repeats={args.repeats}, warmup={args.warmup}"
     print(f"\n{settings}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
     print(_table(rows))
     for device, _ in devices:

@@ -34,7 +34,7 @@ from ._base import (
     masked_reduce,
     truncate_to_common_vocab,
 )
-from .fused import DEFAULT_CHUNK_SIZE, bidirectional_kl_fast
+from .fused import bidirectional_kl_fast
 
 __all__ = [
     "adaptive_kl",
@@ -178,7 +178,7 @@ def bidirectional_kl(
     temperature: float = 1.0,
     reduction: str = "mean",
     alpha: float | torch.Tensor = 0.5,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     return_components: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""ARKD's bidirectional KL ``alpha * KL(p || q) + (1 - alpha) * KL(q || p)`` through the fast chunked path.
@@ -198,7 +198,8 @@ def bidirectional_kl(
         reduction: ``"none"`` | ``"sum"`` | ``"mean"``.
         alpha: FKL weight in [0, 1]: a float, or a tensor whose dimensions align with the leading token dimensions
             (``[]``, per sequence ``[B]`` or ``[B, 1]``, per token ``[B, T]``). A constant: no gradient flows into it.
-        chunk_size: tokens per chunk (peak extra memory: a few ``[chunk_size, V]`` float32 buffers).
+        chunk_size: tokens per chunk (peak extra memory: a few ``[chunk_size, V]`` float32 buffers); None picks
+            :func:`arkd.losses.fused.default_chunk_size` (16 MiB buffers on CPU, 128 MiB on CUDA).
         return_components: also return FKL and RKL (detached, reduced the same way) for logging.
 
     Returns:

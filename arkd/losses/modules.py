@@ -19,7 +19,7 @@ from torch import nn
 
 from . import functional
 from ._base import check_reduction, check_temperature, check_unit_interval
-from .fused import DEFAULT_CHUNK_SIZE, fused_linear_bidirectional_kl
+from .fused import fused_linear_bidirectional_kl
 
 __all__ = [
     "AdaptiveKLLoss",
@@ -106,7 +106,7 @@ class BidirectionalKLLoss(DivergenceLoss):
     Args:
         alpha: default FKL weight in [0, 1]; ``forward(..., alpha=...)`` overrides it per call (a float or a tensor
             ``[]``, ``[B]``, ``[B, 1]`` or ``[B, T]``).
-        chunk_size: tokens per chunk of the fast path.
+        chunk_size: tokens per chunk of the fast path (None: the library's default for V and the device).
     """
 
     function = staticmethod(functional.bidirectional_kl)
@@ -118,12 +118,12 @@ class BidirectionalKLLoss(DivergenceLoss):
         *,
         temperature: float = 1.0,
         reduction: str = "mean",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__(temperature=temperature, reduction=reduction)
         check_unit_interval("alpha", alpha)
         self.alpha = float(alpha)
-        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = None if chunk_size is None else _check_positive_int("chunk_size", chunk_size)
 
     def hyper(self) -> dict[str, object]:
         return {"alpha": self.alpha, "chunk_size": self.chunk_size}
@@ -378,7 +378,7 @@ class FusedLinearBidirectionalKLLoss(nn.Module):
         *,
         temperature: float = 1.0,
         reduction: str = "mean",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         check_unit_interval("alpha", alpha)
@@ -387,7 +387,7 @@ class FusedLinearBidirectionalKLLoss(nn.Module):
         if reduction == "none":
             raise ValueError('FusedLinearBidirectionalKLLoss supports reduction "sum" or "mean", not "none"')
         self.alpha, self.temperature, self.reduction = float(alpha), float(temperature), reduction
-        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = None if chunk_size is None else _check_positive_int("chunk_size", chunk_size)
 
     def forward(
         self,

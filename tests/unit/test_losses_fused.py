@@ -221,6 +221,14 @@ def test_half_precision_inputs(dtype):
     torch.testing.assert_close(gs.float(), g_ref.float(), rtol=2e-2, atol=2e-3)
 
 
+def test_default_chunk_size():
+    assert fused.default_chunk_size(50257, "cpu") == 2**22 // 50257 == 83
+    assert fused.default_chunk_size(151936, "cuda") == 2**25 // 151936
+    assert fused.default_chunk_size(10**9, "cpu") == 1
+    s, t = _logits((2, 3, 5))
+    torch.testing.assert_close(L.bidirectional_kl(s, t, chunk_size=None), L.bidirectional_kl(s, t, chunk_size=1))
+
+
 def test_alpha_and_chunk_size_validation():
     s, t = _logits((2, 3, 5))
     with pytest.raises(ValueError, match="alpha"):
