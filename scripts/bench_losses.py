@@ -204,11 +204,14 @@ def _plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['device']} {r['variant'].replace('_', ' ')}\n{r['tokens']} tokens" for r in rows]
+    def label(r: dict) -> str:
+        return f"{r['device']} {r['variant'].replace('_', ' ')}\n{r['tokens']} tokens"
+
+    timed = [r for r in rows if r["time_s"] is not None]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.3), 4))
-    axes[0].bar(labels, [r["time_s"] or 0.0 for r in rows], color="tab:blue")
+    axes[0].bar([label(r) for r in timed], [r["time_s"] for r in timed], color="tab:blue")
     axes[0].set_ylabel("forward + backward time (s)")
-    axes[1].bar(labels, [r["peak_extra_mib"] for r in rows], color="tab:orange")
+    axes[1].bar([label(r) for r in rows], [r["peak_extra_mib"] for r in rows], color="tab:orange")
     axes[1].set_ylabel("peak extra memory (MiB)")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7, labelrotation=30)
