@@ -160,28 +160,64 @@ def _row_chunks(mask: torch.Tensor | None, n: int, chunk_size: int):
         yield index, index
 
 
-class BidirectionalKLFunction(torch.autograd.Function):
-    """Chunked bidirectional KL over ``[N, V]`` logits with a precomputed analytic gradient.
+def _unravel(index: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """Flat row indices → a tuple of per-dimension indices for ``shape`` (``torch.unravel_index`` for torch < 2.2)."""
+    coords = []
+    for size in reversed(shape):
+        coords.append(index % size)
+        index = index // size
+    return tuple(reversed(coords))
 
-    ``apply(student [N, V], teacher [N, V], alpha [N], mask [N] | None, temperature, chunk_size, inplace_backward)``
-    returns ``(loss [N], fkl [N], rkl [N])``; ``fkl`` and ``rkl`` are not differentiable. Uncounted rows give 0.
+
+class _Rows:
+    """Row access to ``[..., V]`` logits as if they were ``[N, V]``, without copying non-viewable layouts.
+
+    ``logits[:, :-1]`` (the next-token shift) cannot be flattened to ``[N, V]`` without a full copy; rows are then
+    gathered chunk by chunk through their multi-dimensional indices instead.
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.token_shape = x.shape[:-1]
+        try:
+            self.flat = x.view(-1, x.shape[-1])
+        except RuntimeError:
+            self.flat = None
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        if self.flat is not None:
+            return self.flat[rows]
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=self.x.device)
+        return self.x[_unravel(rows, self.token_shape)]
+
+
+class BidirectionalKLFunction(torch.autograd.Function):
+    """Chunked bidirectional KL over ``[..., V]`` logits with a precomputed analytic gradient.
+
+    ``apply(student [..., V], teacher [..., V], alpha [N], mask [N] | None, temperature, chunk_size, inplace_backward)``
+    (``N`` the number of tokens, ``alpha`` and ``mask`` flattened) returns ``(loss [N], fkl [N], rkl [N])``; ``fkl``
+    and ``rkl`` are not differentiable. Uncounted rows give 0. Non-contiguous logits (``logits[:, :-1]``) are read
+    chunk by chunk, never copied whole.
     With ``inplace_backward`` (the default of :func:`arkd.losses.bidirectional_kl`) the saved gradient buffer is
     scaled in place, so backward can run once; pass False to keep it (e.g. for ``torch.autograd.gradcheck``).
     """
 
     @staticmethod
     def forward(ctx, student, teacher, alpha, mask, temperature, chunk_size, inplace_backward):
-        n, _ = student.shape
+        v = student.shape[-1]
+        n = student.shape[:-1].numel()
         dtype = compute_dtype(student.dtype)
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         new_buffer = torch.empty if mask is None else torch.zeros  # uncounted rows keep a zero gradient
-        grad_s = new_buffer(student.shape, dtype=student.dtype, device=student.device) if need_s else None
-        grad_t = new_buffer(teacher.shape, dtype=teacher.dtype, device=teacher.device) if need_t else None
+        grad_s = new_buffer((n, v), dtype=student.dtype, device=student.device) if need_s else None
+        grad_t = new_buffer((n, v), dtype=teacher.dtype, device=teacher.device) if need_t else None
+        student_rows, teacher_rows = _Rows(student), _Rows(teacher)
         loss = torch.zeros(n, dtype=dtype, device=student.device)
         fkl = torch.zeros(n, dtype=dtype, device=student.device)
         rkl = torch.zeros(n, dtype=dtype, device=student.device)
         for rows, index in _row_chunks(mask, n, chunk_size):
-            out = _chunk_bidirectional(student[rows], teacher[rows], alpha[rows], temperature, need_s, need_t)
+            out = _chunk_bidirectional(student_rows[rows], teacher_rows[rows], alpha[rows], temperature, need_s, need_t)
             for target, value in zip((loss, fkl, rkl, grad_s, grad_t), out):
                 if target is None:
                     continue
@@ -190,7 +226,10 @@ class BidirectionalKLFunction(torch.autograd.Function):
                 else:
                     target.index_copy_(0, index, value.to(target.dtype))
         ctx.mark_non_differentiable(fkl, rkl)
-        ctx.save_for_backward(grad_s, grad_t)
+        ctx.save_for_backward(
+            None if grad_s is None else grad_s.view(student.shape),
+            None if grad_t is None else grad_t.view(teacher.shape),
+        )
         ctx.inplace_backward = inplace_backward
         ctx.used = False
         return loss, fkl, rkl
@@ -210,7 +249,7 @@ class BidirectionalKLFunction(torch.autograd.Function):
             if grad is None:
                 outputs.append(None)
                 continue
-            scale = grad_loss.to(grad.dtype).unsqueeze(-1)
+            scale = grad_loss.to(grad.dtype).reshape(grad.shape[:-1]).unsqueeze(-1)
             outputs.append(grad.mul_(scale) if ctx.inplace_backward else grad * scale)
         return outputs[0], outputs[1], None, None, None, None, None
 
@@ -234,8 +273,8 @@ def bidirectional_kl_fast(
     alpha_t = broadcast_token_weight("alpha", alpha, token_shape, student_logits.device).reshape(-1)
     flat_mask = None if mask is None else mask.reshape(-1)
     loss, fkl, rkl = BidirectionalKLFunction.apply(
-        student_logits.reshape(-1, v),
-        teacher_logits.reshape(-1, v),
+        student_logits,
+        teacher_logits,
         alpha_t,
         flat_mask,
         float(temperature),

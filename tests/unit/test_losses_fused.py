@@ -82,6 +82,28 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
     torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(ref, s)[0])
 
 
+@pytest.mark.parametrize("layout", ["shifted", "transposed"])
+def test_non_contiguous_logits(layout):
+    # the trainer passes logits[:, :-1]: read chunk by chunk, never flattened by a full copy
+    s_full, t_full = _logits((3, 48, 123), seed=30)
+    if layout == "shifted":
+        s, t = s_full[:, :-1], t_full[:, :-1]
+    else:
+        s, t = s_full[:, :47].transpose(0, 1), t_full[:, :47].transpose(0, 1)
+    assert not s.is_contiguous()
+    mask = torch.rand(s.shape[:-1], generator=torch.Generator().manual_seed(31)) < 0.6
+    alpha = torch.rand(s.shape[:-1], generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    for m in (None, mask):
+        got = L.bidirectional_kl(s, t, m, alpha=alpha, reduction="none", chunk_size=10)
+        ref = naive_bidirectional(s, t, m, alpha, 1.0, "none")
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(33), dtype=torch.float64)
+        g_got = torch.autograd.grad(got, (s_full, t_full), upstream)
+        g_ref = torch.autograd.grad(ref, (s_full, t_full), upstream)
+        torch.testing.assert_close(g_got[0], g_ref[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g_got[1], g_ref[1], rtol=1e-9, atol=1e-12)
+
+
 def test_gradcheck_bidirectional_function_float64():
     g = torch.Generator().manual_seed(6)
     s = torch.randn(6, 7, dtype=torch.float64, generator=g, requires_grad=True)
