@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,12 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch):
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun is not installed")
 def test_two_gloo_processes_keep_identical_weights(tmp_path):
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
@@ -173,7 +180,8 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
     cmd = [
         str(BIN / "torchrun"),
         "--nproc_per_node=2",
-        "--master_port=0",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",  # torchrun's port 0 leaves the workers waiting for a rendezvous
         str(WORKER),
         "config=tiny",
         f"hydra.run.dir={run_dir}",
@@ -181,7 +189,7 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
         *SMALL,
         "reward.interval=1",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["steps"] == rank1["steps"] == 6
