@@ -358,9 +358,10 @@ class Trainer:
         acc = self.accelerator
         self.student.eval()
         sums = torch.zeros(4, device=acc.device)  # ce, fkl, rkl, tokens
+        # Processes may hold different numbers of validation batches: plain forwards, no DDP collectives.
         for batch in self.validation_batches[acc.process_index :: acc.num_processes]:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            s_logits, t_logits = self._forward(batch)
+            s_logits, t_logits = self._forward(batch, student=acc.unwrap_model(self.student))
             s, m, targets = next_token_view(s_logits, batch)
             sums[0] += F.cross_entropy(s[m].float(), targets[m], reduction="sum")
             if t_logits is not None:
@@ -385,7 +386,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
     # The step
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(
+        self, batch: dict[str, torch.Tensor], student: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Student logits (with grad when enabled) and teacher logits (always no_grad), both ``[B, T, V]``."""
         teacher_logits = None
         if self.teacher is not None:
@@ -393,7 +396,8 @@ class Trainer:
                 teacher_logits = self.teacher(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).logits
-        student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student = student if student is not None else self.student
+        student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return student_logits, teacher_logits
 
     def _kd(
@@ -496,10 +500,14 @@ class Trainer:
             "grad_norm": grad_norm.item() if grad_norm is not None else None,
         }
         if not finite:
+            fp16_overflow = acc.scaler is not None and math.isfinite(loss_value)
+            if fp16_overflow:  # the gradient scaler's business: it skips this step and lowers its scale
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.skipped_steps += 1
             self.state.skipped_in_a_row += 1
-            if cfg.on_nonfinite == "stop" or self.state.skipped_in_a_row > cfg.max_skipped:
+            stop = cfg.on_nonfinite == "stop" and not fp16_overflow
+            if stop or self.state.skipped_in_a_row > cfg.max_skipped:
                 raise NonFiniteLossError(
                     f"non-finite loss at step {self.state.step + 1}: loss={row['loss']}, fkl={row['fkl']}, "
                     f"rkl={row['rkl']}, alpha_mean={row['alpha_mean']}, grad_norm={row['grad_norm']} "
@@ -534,7 +542,8 @@ class Trainer:
             granularity = strategy.granularity
             d_before = self.reward_fn(s_before, t, m, temperature=cfg.temperature, granularity=granularity)
             with torch.no_grad():
-                s_after = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                model = acc.unwrap_model(self.student)  # no DDP hooks: a plain forward on this process's batch
+                s_after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             d_after = self.reward_fn(s_after[:, :-1], t, m, temperature=cfg.temperature, granularity=granularity)
             reward = (d_before - d_after).detach()
             strategy.update(reward)
