@@ -244,7 +244,7 @@ def test_half_precision_inputs(dtype):
 
 
 def test_default_chunk_size():
-    assert fused.default_chunk_size(50257, "cpu") == 2**22 // 50257 == 83
+    assert fused.default_chunk_size(50257, "cpu") == 2**24 // 50257 == 333
     assert fused.default_chunk_size(151936, "cuda") == 2**25 // 151936
     assert fused.default_chunk_size(10**9, "cpu") == 1
     s, t = _logits((2, 3, 5))
