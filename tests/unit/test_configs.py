@@ -177,3 +177,23 @@ def test_held_out_splits_drop_leaking_training_rows():
 def test_resolved_config_is_json_serialisable():
     cfg = _compose("config=tiny", "output_dir=unused")
     json.dumps(OmegaConf.to_container(cfg, resolve=True))
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_launch_files_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision == "bf16" and config.num_processes >= 1
+    expected = {
+        "single_gpu": "NO",
+        "multi_gpu_ddp": "MULTI_GPU",
+        "multi_node": "MULTI_GPU",
+        "fsdp": "FSDP",
+        "deepspeed_zero2": "DEEPSPEED",
+        "deepspeed_zero3": "DEEPSPEED",
+    }
+    assert str(config.distributed_type).endswith(expected[path.stem])
+    if path.stem.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
+    assert f"--config_file configs/accelerate/{path.name}" in path.read_text()  # the launch command is documented
