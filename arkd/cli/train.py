@@ -96,10 +96,13 @@ def _task(cfg) -> None:
 
     if cfg.output_dir is None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
+    from hydra.errors import InstantiationException
+
     try:
         summary = run(cfg)
-    except (ConfigError, NonFiniteLossError, FileNotFoundError, OSError) as err:
-        print(f"arkd-train: {err}", file=sys.stderr)
+    except (ConfigError, NonFiniteLossError, FileNotFoundError, OSError, InstantiationException) as err:
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"arkd-train: {message}", file=sys.stderr)
         sys.exit(1)
     if _rank() == 0:
         print(f"arkd-train: done; run directory {summary['run_dir']}")
