@@ -127,7 +127,8 @@ def test_every_policy_option_selects_alpha(option):
     from arkd.policy import StepContext
     from arkd.policy.features import compute_features
 
-    strategy = instantiate(_compose(f"policy={option}").policy)
+    instantiate(_compose("config=tiny", f"policy={option}").policy)  # a baseline is an override of an experiment
+    strategy = instantiate(_compose("config=gpt2_120m", f"policy={option}").policy)
     s, t = torch.randn(2, 4, 11), torch.randn(2, 4, 11)
     mask = torch.ones(2, 4, dtype=torch.bool)
     features = compute_features(s, t, mask, **strategy.feature_options)
