@@ -183,8 +183,12 @@ def sft_cached(
     """
     from arkd.models import load_model
 
+    # The SFT's data order: its own `seed` option, else the model's init seed, else the run's seed. It enters the key,
+    # so two runs share a cached model only when they would train the same one (the matrix pins `teacher.seed`).
+    sft_seed = int(options.get("seed", node.get("seed", cfg.seed)))
     key = _config_hash(
         role,
+        sft_seed,
         _container(node),
         _container(options),
         _container(cfg.data),
@@ -213,7 +217,7 @@ def sft_cached(
             student=model,
             teacher=None,
             tokenizer=tokenizer,
-            batches=make_loader(train_dataset, collate, int(options.batch_size), int(cfg.seed), accelerator),
+            batches=make_loader(train_dataset, collate, int(options.batch_size), sft_seed, accelerator),
             strategy=None,
             loss=None,
             optimizer=optimizer,
