@@ -1,0 +1,639 @@
+"""Compare alpha strategies over seeds: run directories of an ``arkd-train -m`` matrix -> table, paired differences,
+heatmap and the learned policy's alpha trajectory.
+
+A matrix is one Hydra multirun, e.g.::
+
+    arkd-train -m config=tiny seed=0,1,2 policy=fkl,rkl,constant,linear,cosine,akl,todi,entropy_gated,greedy,learned
+
+Each run directory holds ``report.json`` (written by the final evaluation: teacher, student before and student after
+on the test split), ``config.yaml``, ``metrics.jsonl`` and Hydra's ``.hydra/hydra.yaml``. Optionally it also holds
+``results.json`` files of ``arkd-eval`` runs (anywhere below it, e.g. ``RUN/eval/results.json``): their datasets and
+metrics (BERTScore included) join the run's records.
+
+Everything goes through *tidy records*, one per (run, model, dataset, metric)::
+
+    {"run": "/path/to/run", "strategy": "learned", "seed": 0, "model": "student_after",
+     "dataset": "synthetic", "metric": "rougeL", "value": 23.4}
+
+``value`` is the run's score: the mean over the evaluation's decoding seeds (one seed for greedy decoding). The spread
+over training seeds is what the table reports; the paired differences pair the runs of two strategies that share a
+training seed (same data order, same initial student, same teacher), with Student-t intervals from
+:func:`arkd.evaluation.stats.paired_difference`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from arkd.evaluation.stats import mean_std, paired_difference
+
+__all__ = [
+    "MODELS",
+    "compare",
+    "comparison_markdown",
+    "find_run_dirs",
+    "load_run_records",
+    "paired_differences",
+    "plot_alpha_runs",
+    "strategy_label",
+    "summary_table",
+]
+
+# The three models a training run's report.json scores; strategies are compared on the student after distillation.
+MODELS = ("student_after", "student_before", "teacher")
+_METRIC_ORDER = ("rougeL", "bertscore_f1", "exact_match", "bertscore_precision", "bertscore_recall")
+_METRIC_TITLES = {
+    "rougeL": "Rouge-L",
+    "exact_match": "Exact match",
+    "bertscore_f1": "BERTScore F1",
+    "bertscore_precision": "BERTScore P",
+    "bertscore_recall": "BERTScore R",
+}
+# Class names of arkd.policy -> the names of their configs/policy presets.
+_POLICY_NAMES = {
+    "LearnedPolicy": "learned",
+    "LinearSchedule": "linear",
+    "CosineSchedule": "cosine",
+    "AKLHeuristic": "akl",
+    "ToDiHeuristic": "todi",
+    "EntropyGated": "entropy_gated",
+    "GreedySearch": "greedy",
+}
+# Losses that weigh FKL and RKL by a strategy's alpha (the others ignore the policy group).
+_ALPHA_LOSSES = {"arkd.losses.BidirectionalKLLoss", "arkd.losses.modules.BidirectionalKLLoss"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading run directories
+
+
+def find_run_dirs(roots: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """The run directories below ``roots``: complete ones (with ``report.json``) and incomplete ones.
+
+    A run directory is one holding ``config.yaml`` (written by ``arkd-train`` at the start of a run). Directories inside
+    a run (checkpoints, ``best/``, ``final/``) are not searched.
+
+    Returns:
+        ``(complete, incomplete)``, each sorted; incomplete runs have a ``config.yaml`` but no ``report.json`` yet
+        (still running, crashed, or run with ``eval.final.enabled=false``).
+
+    Raises:
+        FileNotFoundError: a root does not exist.
+    """
+    complete: list[Path] = []
+    incomplete: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such directory; expected a run directory or a folder of runs.")
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            if (folder / "config.yaml").is_file():
+                (complete if (folder / "report.json").is_file() else incomplete).append(folder)
+                continue
+            stack.extend(
+                sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+            )
+    return sorted(set(complete)), sorted(set(incomplete))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}).") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a {type(data).__name__}; expected a JSON object.")
+    return data
+
+
+def _hydra_choices(run_dir: Path) -> dict[str, Any]:
+    """Hydra's config-group choices of a run (``.hydra/hydra.yaml`` runtime.choices), or {} when absent."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())}).") from err
+    choices = data.get("hydra", {}).get("runtime", {}).get("choices", {})
+    return dict(choices) if isinstance(choices, dict) else {}
+
+
+def _short(value: float) -> str:
+    return f"{float(value):g}"
+
+
+def strategy_label(config: dict[str, Any], choices: dict[str, Any] | None = None) -> str:
+    """The name of a run's alpha strategy, from its resolved config (and Hydra's group choices when known).
+
+    A constant alpha is named by its value whatever preset chose it: 1 -> ``fkl``, 0 -> ``rkl``, 0.5 ->
+    ``constant``, any other value ``constant_<alpha>``. Other strategies take their ``policy`` preset's name (or,
+    without Hydra's record, the name of their class's preset). A loss that does not weigh FKL and RKL by alpha
+    (``loss=generalized_jsd``, ...) names the run instead: ``loss=<name>``.
+
+    Args:
+        config: the run's resolved config (``report.json["config"]`` or ``config.yaml``).
+        choices: Hydra's ``runtime.choices`` of the run (may be empty).
+
+    Raises:
+        ValueError: the config has no ``policy`` node with a ``_target_``.
+    """
+    choices = choices or {}
+    loss = config.get("loss") or {}
+    loss_target = str(loss.get("_target_", "")) if isinstance(loss, dict) else ""
+    if loss_target and loss_target not in _ALPHA_LOSSES:
+        name = choices.get("loss") or loss_target.rsplit(".", 1)[-1]
+        return f"loss={name}"
+    policy = config.get("policy")
+    if not isinstance(policy, dict) or "_target_" not in policy:
+        raise ValueError("the run's config has no 'policy' node with a '_target_'; expected an arkd-train config.")
+    cls = str(policy["_target_"]).rsplit(".", 1)[-1]
+    if cls == "ConstantAlpha":
+        alpha = float(policy.get("alpha", 0.5))
+        return {1.0: "fkl", 0.0: "rkl", 0.5: "constant"}.get(alpha, f"constant_{_short(alpha)}")
+    choice = choices.get("policy")
+    return str(choice) if choice else _POLICY_NAMES.get(cls, cls)
+
+
+def _dataset_name(config: dict[str, Any], choices: dict[str, Any]) -> str:
+    if choices.get("data"):
+        return str(choices["data"])
+    target = str(config.get("data", {}).get("splits", {}).get("_target_", "test"))
+    name = target.rsplit(".", 1)[-1]
+    return name.removesuffix("_splits") or "test"
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}: {value!r} is not a finite number; expected a score on the 0-100 scale.")
+    return float(value)
+
+
+def _run_records(run_dir: Path) -> list[dict[str, Any]]:
+    report_path = run_dir / "report.json"
+    report = _read_json(report_path)
+    config = report.get("config")
+    if not isinstance(config, dict):
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+    choices = _hydra_choices(run_dir)
+    if "seed" not in config:
+        raise ValueError(f"{run_dir / 'config.yaml'}: missing key 'seed'; expected an arkd-train config.")
+    seed = int(config["seed"])
+    strategy = strategy_label(config, choices)
+    base = {"run": str(run_dir), "strategy": strategy, "seed": seed}
+    records: list[dict[str, Any]] = []
+    results = report.get("results")
+    if not isinstance(results, dict) or "student_after" not in results:
+        raise ValueError(f"{report_path}: missing key 'results.student_after'; expected an arkd-train report.")
+    dataset = _dataset_name(config, choices)
+    for model in MODELS:
+        for metric, summary in (results.get(model) or {}).items():
+            if isinstance(summary, dict) and "mean" in summary:
+                where = f"{report_path} results.{model}.{metric}.mean"
+                records.append(
+                    {
+                        **base,
+                        "model": model,
+                        "dataset": dataset,
+                        "metric": metric,
+                        "value": _number(summary["mean"], where),
+                    }
+                )
+    # arkd-eval results of this run's student (any results.json below the run directory).
+    for path in sorted(run_dir.rglob("results.json")):
+        if "checkpoints" in path.relative_to(run_dir).parts:
+            continue
+        from arkd.evaluation.reports import validate_results
+
+        results_json = _read_json(path)
+        validate_results(results_json, str(path))
+        for name, entry in results_json["datasets"].items():
+            for metric in _METRIC_ORDER:
+                if metric in entry:
+                    where = f"{path} datasets.{name}.{metric}.mean"
+                    records.append(
+                        {
+                            **base,
+                            "model": "student_after",
+                            "dataset": name,
+                            "metric": metric,
+                            "value": _number(entry[metric]["mean"], where),
+                            "source": str(path),
+                        }
+                    )
+    return records
+
+
+def load_run_records(roots: Iterable[str | os.PathLike]) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Tidy records of every complete run below ``roots`` (see the module docstring), and the incomplete runs.
+
+    Raises:
+        FileNotFoundError: a root does not exist.
+        ValueError: no complete run; a malformed ``report.json`` / ``results.json`` (names the file and key); or two
+            runs with the same strategy, seed, model, dataset and metric (names both directories).
+    """
+    roots = list(roots)
+    complete, incomplete = find_run_dirs(roots)
+    if not complete:
+        where = ", ".join(str(r) for r in roots)
+        raise ValueError(f"no run directory with a report.json below {where}; expected arkd-train run directories.")
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple, str] = {}
+    for run_dir in complete:
+        for record in _run_records(run_dir):
+            key = (record["strategy"], record["seed"], record["model"], record["dataset"], record["metric"])
+            if record["model"] == "student_after" and key in seen and seen[key] != record["run"]:
+                raise ValueError(
+                    f"two runs have strategy {key[0]!r} and seed {key[1]} ({seen[key]} and {record['run']}); "
+                    "expected one run per strategy and seed: aggregate them separately."
+                )
+            seen[key] = record["run"]
+            records.append(record)
+    return records, incomplete
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Table and paired differences
+
+
+def _ordered(values: Iterable[Any], order: Sequence[Any] = ()) -> list[Any]:
+    seen: list[Any] = []
+    for value in values:
+        if value not in seen:
+            seen.append(value)
+    first = [v for v in order if v in seen]
+    return first + [v for v in seen if v not in first]
+
+
+def summary_table(
+    records: Sequence[dict[str, Any]], metric: str = "rougeL", *, model: str = "student_after"
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Mean and sample std over seeds of ``metric`` per strategy and dataset.
+
+    Args:
+        records: tidy records (:func:`load_run_records`).
+        metric: ``rougeL``, ``exact_match``, ``bertscore_f1``, ...
+        model: which model's scores (``student_after`` compares the strategies; ``teacher`` and ``student_before``
+            give the reference points, one value per seed).
+
+    Returns:
+        ``{strategy: {dataset: {"mean", "std", "n", "seeds", "values"}}}`` with ``values`` in the order of ``seeds``
+        (ascending) and ``std`` 0.0 for a single seed. Strategies and datasets keep the records' order.
+    """
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for record in records:
+        if record["metric"] != metric or record["model"] != model:
+            continue
+        cell = table.setdefault(record["strategy"], {}).setdefault(record["dataset"], {})
+        cell.setdefault("by_seed", {})[record["seed"]] = record["value"]
+    for row in table.values():
+        for cell in row.values():
+            by_seed = cell.pop("by_seed")
+            seeds = sorted(by_seed)
+            values = [by_seed[s] for s in seeds]
+            mean, std = mean_std(values)
+            cell.update(mean=mean, std=std, n=len(values), seeds=seeds, values=values)
+    return table
+
+
+def paired_differences(
+    records: Sequence[dict[str, Any]],
+    metric: str = "rougeL",
+    *,
+    reference: str = "learned",
+    confidence: float = 0.95,
+) -> list[dict[str, Any]]:
+    """``reference - other`` for every other strategy and dataset, paired over the seeds both ran.
+
+    Returns:
+        One dict per (strategy, dataset): ``strategy``, ``dataset``, ``seeds`` (the shared ones), ``n``, ``mean``,
+        ``std`` (of the per-seed differences), ``low`` / ``high`` (the two-sided Student-t interval; NaN for a single
+        seed), ``confidence`` and ``significant`` (the interval excludes 0). Empty when ``reference`` has no run.
+    """
+    table = summary_table(records, metric)
+    if reference not in table:
+        return []
+    out = []
+    for strategy, row in table.items():
+        if strategy == reference:
+            continue
+        for dataset, cell in row.items():
+            ref_cell = table[reference].get(dataset)
+            if ref_cell is None:
+                continue
+            ref = dict(zip(ref_cell["seeds"], ref_cell["values"]))
+            other = dict(zip(cell["seeds"], cell["values"]))
+            seeds = sorted(set(ref) & set(other))
+            if not seeds:
+                continue
+            diff = paired_difference([ref[s] for s in seeds], [other[s] for s in seeds], confidence=confidence)
+            out.append(
+                {
+                    "strategy": strategy,
+                    "dataset": dataset,
+                    "seeds": seeds,
+                    "n": diff.n,
+                    "mean": diff.mean,
+                    "std": diff.std,
+                    "low": diff.low,
+                    "high": diff.high,
+                    "confidence": diff.confidence,
+                    "significant": diff.significant,
+                }
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _train_alpha(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
+    from arkd.evaluation.plots import read_metrics_jsonl
+
+    steps, means, stds = [], [], []
+    for row in read_metrics_jsonl(run_dir / "metrics.jsonl"):
+        value = row.get("alpha_mean")
+        if row.get("split", "train") != "train" or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        std = row.get("alpha_std")
+        steps.append(float(row["step"]))
+        means.append(float(value))
+        stds.append(float(std) if isinstance(std, int | float) and math.isfinite(std) else 0.0)
+    return steps, means, stds
+
+
+def plot_alpha_runs(
+    runs: Sequence[tuple[str, str | os.PathLike]], path: str | os.PathLike, *, title: str = "alpha over training"
+) -> Path:
+    """Alpha's mean over training of several runs in one figure (one line each, ± its within-batch std as a band).
+
+    For a single run this is :func:`arkd.evaluation.plots.plot_alpha_trajectory` of that run.
+
+    Args:
+        runs: ``(label, run_dir)`` pairs; each run's ``metrics.jsonl`` is read.
+        path: the PNG to write.
+        title: the figure title.
+
+    Raises:
+        ValueError: no run logged a numeric ``alpha_mean``.
+    """
+    from arkd.evaluation.plots import _pyplot, _save, plot_alpha_trajectory, read_metrics_jsonl
+
+    if len(runs) == 1:
+        return plot_alpha_trajectory(read_metrics_jsonl(Path(runs[0][1]) / "metrics.jsonl"), path, title=title)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
+    drawn = 0
+    for label, run_dir in runs:
+        steps, means, stds = _train_alpha(Path(run_dir))
+        if not steps:
+            continue
+        line = ax.plot(steps, means, lw=1.5, label=label)[0]
+        low = [max(0.0, m - s) for m, s in zip(means, stds)]
+        high = [min(1.0, m + s) for m, s in zip(means, stds)]
+        ax.fill_between(steps, low, high, alpha=0.15, color=line.get_color())
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ValueError("no run logged a numeric 'alpha_mean'; expected metrics.jsonl files of training runs.")
+    ax.set_xlabel("step")
+    ax.set_ylabel("alpha (weight of FKL)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8, ncol=2 if drawn > 4 else 1)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _cell(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "–"
+    if cell["n"] == 1:
+        return f"{cell['mean']:.2f}"
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def comparison_markdown(result: dict[str, Any]) -> str:
+    """The comparison as markdown: one table per metric (mean ± std over seeds), reference models, paired differences.
+
+    Args:
+        result: the dict :func:`compare` returns.
+    """
+    reference = result["reference"]
+    level = round(100 * result["confidence"])
+    lines = [
+        "# Comparison of alpha strategies",
+        "",
+        f"{len(result['runs'])} runs; strategies {', '.join(result['strategies'])}; seeds "
+        f"{', '.join(str(s) for s in result['seeds'])}. Scores of the student after distillation on the test split, "
+        "0-100; mean ± sample std over training seeds.",
+    ]
+    if result["incomplete"]:
+        lines += [
+            "",
+            f"Not included ({len(result['incomplete'])} runs without report.json): "
+            + ", ".join(f"`{p}`" for p in result["incomplete"])
+            + ".",
+        ]
+    for metric in result["metrics"]:
+        table = result["tables"][metric]
+        datasets = result["datasets"][metric]
+        title = _METRIC_TITLES.get(metric, metric)
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| strategy | " + " | ".join(datasets) + " | seeds |",
+            "|---|" + "---:|" * len(datasets) + "---:|",
+        ]
+        best = {d: max((row[d]["mean"] for row in table.values() if d in row), default=None) for d in datasets}
+        for strategy, row in table.items():
+            cells = []
+            for d in datasets:
+                text = _cell(row.get(d))
+                cells.append(f"**{text}**" if d in row and row[d]["mean"] == best[d] else text)
+            n = max((c["n"] for c in row.values()), default=0)
+            lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {n} |")
+        for model, name in (("student_before", "student before distillation"), ("teacher", "teacher")):
+            ref_table = result["reference_models"].get(metric, {}).get(model)
+            if ref_table:
+                cells = [_cell(ref_table.get(d)) for d in datasets]
+                n = max((c["n"] for c in ref_table.values()), default=0)
+                lines.append(f"| *{name}* | " + " | ".join(cells) + f" | {n} |")
+        diffs = result["differences"][metric]
+        if diffs:
+            lines += [
+                "",
+                f"Paired difference {reference} − strategy over the same seeds ({level}% Student-t interval; "
+                "* : the interval excludes 0):",
+                "",
+                "| strategy | dataset | n | mean diff | std | interval |",
+                "|---|---|---:|---:|---:|---|",
+            ]
+            for d in diffs:
+                mark = " *" if d["significant"] else ""
+                interval = f"[{_fmt(d['low'])}, {_fmt(d['high'])}]" if d["n"] > 1 else "– (one seed)"
+                lines.append(
+                    f"| {d['strategy']} | {d['dataset']} | {d['n']} | {d['mean']:+.2f}{mark} | {_fmt(d['std'])} | "
+                    f"{interval} |"
+                )
+        elif reference not in table:
+            lines += ["", f"No paired differences: no `{reference}` run."]
+    if result.get("figures"):
+        lines += [""] + [f"![{name}]({Path(p).name})" for name, p in result["figures"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_over_datasets(cell_row: dict[str, dict[str, Any]]) -> float:
+    return sum(c["mean"] for c in cell_row.values()) / len(cell_row)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (the interval of a single seed) as null, so that comparison.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def compare(
+    roots: Iterable[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    *,
+    reference: str = "learned",
+    metrics: Sequence[str] | None = None,
+    confidence: float = 0.95,
+    order: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Aggregate the runs below ``roots``; with ``out``, write the comparison files there.
+
+    Writes ``comparison.md``, ``comparison.json`` (records, tables, differences), ``heatmap.png`` (strategy x dataset
+    of the first metric, mean over seeds; rows sorted by their average) and ``alpha_trajectory.png`` (alpha over
+    training of every ``reference`` run, one line per seed); ``alpha_strategies.png`` shows one run per strategy
+    (the lowest seed) for the strategies that log alpha.
+
+    Args:
+        roots: run directories or folders of them (a multirun's sweep directory).
+        out: the output folder (None: compute only).
+        reference: the strategy the paired differences are taken against.
+        metrics: which metrics (default: those present, Rouge-L and BERTScore F1 first).
+        confidence: the level of the paired intervals.
+        order: strategies to list first, in this order (the others follow in the records' order).
+
+    Returns:
+        ``{"reference", "confidence", "metrics", "strategies", "seeds", "datasets", "tables", "reference_models",
+        "differences", "records", "runs", "incomplete", "figures"}``.
+    """
+    records, incomplete = load_run_records(roots)
+    present = {r["metric"] for r in records if r["model"] == "student_after"}
+    if metrics is None:
+        metrics = [m for m in _METRIC_ORDER if m in present] + sorted(present - set(_METRIC_ORDER))
+    else:
+        missing = [m for m in metrics if m not in present]
+        if missing:
+            raise ValueError(f"no run has metric(s) {', '.join(missing)}; the runs have: {', '.join(sorted(present))}.")
+    strategies = _ordered((r["strategy"] for r in records), order)
+    rank = {s: i for i, s in enumerate(strategies)}
+    tables, datasets, ref_models, differences = {}, {}, {}, {}
+    for metric in metrics:
+        table = summary_table(records, metric)
+        tables[metric] = {s: table[s] for s in sorted(table, key=rank.__getitem__)}
+        datasets[metric] = _ordered(d for row in table.values() for d in row)
+        differences[metric] = sorted(
+            paired_differences(records, metric, reference=reference, confidence=confidence),
+            key=lambda d: (rank[d["strategy"]], d["dataset"]),
+        )
+    # Reference models do not depend on the strategy: average each seed's value over the strategies' runs.
+    for metric in metrics:
+        ref_models[metric] = {}
+        for model in ("student_before", "teacher"):
+            pooled: dict[str, dict[int, list[float]]] = {}
+            for r in records:
+                if r["metric"] == metric and r["model"] == model:
+                    pooled.setdefault(r["dataset"], {}).setdefault(r["seed"], []).append(r["value"])
+            cells = {}
+            for dataset, by_seed in pooled.items():
+                seeds = sorted(by_seed)
+                values = [math.fsum(by_seed[s]) / len(by_seed[s]) for s in seeds]
+                mean, std = mean_std(values)
+                cells[dataset] = {"mean": mean, "std": std, "n": len(values), "seeds": seeds, "values": values}
+            ref_models[metric][model] = cells
+    result: dict[str, Any] = {
+        "reference": reference,
+        "confidence": confidence,
+        "metrics": list(metrics),
+        "strategies": strategies,
+        "seeds": sorted({r["seed"] for r in records}),
+        "datasets": datasets,
+        "tables": tables,
+        "reference_models": ref_models,
+        "differences": differences,
+        "records": records,
+        "runs": sorted({r["run"] for r in records}),
+        "incomplete": [str(p) for p in incomplete],
+        "figures": {},
+    }
+    if out is None:
+        return result
+    from arkd.evaluation.plots import plot_heatmap
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if metrics:
+        metric = metrics[0]
+        table = tables[metric]
+        rows = sorted(table, key=lambda s: -_mean_over_datasets(table[s]))
+        cols = datasets[metric]
+        values = [[table[s][d]["mean"] if d in table[s] else None for d in cols] for s in rows]
+        title = f"{_METRIC_TITLES.get(metric, metric)} (mean over {len(result['seeds'])} seeds)"
+        result["figures"]["heatmap"] = str(plot_heatmap(rows, cols, values, out / "heatmap.png", title=title))
+    by_strategy: dict[str, dict[int, str]] = {}
+    for r in records:
+        by_strategy.setdefault(r["strategy"], {})[r["seed"]] = r["run"]
+    if reference in by_strategy:
+        runs = [(f"seed {s}", by_strategy[reference][s]) for s in sorted(by_strategy[reference])]
+        try:
+            path = plot_alpha_runs(runs, out / "alpha_trajectory.png", title=f"{reference}: alpha over training")
+            result["figures"]["alpha_trajectory"] = str(path)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"compare: no alpha trajectory for {reference} ({err})", file=sys.stderr)
+    first_runs = [(s, by_strategy[s][min(by_strategy[s])]) for s in strategies]
+    first_runs = [(s, run) for s, run in first_runs if (Path(run) / "metrics.jsonl").is_file()]
+    if len(first_runs) > 1:
+        try:
+            seed = min(result["seeds"])
+            path = plot_alpha_runs(
+                first_runs, out / "alpha_strategies.png", title=f"alpha over training per strategy (seed {seed})"
+            )
+            result["figures"]["alpha_strategies"] = str(path)
+        except ValueError as err:
+            print(f"compare: no per-strategy alpha figure ({err})", file=sys.stderr)
+    (out / "comparison.md").write_text(comparison_markdown(result), encoding="utf-8")
+    (out / "comparison.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n", encoding="utf-8")
+    return result

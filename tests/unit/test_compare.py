@@ -1,0 +1,307 @@
+"""arkd.evaluation.compare and scripts/compare_strategies.py on fabricated run directories with known numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arkd.evaluation.compare import (
+    compare,
+    find_run_dirs,
+    load_run_records,
+    paired_differences,
+    strategy_label,
+    summary_table,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+# Student's t quantiles (two-sided 95%), from statistical tables: df=2 and df=1.
+T975_DF2 = 4.302652729911275
+T975_DF1 = 12.706204736174705
+
+POLICIES = {
+    "fkl": {"_target_": "arkd.policy.ConstantAlpha", "alpha": 1.0},
+    "rkl": {"_target_": "arkd.policy.ConstantAlpha", "alpha": 0.0},
+    "akl": {"_target_": "arkd.policy.AKLHeuristic", "mu": 0.5},
+    "learned": {"_target_": "arkd.policy.LearnedPolicy", "granularity": "sequence", "seed": 0},
+}
+# Rouge-L of the student after distillation, per strategy and seed (the known numbers the tests check against).
+ROUGE = {
+    "learned": {0: 30.0, 1: 32.0, 2: 34.0},
+    "fkl": {0: 29.0, 1: 30.0, 2: 34.0},
+    "rkl": {0: 31.0, 1: 35.0, 2: 36.0},
+    "akl": {0: 20.0, 1: 21.0, 2: 25.0},
+}
+TEACHER = 50.0
+BEFORE = {0: 10.0, 1: 12.0, 2: 14.0}
+
+
+def _sample_std(values):
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def make_run(
+    root: Path,
+    name: str,
+    strategy: str,
+    seed: int,
+    rouge: float,
+    *,
+    hydra_choice: bool = True,
+    alpha: list[float] | None = None,
+    loss_target: str = "arkd.losses.BidirectionalKLLoss",
+) -> Path:
+    """A run directory as arkd-train writes it: config.yaml, report.json, .hydra/hydra.yaml, metrics.jsonl."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    policy = dict(POLICIES[strategy])
+    config = {
+        "name": "tiny",
+        "seed": seed,
+        "policy": policy,
+        "loss": {"_target_": loss_target, "reduction": "sum"},
+        "data": {"splits": {"_target_": "arkd.data.synthetic.synthetic_splits", "seed": 0}},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    choice = "constant" if strategy in ("fkl", "rkl") and not hydra_choice else strategy
+    hydra = {"hydra": {"runtime": {"choices": {"policy": choice, "data": "synthetic", "loss": "bidirectional_kl"}}}}
+    if hydra_choice:
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    summary = lambda v: {"mean": v, "std": None, "per_seed": {"10": v}}  # noqa: E731
+    report = {
+        "experiment": "tiny",
+        "test_rows": 200,
+        "results": {
+            "teacher": {"rougeL": summary(TEACHER), "exact_match": summary(20.0)},
+            "student_before": {"rougeL": summary(BEFORE[seed]), "exact_match": summary(1.0)},
+            "student_after": {"rougeL": summary(rouge), "exact_match": summary(rouge / 10)},
+        },
+        "config": config,
+    }
+    (run / "report.json").write_text(json.dumps(report))
+    rows = [{"step": s + 1, "loss": 1.0, "alpha_mean": a, "alpha_std": 0.1} for s, a in enumerate(alpha or [0.5])]
+    rows.append({"step": len(rows), "split": "validation", "val_rougeL": rouge})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return run
+
+
+@pytest.fixture
+def matrix(tmp_path: Path) -> Path:
+    """4 strategies x 3 seeds, numbered like a Hydra multirun (0..11), strategies varying fastest."""
+    root = tmp_path / "sweep"
+    n = 0
+    for seed in (0, 1, 2):
+        for strategy in ("fkl", "rkl", "akl", "learned"):
+            alpha = [0.5, 0.6, 0.7 + 0.05 * seed] if strategy == "learned" else None
+            make_run(root, str(n), strategy, seed, ROUGE[strategy][seed], alpha=alpha)
+            n += 1
+    return root
+
+
+def test_summary_table_mean_and_sample_std_over_seeds(matrix):
+    records, incomplete = load_run_records([matrix])
+    assert incomplete == []
+    assert len([r for r in records if r["model"] == "student_after" and r["metric"] == "rougeL"]) == 12
+    table = summary_table(records, "rougeL")
+    assert list(table) == ["fkl", "rkl", "akl", "learned"]
+    for strategy, by_seed in ROUGE.items():
+        cell = table[strategy]["synthetic"]
+        values = [by_seed[s] for s in (0, 1, 2)]
+        assert cell["seeds"] == [0, 1, 2] and cell["values"] == values and cell["n"] == 3
+        assert cell["mean"] == pytest.approx(sum(values) / 3)
+        assert cell["std"] == pytest.approx(_sample_std(values))
+    # learned: 30, 32, 34 -> mean 32, std 2 (by hand)
+    assert table["learned"]["synthetic"]["mean"] == pytest.approx(32.0)
+    assert table["learned"]["synthetic"]["std"] == pytest.approx(2.0)
+    teacher = summary_table(records, "rougeL", model="teacher")
+    assert next(iter(teacher.values()))["synthetic"]["values"] == [TEACHER] * 3
+
+
+def test_paired_differences_against_hand_computed_t_intervals(matrix):
+    records, _ = load_run_records([matrix])
+    diffs = {d["strategy"]: d for d in paired_differences(records, "rougeL", reference="learned")}
+    assert set(diffs) == {"fkl", "rkl", "akl"}
+    # learned - fkl = [1, 2, 0]: mean 1, std 1, half-width t(0.975, 2) * 1 / sqrt(3)
+    fkl = diffs["fkl"]
+    half = T975_DF2 * 1.0 / math.sqrt(3)
+    assert fkl["n"] == 3 and fkl["seeds"] == [0, 1, 2]
+    assert fkl["mean"] == pytest.approx(1.0) and fkl["std"] == pytest.approx(1.0)
+    assert fkl["low"] == pytest.approx(1.0 - half, abs=1e-9) and fkl["high"] == pytest.approx(1.0 + half, abs=1e-9)
+    assert not fkl["significant"]
+    # learned - rkl = [-1, -3, -2]: mean -2, std 1 -> [-2 - half, -2 + half] = [-4.48, 0.48]: not significant
+    rkl = diffs["rkl"]
+    assert rkl["mean"] == pytest.approx(-2.0) and rkl["low"] == pytest.approx(-2.0 - half, abs=1e-9)
+    assert rkl["high"] == pytest.approx(-2.0 + half, abs=1e-9) and not rkl["significant"]
+    # learned - akl = [10, 11, 9]: mean 10, std 1 -> clearly above 0
+    akl = diffs["akl"]
+    assert akl["mean"] == pytest.approx(10.0) and akl["low"] == pytest.approx(10.0 - half, abs=1e-9)
+    assert akl["significant"]
+    # 90% interval: narrower (t(0.95, 2) = 2.919985580)
+    narrow = {d["strategy"]: d for d in paired_differences(records, "rougeL", confidence=0.9)}["fkl"]
+    assert narrow["high"] == pytest.approx(1.0 + 2.919985580 / math.sqrt(3), abs=1e-8)
+
+
+def test_paired_differences_use_only_shared_seeds(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        make_run(root, f"l{seed}", "learned", seed, ROUGE["learned"][seed])
+    for seed in (0, 2):  # fkl seed 1 is missing
+        make_run(root, f"f{seed}", "fkl", seed, ROUGE["fkl"][seed])
+    make_run(root, "a0", "akl", 0, 20.0)  # a single shared seed: no interval
+    records, _ = load_run_records([root])
+    diffs = {d["strategy"]: d for d in paired_differences(records)}
+    # learned - fkl on seeds 0 and 2: [1, 0] -> mean 0.5, std sqrt(0.5), half = t(0.975, 1) * std / sqrt(2)
+    fkl = diffs["fkl"]
+    assert fkl["seeds"] == [0, 2] and fkl["n"] == 2 and fkl["mean"] == pytest.approx(0.5)
+    assert fkl["std"] == pytest.approx(math.sqrt(0.5))
+    assert fkl["high"] == pytest.approx(0.5 + T975_DF1 * math.sqrt(0.5) / math.sqrt(2), abs=1e-8)
+    akl = diffs["akl"]
+    assert akl["n"] == 1 and akl["mean"] == pytest.approx(10.0) and math.isnan(akl["low"]) and not akl["significant"]
+    assert paired_differences(records, reference="todi") == []
+
+
+def test_strategy_label_from_config_and_hydra_choices():
+    constant = {"_target_": "arkd.policy.ConstantAlpha"}
+    assert strategy_label({"policy": {**constant, "alpha": 1.0}}, {"policy": "constant"}) == "fkl"
+    assert strategy_label({"policy": {**constant, "alpha": 0.0}}, {"policy": "rkl"}) == "rkl"
+    assert strategy_label({"policy": {**constant, "alpha": 0.5}}) == "constant"
+    assert strategy_label({"policy": {**constant, "alpha": 0.25}}, {"policy": "constant"}) == "constant_0.25"
+    assert strategy_label({"policy": {"_target_": "arkd.policy.ToDiHeuristic"}}) == "todi"
+    assert strategy_label({"policy": {"_target_": "arkd.policy.GreedySearch"}}, {"policy": "greedy"}) == "greedy"
+    assert strategy_label({"policy": {"_target_": "arkd.policy.LearnedPolicy"}}, {"policy": "my_arkd"}) == "my_arkd"
+    # a loss that ignores alpha names the run
+    jsd = {"policy": {**constant, "alpha": 0.5}, "loss": {"_target_": "arkd.losses.GeneralizedJSDLoss"}}
+    assert strategy_label(jsd, {"loss": "generalized_jsd"}) == "loss=generalized_jsd"
+    with pytest.raises(ValueError, match="no 'policy' node"):
+        strategy_label({"seed": 0})
+
+
+def test_policy_presets_compose_to_constant_alpha():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from arkd.config_paths import config_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            for preset, alpha, label in (("fkl", 1.0, "fkl"), ("rkl", 0.0, "rkl"), ("constant", 0.5, "constant")):
+                cfg = compose(config_name="train", overrides=["config=tiny", f"policy={preset}"])
+                policy = OmegaConf.to_container(cfg.policy, resolve=True)
+                assert policy == {"_target_": "arkd.policy.ConstantAlpha", "alpha": alpha}
+                assert strategy_label(OmegaConf.to_container(cfg, resolve=True), {"policy": preset}) == label
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_labels_without_hydra_record_and_duplicate_runs_are_an_error(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "a", "fkl", 0, 29.0, hydra_choice=False)  # no .hydra/: named from the config (alpha 1 -> fkl)
+    records, _ = load_run_records([root])
+    assert {r["strategy"] for r in records} == {"fkl"}
+    assert {r["dataset"] for r in records} == {"synthetic"}  # from data.splits._target_
+    make_run(root, "b", "fkl", 0, 30.0)
+    with pytest.raises(ValueError, match=r"two runs have strategy 'fkl' and seed 0 \(.*a and .*b\)"):
+        load_run_records([root])
+
+
+def test_incomplete_runs_are_listed_and_bad_files_named(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "0", "learned", 0, 30.0)
+    running = root / "1"
+    running.mkdir()
+    (running / "config.yaml").write_text("seed: 1\n")
+    complete, incomplete = find_run_dirs([root])
+    assert complete == [root / "0"] and incomplete == [running]
+    records, incomplete = load_run_records([root])
+    assert incomplete == [running] and {r["run"] for r in records} == {str(root / "0")}
+    (root / "0" / "report.json").write_text('{"results": ')
+    with pytest.raises(ValueError, match=r"report\.json, line 1: not valid JSON"):
+        load_run_records([root])
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_run_records([tmp_path / "absent"])
+    with pytest.raises(ValueError, match="no run directory with a report.json"):
+        load_run_records([running])
+
+
+def _results_json(dataset: str, bertscore: float, rouge: float) -> dict:
+    summary = lambda v: {"mean": v, "std": None, "per_seed": {"10": v}}  # noqa: E731
+    return {
+        "schema_version": 1,
+        "created_utc": "2026-11-23T12:00:00+00:00",
+        "label": "student",
+        "model": {"source": "best"},
+        "settings": {"seeds": [10], "decoding": {}, "bertscore": {"enabled": True}},
+        "versions": {"torch": "2", "transformers": "5", "rouge-score": "0.1", "bert-score": "0.3"},
+        "datasets": {
+            dataset: {
+                "source": f"{dataset}.jsonl",
+                "n_rows": 10,
+                "rougeL": summary(rouge),
+                "exact_match": summary(0.0),
+                "bertscore_f1": summary(bertscore),
+            }
+        },
+    }
+
+
+def test_arkd_eval_results_below_a_run_add_datasets_and_bertscore(tmp_path):
+    root = tmp_path / "runs"
+    for i, (strategy, scores) in enumerate((("learned", (60.0, 62.0)), ("fkl", (58.0, 61.0)))):
+        for seed, score in enumerate(scores):
+            run = make_run(root, f"{i}{seed}", strategy, seed, 30.0)
+            (run / "eval").mkdir()
+            (run / "eval" / "results.json").write_text(json.dumps(_results_json("dolly", score, 20.0 + seed)))
+    result = compare([root], reference="learned")
+    assert result["metrics"] == ["rougeL", "bertscore_f1", "exact_match"]
+    assert result["datasets"]["bertscore_f1"] == ["dolly"]
+    assert result["datasets"]["rougeL"] == ["synthetic", "dolly"]
+    cell = result["tables"]["bertscore_f1"]["learned"]["dolly"]
+    assert cell["mean"] == pytest.approx(61.0) and cell["std"] == pytest.approx(math.sqrt(2.0))
+    (diff,) = result["differences"]["bertscore_f1"]
+    assert diff["strategy"] == "fkl" and diff["mean"] == pytest.approx(1.5)  # [2, 1]
+    with pytest.raises(ValueError, match="no run has metric"):
+        compare([root], metrics=["bleu"])
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("compare_strategies", REPO / "scripts" / "compare_strategies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_writes_table_json_and_figures(matrix, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _load_script().main([str(matrix), "--out", str(out)]) == 0
+    for name in ("comparison.md", "comparison.json", "heatmap.png", "alpha_trajectory.png", "alpha_strategies.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "comparison.md").read_text()
+    assert "| learned | 32.00 ± 2.00 | 3 |" in markdown
+    assert "| rkl | **34.00 ± 2.65** | 3 |" in markdown  # best mean in bold; std of 31, 35, 36
+    assert "| *teacher* | 50.00 ± 0.00 | 3 |" in markdown
+    assert "| *student before distillation* | 12.00 ± 2.00 | 3 |" in markdown
+    half = T975_DF2 / math.sqrt(3)
+    assert f"| akl | synthetic | 3 | +10.00 * | 1.00 | [{10 - half:.2f}, {10 + half:.2f}] |" in markdown
+    assert f"| fkl | synthetic | 3 | +1.00 | 1.00 | [{1 - half:.2f}, {1 + half:.2f}] |" in markdown
+    data = json.loads((out / "comparison.json").read_text())  # strict JSON (no NaN)
+    assert data["strategies"] == ["fkl", "rkl", "akl", "learned"]
+    assert data["tables"]["rougeL"]["akl"]["synthetic"]["values"] == [20.0, 21.0, 25.0]
+    assert len(data["records"]) == 12 * 6  # 12 runs x 3 models x 2 metrics
+    assert "learned − strategy" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_in_one_sentence(tmp_path, capsys):
+    assert _load_script().main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare_strategies: ") and "no such directory" in err and "Traceback" not in err
+    assert _load_script().main([str(tmp_path), "--out", str(tmp_path / "o"), "--confidence", "95"]) == 2
+    assert "--confidence 95.0" in capsys.readouterr().err
