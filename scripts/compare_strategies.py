@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(comparison_markdown(result))
     if result["incomplete"]:
-        print(f"[compare_strategies] {len(result['incomplete'])} run(s) without report.json were left out", file=sys.stderr)
-    print(f"[compare_strategies] wrote comparison.md, comparison.json and {len(result['figures'])} figure(s) to {args.out}")
+        left_out = len(result["incomplete"])
+        print(f"[compare_strategies] {left_out} run(s) without report.json were left out", file=sys.stderr)
+    figures = len(result["figures"])
+    print(f"[compare_strategies] wrote comparison.md, comparison.json and {figures} figure(s) to {args.out}")
     return 0
 
 
