@@ -92,6 +92,38 @@ def test_tiny_job_end_to_end_through_arkd_train(tmp_path):
     )
 
 
+def test_multirun_matrix_of_two_strategies_then_arkd_compare(tmp_path):
+    """The research loop in small: a Hydra multirun of two strategies x one seed, aggregated by arkd-compare."""
+    sweep = tmp_path / "sweep"
+    cmd = [str(BIN / "arkd-train"), "-m", "config=tiny", "seed=0", "teacher.seed=0", "policy=fkl,learned"]
+    cmd += [f"hydra.sweep.dir={sweep}", *SMALL]
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert all((sweep / job / "report.json").is_file() for job in ("0", "1"))
+    # One teacher and one SFT'd student serve both strategies (the second run reuses them).
+    assert len(list((tmp_path / "cache").glob("teacher-sft-*"))) == 1
+    assert proc.stdout.count("reusing the SFT'd teacher") == 1
+
+    out = tmp_path / "compare"
+    proc = subprocess.run(
+        [str(BIN / "arkd-compare"), str(sweep), "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["strategies"] == ["fkl", "learned"]
+    students = {
+        r["strategy"]: r["value"] for r in data["records"] if r["model"] == "student_after" and r["metric"] == "rougeL"
+    }
+    for job, strategy in (("0", "fkl"), ("1", "learned")):
+        report = json.loads((sweep / job / "report.json").read_text())
+        assert students[strategy] == pytest.approx(report["results"]["student_after"]["rougeL"]["mean"])
+    (difference,) = [d for d in data["differences"]["rougeL"] if d["strategy"] == "fkl"]
+    assert difference["n"] == 1 and difference["mean"] == pytest.approx(students["learned"] - students["fkl"])
+    for name in ("comparison.md", "heatmap.png", "alpha_trajectory.png"):
+        assert (out / name).stat().st_size > 0, name
+
+
 def test_unknown_config_is_one_sentence(tmp_path):
     proc = subprocess.run(
         [str(BIN / "arkd-train"), "config=nope"], env=_env(tmp_path), capture_output=True, text=True, timeout=120

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import arkd.cli.compare
 from arkd.evaluation.compare import (
     compare,
     find_run_dirs,
@@ -272,10 +272,7 @@ def test_arkd_eval_results_below_a_run_add_datasets_and_bertscore(tmp_path):
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("compare_strategies", REPO / "scripts" / "compare_strategies.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return arkd.cli.compare
 
 
 def test_cli_writes_table_json_and_figures(matrix, tmp_path, capsys):
@@ -302,6 +299,6 @@ def test_cli_writes_table_json_and_figures(matrix, tmp_path, capsys):
 def test_cli_reports_bad_input_in_one_sentence(tmp_path, capsys):
     assert _load_script().main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("compare_strategies: ") and "no such directory" in err and "Traceback" not in err
+    assert err.startswith("arkd-compare: ") and "no such directory" in err and "Traceback" not in err
     assert _load_script().main([str(tmp_path), "--out", str(tmp_path / "o"), "--confidence", "95"]) == 2
     assert "--confidence 95.0" in capsys.readouterr().err
