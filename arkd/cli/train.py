@@ -22,8 +22,22 @@ def run(cfg: Any) -> dict[str, Any]:
 
     return pipeline_run(cfg)
 
+
 _HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
 _HYDRA_FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--info", "--experimental-rerun"}
+
+
+# Launchers of configs/hydra/launcher/ and the plugin's own: they need the optional `slurm` extra.
+_SUBMITIT_LAUNCHERS = {"slurm", "slurm_local", "submitit_slurm", "submitit_local"}
+
+
+def _submitit_plugin_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ImportError:
+        return False
 
 
 def available_configs() -> list[str]:
@@ -70,6 +84,11 @@ def check_overrides(argv: list[str]) -> str | None:
             for name in value.split(","):
                 if name not in names:
                     return f"unknown config '{name}'; expected one of: {', '.join(names)}."
+        if key == "hydra/launcher" and value in _SUBMITIT_LAUNCHERS and not _submitit_plugin_installed():
+            return (
+                f"hydra/launcher={value} needs Hydra's submitit plugin, which is not installed; "
+                'expected `pip install ".[slurm]"` (hydra-submitit-launcher) first.'
+            )
     if multirun or flags:
         return None
     from hydra import compose, initialize_config_dir
@@ -90,6 +109,17 @@ def check_overrides(argv: list[str]) -> str | None:
 
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
+
+    from arkd.distributed_env import export_distributed_env
+
+    # A Slurm job of several tasks started by submitit (hydra/launcher=slurm): one process per GPU and no launcher,
+    # so derive RANK, WORLD_SIZE, MASTER_ADDR, ... from Slurm's variables before the Accelerator is built. A no-op
+    # outside Slurm, for one task, and under accelerate launch / torchrun (RANK already set).
+    try:
+        export_distributed_env()
+    except ValueError as err:
+        print(f"arkd-train: {err}", file=sys.stderr)
+        sys.exit(1)
 
     from arkd.pipeline import ConfigError
     from arkd.trainer import NonFiniteLossError
