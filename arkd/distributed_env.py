@@ -15,7 +15,9 @@ What accelerate (1.15, ``accelerate/state.py``, ``PartialState.__init__`` and ``
 ``MASTER_ADDR`` across machines. These six variables are what is exported.
 
 Nothing is exported outside Slurm, for a single task, or when a launcher already set ``RANK``, ``WORLD_SIZE`` or
-``LOCAL_RANK`` (``accelerate launch``, ``torchrun``, ``srun accelerate launch ...``).
+``LOCAL_RANK`` (``accelerate launch``, ``torchrun``, ``srun accelerate launch ...``). In a hand-written sbatch script
+of several tasks, start arkd-train with ``srun`` (one process per task): run directly in the script, its single
+process would be told the job's task count and could wait for peers that never start.
 """
 
 from __future__ import annotations

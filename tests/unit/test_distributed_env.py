@@ -274,3 +274,55 @@ def test_arkd_train_cfg_hydra_shows_the_slurm_launcher(monkeypatch, capsys):
     train_cli.main(["hydra/launcher=slurm", "hydra.launcher.partition=gpu-a100", "config=gpt2_120m", "--cfg", "hydra"])
     out = capsys.readouterr().out
     assert "SlurmLauncher" in out and "partition: gpu-a100" in out and "tasks_per_node: 8" in out
+
+
+def test_slurm_preset_renders_one_task_per_gpu_in_the_sbatch_script(monkeypatch, tmp_path):
+    """The plugin's own launch() maps the preset onto submitit's real SlurmExecutor; only the submission is stubbed
+    (a fake ``srun`` on PATH for submitit's cluster check, and map_array renders the script instead of calling sbatch).
+    """
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    real_executor, rendered = submitit.AutoExecutor, {}
+
+    class RenderingExecutor:
+        def __init__(self, cluster, **kwargs):
+            self.executor = real_executor(cluster=cluster, **kwargs)
+
+        def update_parameters(self, **kwargs):
+            self.executor.update_parameters(**kwargs)
+
+        def map_array(self, fn, *args):
+            rendered["jobs"] = len(args[0])
+            rendered["sbatch"] = self.executor._executor._make_submission_file_text("python -m task", "uid")
+            return []
+
+    monkeypatch.setattr(submitit, "AutoExecutor", RenderingExecutor)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            overrides = ["hydra/launcher=slurm", "config=gpt2_120m", "hydra.launcher.partition=gpu-a100"]
+            cfg = compose(
+                "train", overrides=[*overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True
+            )
+    finally:
+        GlobalHydra.instance().clear()
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    params.pop("_target_")
+    launcher = SlurmLauncher(**params)
+    launcher.config = cfg
+    launcher.launch([["seed=0"], ["seed=1"]], initial_job_idx=0)
+    assert rendered["jobs"] == 2
+    script = rendered["sbatch"]
+    for line in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--partition=gpu-a100"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "#SBATCH --job-name=arkd-gpt2_120m\n" in script
+    assert "\nsrun " in script  # the tasks are started by srun, which sets SLURM_PROCID, SLURM_LOCALID, ...
