@@ -9,6 +9,10 @@ whose prompt is over 256 GPT-2 tokens (the count is printed). Synthetic tasks (o
 
     python scripts/prepare_data.py synthetic --out data/synthetic --n-train 20000 --n-validation 200 --n-test 500
 
+``--test-by-family`` also writes the test split one file per task family (``test_by_family/<family>.jsonl``), so that
+``arkd-eval datasets=[...]`` scores each family as a dataset (the per-family heatmap of docs/results.md). With the
+tiny job's split sizes (``--n-train 4000 --n-validation 64 --n-test 200``) these are exactly its 200 test rows.
+
 See docs/data.md.
 """
 
@@ -16,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from arkd.data import prepare_dolly, write_synthetic_splits
+from arkd.data import load_examples, prepare_dolly, write_jsonl, write_synthetic_splits
 from arkd.data.synthetic import FAMILIES
 
 
@@ -39,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--n-validation", type=int, default=200)
     synthetic.add_argument("--n-test", type=int, default=500)
     synthetic.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=None)
+    synthetic.add_argument(
+        "--test-by-family", action="store_true", help="also write the test split per family: test_by_family/*.jsonl"
+    )
     return parser
 
 
@@ -71,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 families=args.families,
             )
+            if args.test_by_family:
+                by_family: dict[str, list] = {}
+                for example in load_examples(paths["test"]):
+                    by_family.setdefault(example.topic, []).append(example)
+                for family, rows in sorted(by_family.items()):
+                    paths[f"test/{family}"] = write_jsonl(rows, Path(args.out) / "test_by_family" / f"{family}.jsonl")
             for name, path in paths.items():
                 print(f"{name}: {path}")
     except (OSError, ValueError) as err:

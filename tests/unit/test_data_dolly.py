@@ -85,6 +85,21 @@ def test_script_synthetic(tmp_path, capsys):
     assert {ex.topic for ex in load_examples(tmp_path / "train.jsonl")} == {"add", "reverse"}
 
 
+def test_script_synthetic_test_split_by_family(tmp_path, capsys):
+    status = _script().main(["synthetic", "--out", str(tmp_path), "--n-train", "30", "--n-validation", "4",
+                             "--n-test", "9", "--families", "add", "reverse", "sort", "--test-by-family"])  # fmt: skip
+    assert status == 0
+    test = load_examples(tmp_path / "test.jsonl")
+    parts = {p.stem: load_examples(p) for p in (tmp_path / "test_by_family").glob("*.jsonl")}
+    assert set(parts) == {"add", "reverse", "sort"}
+    assert all({ex.topic for ex in rows} == {family} for family, rows in parts.items())
+    # The files partition the test split: every row once, in its original order within a family.
+    assert sum(len(rows) for rows in parts.values()) == len(test) == 9
+    for family, rows in parts.items():
+        assert [ex.prompt for ex in rows] == [ex.prompt for ex in test if ex.topic == family]
+    assert "test/sort:" in capsys.readouterr().out
+
+
 def test_script_reports_errors_in_one_sentence(tmp_path, capsys):
     status = _script().main(["dolly", "--source", str(tmp_path / "missing.jsonl"), "--tokenizer", str(tmp_path),
                              "--out", str(tmp_path / "out")])  # fmt: skip
