@@ -136,7 +136,8 @@ def _short(value: float) -> str:
 def strategy_label(config: dict[str, Any], choices: dict[str, Any] | None = None) -> str:
     """The name of a run's alpha strategy, from its resolved config (and Hydra's group choices when known).
 
-    A constant alpha is named by its value whatever preset chose it: 1 -> ``fkl``, 0 -> ``rkl``, 0.5 ->
+    The run's ``label`` (``arkd-train ... label=NAME``), when set, is the name. Otherwise a constant alpha is named by
+    its value whatever preset chose it: 1 -> ``fkl``, 0 -> ``rkl``, 0.5 ->
     ``constant``, any other value ``constant_<alpha>``. Other strategies take their ``policy`` preset's name (or,
     without Hydra's record, the name of their class's preset). A loss that does not weigh FKL and RKL by alpha
     (``loss=generalized_jsd``, ...) names the run instead: ``loss=<name>``.
@@ -149,6 +150,8 @@ def strategy_label(config: dict[str, Any], choices: dict[str, Any] | None = None
         ValueError: the config has no ``policy`` node with a ``_target_``.
     """
     choices = choices or {}
+    if config.get("label"):
+        return str(config["label"])
     loss = config.get("loss") or {}
     loss_target = str(loss.get("_target_", "")) if isinstance(loss, dict) else ""
     if loss_target and loss_target not in _ALPHA_LOSSES:

@@ -180,6 +180,11 @@ def test_strategy_label_from_config_and_hydra_choices():
     assert strategy_label(jsd, {"loss": "generalized_jsd"}) == "loss=generalized_jsd"
     with pytest.raises(ValueError, match="no 'policy' node"):
         strategy_label({"seed": 0})
+    # an explicit label (variants of one strategy in a sweep) wins over everything
+    frozen = {"policy": {"_target_": "arkd.policy.LearnedPolicy", "lr": 0.0}, "label": "learned_frozen"}
+    assert strategy_label(frozen, {"policy": "learned"}) == "learned_frozen"
+    assert strategy_label({**jsd, "label": "gkd"}, {"loss": "generalized_jsd"}) == "gkd"
+    assert strategy_label({**frozen, "label": None}, {"policy": "learned"}) == "learned"
 
 
 def test_policy_presets_compose_to_constant_alpha():
