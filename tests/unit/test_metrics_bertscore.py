@@ -11,13 +11,7 @@ WORDS = "the cat sat on a mat dog ran fast hello world model score red blue gree
 LAYER = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run far faster on one thread than on threads contending for a busy 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from arkd.policy import LearnedPolicy, StepContext, compute_features
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The policy's tensors are tiny: one intra-op thread avoids thread hand-offs on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_ctx(
