@@ -29,6 +29,7 @@ alpha it rewards. Rewards are computed without autograd and returned detached.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -220,38 +221,116 @@ def linear_lookahead(
     *,
     lr: float,
     reward_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor | float],
+    update: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    max_grad_norm: float | None = None,
 ) -> Callable[[float], float]:
     """A one-step look-ahead ``alpha -> reward`` from two backward passes instead of one per candidate.
 
     With a scalar alpha the loss ``alpha * FKL + (1 - alpha) * RKL`` has the gradient
     ``g(alpha) = alpha * g_F + (1 - alpha) * g_R``, linear in alpha. So after one backward of FKL (``grad_fkl``) and
-    one of RKL (``grad_rkl``), the SGD step of any alpha is ``theta - lr * g(alpha)``, and trying K alphas costs K
-    forwards without gradient (inside ``reward_fn``), e.g. through ``torch.func.functional_call``. The step is plain
-    SGD: an approximation of an adaptive optimiser's step, which ranks candidates the same way when the step is small.
+    one of RKL (``grad_rkl``), the step of any alpha follows from ``g(alpha)``, and trying K alphas costs K forwards
+    without gradient (inside ``reward_fn``), e.g. through ``torch.func.functional_call``.
+
+    The simulated step should be the one the optimiser would take: pass ``update`` (e.g.
+    :func:`adam_step_preview` of the run's optimiser) and the run's ``max_grad_norm``. The default is plain SGD,
+    ``theta - lr * g(alpha)``; beware that its first-order reward is linear in alpha, so the best candidate is then
+    nearly always an end point (0 or 1, whichever gradient is longer), whereas an adaptive optimiser's step is not
+    linear in ``g``.
 
     Args:
         params: name -> parameter tensor (the current student).
         grad_fkl: name -> gradient of the FKL loss (None or missing: the parameter does not move).
         grad_rkl: name -> gradient of the RKL loss.
-        lr: step size of the simulated step.
+        lr: step size of the default SGD step (unused with ``update``).
         reward_fn: new parameters (name -> tensor) -> reward (higher is better), e.g. ``D_before - D(new params)``.
+        update: ``(params, grads) -> new params`` for the parameters that have a gradient, without side effects.
+        max_grad_norm: clip the global L2 norm of ``g(alpha)`` to this first, as the trainer does (None: no clipping).
 
     Returns:
         ``lookahead(alpha) -> float``, evaluated without autograd.
     """
 
+    def sgd(current: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: current[name].detach() - lr * grad for name, grad in grads.items()}
+
+    step_fn = update or sgd
+
     def lookahead(alpha: float) -> float:
         alpha = float(alpha)
         with torch.no_grad():
-            new_params = {}
-            for name, theta in params.items():
+            grads: dict[str, torch.Tensor] = {}
+            for name in params:
                 g_f, g_r = grad_fkl.get(name), grad_rkl.get(name)
-                step = None
+                grad = None
                 if g_f is not None:
-                    step = alpha * g_f
+                    grad = alpha * g_f
                 if g_r is not None:
-                    step = (1 - alpha) * g_r if step is None else step + (1 - alpha) * g_r
-                new_params[name] = theta.detach() if step is None else theta.detach() - lr * step
+                    grad = (1 - alpha) * g_r if grad is None else grad + (1 - alpha) * g_r
+                if grad is not None:
+                    grads[name] = grad
+            if max_grad_norm is not None and max_grad_norm > 0 and grads:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+                scale = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+                grads = {name: g * scale for name, g in grads.items()}
+            moved = step_fn(params, grads)
+            new_params = {name: moved.get(name, theta.detach()) for name, theta in params.items()}
             return float(reward_fn(new_params))
 
     return lookahead
+
+
+def adam_step_preview(
+    optimizer: torch.optim.Optimizer,
+) -> Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``(params, grads) -> new params``: the step ``torch.optim.Adam`` / ``AdamW`` would take from ``grads`` now,
+    computed from its state (moments, step count, learning rate, betas, eps, weight decay, amsgrad, maximize) without
+    changing it. The ``update`` of :func:`linear_lookahead`.
+
+    Args:
+        optimizer: the run's optimiser (or an accelerate wrapper of one) over the parameters passed in ``params``.
+
+    Raises:
+        TypeError: the optimiser is not Adam or AdamW.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer keeps the torch one here
+    if not isinstance(inner, torch.optim.Adam):  # AdamW subclasses Adam
+        raise TypeError(
+            f"adam_step_preview: the optimizer is {type(inner).__name__}; expected torch.optim.Adam or AdamW "
+            "(use linear_lookahead's default SGD step, or an update function for this optimizer)."
+        )
+    group_of = {id(p): group for group in inner.param_groups for p in group["params"]}
+    decoupled_default = isinstance(inner, torch.optim.AdamW)
+
+    def preview(params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if grads and not any(id(params[name]) in group_of for name in grads):
+            raise ValueError(
+                "adam_step_preview: none of the parameters with a gradient is one the optimizer holds; expected the "
+                "optimizer's own parameter tensors (e.g. model.named_parameters() of the model it was built on)."
+            )
+        out: dict[str, torch.Tensor] = {}
+        for name, grad in grads.items():
+            theta = params[name]
+            group = group_of.get(id(theta))
+            if group is None:  # not optimised: it does not move
+                continue
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            lr = float(lr)
+            state = inner.state.get(theta, {})
+            p = theta.detach().float()
+            g = -grad.float() if group.get("maximize", False) else grad.float()
+            if weight_decay and group.get("decoupled_weight_decay", decoupled_default):
+                p = p * (1 - lr * weight_decay)
+            elif weight_decay:
+                g = g + weight_decay * theta.detach().float()
+            step = float(state["step"]) + 1 if "step" in state else 1.0
+            exp_avg = state["exp_avg"].float() if "exp_avg" in state else torch.zeros_like(p)
+            exp_avg_sq = state["exp_avg_sq"].float() if "exp_avg_sq" in state else torch.zeros_like(p)
+            m = beta1 * exp_avg + (1 - beta1) * g
+            v = beta2 * exp_avg_sq + (1 - beta2) * g * g
+            if group.get("amsgrad", False):
+                v = torch.maximum(state["max_exp_avg_sq"].float(), v) if "max_exp_avg_sq" in state else v
+            denom = v.sqrt() / math.sqrt(1 - beta2**step) + eps
+            out[name] = (p - (lr / (1 - beta1**step)) * m / denom).to(theta.dtype)
+        return out
+
+    return preview

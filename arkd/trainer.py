@@ -661,14 +661,20 @@ def make_lookahead(trainer: Trainer, batch: dict[str, torch.Tensor]) -> Callable
     The KD loss is linear in alpha, so its gradient is too: ``g(alpha) = alpha * g_F + (1 - alpha) * g_R`` with
     ``g_F``, ``g_R`` the gradients of the token-mean FKL and RKL. They are computed on the first call (two backward
     passes, in eval mode so that dropout does not blur the comparison); each candidate then costs one no-grad
-    forward at ``theta - lr * g(alpha)`` (``torch.func.functional_call``, via ``arkd.reward.linear_lookahead``),
-    scored as ``D(theta) - D(theta - lr * g(alpha))`` with ``D = (FKL + RKL) / 2``.
+    forward (``torch.func.functional_call``, via ``arkd.reward.linear_lookahead``) at the parameters the optimiser
+    would reach from ``g(alpha)``: clipped to ``max_grad_norm``, then the Adam/AdamW update from the optimiser's
+    current state (``arkd.reward.adam_step_preview``; plain SGD for other optimisers). The score is
+    ``D(theta) - D(theta')`` with ``D = (FKL + RKL) / 2``.
     """
     from torch.func import functional_call
 
-    from arkd.reward import alignment, linear_lookahead
+    from arkd.reward import adam_step_preview, alignment, linear_lookahead
 
     model = trainer.accelerator.unwrap_model(trainer.student)
+    # The trial steps are the optimiser's own (Adam/AdamW moments, bias correction, weight decay) after the trainer's
+    # gradient clipping; another optimiser gets a plain SGD step at the current learning rate.
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    update = adam_step_preview(inner) if isinstance(inner, torch.optim.Adam) else None
     temperature = trainer.cfg.temperature
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     built: list[Callable[[float], float]] = []
@@ -700,7 +706,13 @@ def make_lookahead(trainer: Trainer, batch: dict[str, torch.Tensor]) -> Callable
             return d_before - float(alignment(logits, t, m, temperature=temperature))
 
         return linear_lookahead(
-            params, dict(zip(names, g_f)), dict(zip(names, g_r)), lr=trainer._lr(), reward_fn=reward_fn
+            params,
+            dict(zip(names, g_f)),
+            dict(zip(names, g_r)),
+            lr=trainer._lr(),
+            reward_fn=reward_fn,
+            update=update,
+            max_grad_norm=trainer.cfg.max_grad_norm,
         )
 
     def lookahead(alpha: float) -> float:

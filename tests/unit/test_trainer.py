@@ -299,3 +299,42 @@ def test_trainer_checkpoint_restores_everything(tiny, tmp_path):
         torch.testing.assert_close(x, y)
     for x, y in zip(a.strategy.network.parameters(), b.strategy.network.parameters()):
         torch.testing.assert_close(x, y)
+
+
+def test_greedy_lookahead_predicts_the_step_the_trainer_takes(tiny, tmp_path):
+    """GreedySearch's look-ahead simulates the trainer's real step (clipping, then AdamW from its state): the reward
+    it predicts for the alpha it picks is the alignment gain the step then makes on the same batch."""
+    from arkd.policy import GreedySearch
+
+    class Recording(GreedySearch):
+        def select(self, ctx):
+            self.rewards = {a: float(ctx.lookahead(a)) for a in self.candidates}
+            return super().select(ctx)
+
+    strategy = Recording(candidates=(0.0, 0.5, 1.0))
+    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=1, steps=3, strategy=strategy, optimizer="adamw",
+                       max_grad_norm=0.5)  # fmt: skip
+    seen = []
+    stream = trainer.batches
+
+    class Spy:
+        def __next__(self):
+            batch = next(stream)
+            seen.append(batch)
+            return batch
+
+    trainer.batches = Spy()
+    for _ in range(3):  # AdamW has moments from the second step on
+        before = copy.deepcopy(trainer.student)
+        row = trainer.train_step()
+        batch = seen[-1]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        mask = batch["loss_mask"][:, 1:].bool()
+        with torch.no_grad():
+            t = trainer.teacher(**inputs).logits[:, :-1]
+            gain = alignment(before(**inputs).logits[:, :-1], t, mask) - alignment(
+                trainer.student(**inputs).logits[:, :-1], t, mask
+            )
+        chosen = row["alpha_mean"]
+        assert strategy.rewards[chosen] == max(strategy.rewards.values())
+        assert strategy.rewards[chosen] == pytest.approx(float(gain), rel=1e-3, abs=1e-6)
