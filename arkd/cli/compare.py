@@ -1,6 +1,6 @@
 """``arkd-compare``: compare alpha strategies over seeds from the run directories of an ``arkd-train -m`` matrix.
 
-    arkd-train -m config=tiny seed=0,1,2 teacher.seed=0 \
+    arkd-train -m config=tiny seed=0,1,2,3,4 \
         policy=fkl,rkl,constant,linear,cosine,akl,todi,entropy_gated,greedy,learned hydra.sweep.dir=multirun/tiny_matrix
     arkd-compare multirun/tiny_matrix --out results/tiny_matrix
 
