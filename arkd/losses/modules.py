@@ -283,15 +283,21 @@ class DiversityAwareRKLLoss(DivergenceLoss):
 class TAIDLoss(DivergenceLoss):
     """TAID's ``KL(p_t || q)`` with its interpolation parameter ``t`` and its adaptive schedule.
 
-    The schedule (TAID, Shing et al. 2025, arXiv 2501.16937, Algorithm 1 as transcribed; verify against the paper):
-    after each optimisation step ``n`` of ``total_steps``, :meth:`update` takes that step's loss ``J_n`` and sets
+    The schedule follows TAID's reference implementation (SakanaAI/TAID, its ``TAID.update_t``; Shing et al.
+    2025, arXiv 2501.16937). :meth:`update` is called once per optimisation step with that step's loss
+    ``J``; the ``k``-th call (``k = 1, 2, ...``) does:
 
-    * ``delta_n = (J_{n-1} - J_n) / (J_{n-1} + 1e-8)`` (relative improvement; 0 at the first step),
-    * ``m_n = momentum * m_{n-1} + (1 - momentum) * delta_n``,
-    * ``t_{n+1} = min(t_end, max(t_linear(n+1), t_n + step_size * sigmoid(m_n) * (1 - t_n)))``,
+    * ``k = 1``: store ``J_1`` only (``t`` stays ``t_start``, the momentum stays 0);
+    * ``k > 1``: ``delta = (J_{k-1} - J_k) / (J_{k-1} + 1e-15)`` (relative improvement),
+      ``m = momentum * m + (1 - momentum) * delta`` and
+      ``t = min(t_end, max(t_linear(k - 1), t + step_size * sigmoid(m) * (1 - t)))``,
 
-    where ``t_linear(n) = t_start + (t_end - t_start) * n / total_steps`` is the linear floor. With
-    ``adaptive=False`` ``t`` follows the linear floor only. ``t`` and the schedule's state are in ``state_dict``.
+    where ``t_linear(g) = t_start + (t_end - t_start) * g / total_steps`` is the linear floor at the 0-based step
+    ``g = k - 1`` (the reference's ``global_step``, the optimizer steps done before the step whose loss is ``J_k``).
+    The new ``t`` weighs the next step's loss. With ``adaptive=False`` ``t = t_linear(k - 1)`` (also from ``k = 2``).
+    One difference: the reference calls its update on every forward, so with gradient accumulation it advances once
+    per micro-batch; here it advances once per optimizer step, and skipped (non-finite) steps do not advance it.
+    ``t`` and the schedule's state are in ``state_dict``.
 
     Args:
         t_start: the initial ``t`` (0.4 in the paper).
@@ -347,17 +353,19 @@ class TAIDLoss(DivergenceLoss):
         if not math.isfinite(value):
             raise ValueError(f"TAIDLoss.update needs a finite loss, got {value!r}")
         previous = float(self.previous_loss)
-        delta = 0.0 if math.isnan(previous) else (previous - value) / (previous + 1e-8)
+        calls = int(self.step) + 1
+        self.step.fill_(calls)
+        self.previous_loss.fill_(value)
+        if math.isnan(previous):  # the first call only records the loss, as the reference does
+            return float(self.t)
+        delta = (previous - value) / (previous + 1e-15)
         m = self.momentum * float(self.momentum_value) + (1.0 - self.momentum) * delta
-        step = int(self.step) + 1
         t = float(self.t)
-        candidate = self.linear_floor(step)
+        candidate = self.linear_floor(calls - 1)
         if self.adaptive:
             candidate = max(candidate, t + self.step_size / (1.0 + math.exp(-m)) * (1.0 - t))
         self.t.fill_(min(self.t_end, candidate))
-        self.step.fill_(step)
         self.momentum_value.fill_(m)
-        self.previous_loss.fill_(value)
         return float(self.t)
 
 

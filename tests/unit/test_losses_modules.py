@@ -101,20 +101,48 @@ def test_wrappers_validate_hyper_parameters(cls, kwargs, match):
         cls(**kwargs)
 
 
+def _reference_taid_schedule(losses, *, t_start, t_end, total_steps, momentum, step_size, adaptive=True):
+    """TAID's reference ``update_t`` written out: the first call only stores the loss; call k > 1 uses the 0-based
+    step k - 1 in the linear floor (``global_step / num_train_steps``)."""
+    t, m, previous, ts = t_start, 0.0, math.inf, []
+    for k, loss in enumerate(losses, start=1):
+        if math.isinf(previous):
+            previous = loss
+            ts.append(t)
+            continue
+        m = momentum * m + (1 - momentum) * (previous - loss) / (previous + 1e-15)
+        target = t_start + (t_end - t_start) * (k - 1) / total_steps
+        t = min(t_end, max(target, t + step_size / (1 + math.exp(-m)) * (1 - t))) if adaptive else target
+        previous = loss
+        ts.append(t)
+    return ts
+
+
 def test_taid_linear_schedule():
     taid = L.TAIDLoss(t_start=0.4, t_end=1.0, total_steps=10, adaptive=False)
     ts = [taid.update(1.0 - 0.01 * i) for i in range(12)]
-    expected = [min(1.0, 0.4 + 0.6 * (i + 1) / 10) for i in range(12)]
-    assert ts == pytest.approx(expected)
+    # the first update only records the loss; update k then sits on the floor at the 0-based step k - 1
+    assert ts == pytest.approx([0.4] + [min(1.0, 0.4 + 0.6 * (k - 1) / 10) for k in range(2, 13)])
+    losses = [1.0 - 0.01 * i for i in range(12)]
+    options = dict(t_start=0.4, t_end=1.0, total_steps=10, momentum=0.99, step_size=5e-4)
+    # (the reference never runs past total_steps; arkd caps the floor at t_end there)
+    assert ts[:11] == pytest.approx(_reference_taid_schedule(losses[:11], adaptive=False, **options))
     assert taid.hyper()["t"] == pytest.approx(1.0)
+
+
+def test_taid_adaptive_schedule_follows_the_reference():
+    options = dict(t_start=0.4, t_end=1.0, total_steps=50, momentum=0.9, step_size=0.05)
+    losses = [2.0 * 0.97**i + 0.1 * math.sin(i) for i in range(60)]
+    taid = L.TAIDLoss(**options)
+    assert [taid.update(v) for v in losses] == pytest.approx(_reference_taid_schedule(losses, **options), rel=1e-12)
 
 
 def test_taid_adaptive_schedule_by_hand():
     taid = L.TAIDLoss(t_start=0.4, t_end=1.0, total_steps=1000, momentum=0.5, step_size=0.2)
-    # step 1: no previous loss -> delta 0, m = 0, sigmoid(0) = 0.5; t = max(0.4006, 0.4 + 0.2*0.5*0.6)
-    assert taid.update(2.0) == pytest.approx(0.46)
-    # step 2: delta = (2 - 1) / 2 = 0.5, m = 0.25; t = 0.46 + 0.2 * sigmoid(0.25) * 0.54
-    expected = 0.46 + 0.2 / (1 + math.exp(-0.25)) * 0.54
+    # call 1: the loss is only recorded, t stays at t_start
+    assert taid.update(2.0) == pytest.approx(0.4)
+    # call 2: delta = (2 - 1) / 2 = 0.5, m = 0.25; floor at step 1 is 0.4006; t = 0.4 + 0.2 * sigmoid(0.25) * 0.6
+    expected = 0.4 + 0.2 / (1 + math.exp(-0.25)) * 0.6
     assert taid.update(1.0) == pytest.approx(expected)
     # the schedule is part of the state
     fresh = L.TAIDLoss(t_start=0.4, t_end=1.0, total_steps=1000, momentum=0.5, step_size=0.2)
