@@ -147,10 +147,26 @@ def _open_rows(source: str | os.PathLike, split: str) -> tuple[str, Iterator[tup
     return f"Hugging Face dataset '{text}' (split '{split}')", _hub_rows(text, split)
 
 
+def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> ValueError:
+    """One sentence naming the file, the line and the byte of an invalid UTF-8 sequence in ``data`` (whose first
+    line is line ``first_line`` of the file)."""
+    newline = b"\n"
+    line_start = data.rfind(newline, 0, err.start) + 1
+    line = first_line + data.count(newline, 0, err.start)
+    return ValueError(
+        f"{path}, line {line}: invalid UTF-8 byte 0x{data[err.start]:02x} at byte {err.start - line_start + 1} of "
+        "the line; expected a UTF-8 text file"
+    )
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
     row_number = 0
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _utf8_error(path, raw, err, first_line=line_number) from None
             if not line.strip():
                 continue
             try:
@@ -169,8 +185,13 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _utf8_error(path, raw, err) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}, line {err.lineno}: malformed JSON ({err.msg}); expected a list of objects") from None
     if not isinstance(data, list):

@@ -235,3 +235,20 @@ def test_hub_rows_go_through_the_same_readers(monkeypatch):
     examples = load_examples("databricks/databricks-dolly-15k")
     assert calls == [("databricks/databricks-dolly-15k", "train")]
     assert examples == load_examples(FIXTURES / "dolly_raw.jsonl")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_invalid_utf8_names_file_and_line(tmp_path, suffix):
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"})
+    bad = good.encode().replace(b'"b"', b'"\xff b"')
+    if suffix == ".jsonl":
+        data = good.encode() + b"\n" + good.encode() + b"\n" + bad + b"\n"
+    else:
+        data = b"[" + good.encode() + b",\n" + good.encode() + b",\n" + bad + b"\n]\n"
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(data)
+    column = bad.index(b"\xff") + 1
+    with pytest.raises(
+        ValueError, match=rf"rows\{suffix}, line 3: invalid UTF-8 byte 0xff at byte {column} of the line"
+    ):
+        load_examples(path)
