@@ -7,19 +7,28 @@ A checkpoint is a directory ``checkpoints/step_XXXXXXX/`` holding
   step and counters, as a ``torch.save``'d dict of tensors and plain Python values, read back with
   ``torch.load(weights_only=True)`` so that loading never unpickles arbitrary objects;
 - ``rng_rank{r}.pt``: the Python, NumPy and torch random states of every process (also plain tensors / values);
+- ``config.yaml``: the run's resolved config when the run directory has one (compared on resume);
+- ``manifest.json``: the size and SHA-256 of every other file, and ``healthy`` (the trainer's verdict: finite weights
+  and a run not failing when it was written);
 - ``COMPLETE``: written last; a directory without it is never resumed from.
 
 Everything is first written to a hidden temporary directory beside the final one and then renamed with
-``os.replace``, so a process killed while saving leaves the previous checkpoint intact.
+``os.replace``, so a process killed while saving leaves the previous checkpoint intact; :func:`clean_stale` removes
+the temporary directories such a kill leaves behind (and puts back a checkpoint caught between its two renames).
+:func:`verify_checkpoint` checks the manifest before a checkpoint is loaded, and :func:`latest_checkpoint` with
+``verify=True`` skips corrupt checkpoints, reporting each in one sentence, so a resume falls back to the newest good
+one. Rotation (``keep_last``) never deletes the newest healthy checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,13 @@ STEP_DIR = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+_STALE = re.compile(r"^\.(tmp|old)_(step_\d{7,})_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (incomplete, corrupt, unreadable); the message is one sentence."""
 
 
 def step_dir_name(step: int) -> str:
@@ -51,10 +67,105 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
+def latest_checkpoint(
+    root: str | os.PathLike, *, verify: bool = False, on_corrupt: Callable[[str], Any] | None = None
+) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None.
+
+    Args:
+        root: the ``checkpoints/`` directory.
+        verify: check each candidate's manifest (sizes and SHA-256), newest first, and return the newest that passes.
+        on_corrupt: called with one sentence for every checkpoint skipped as corrupt (e.g. ``print``).
+    """
     found = list_checkpoints(root)
-    return found[-1][1] if found else None
+    if not verify:
+        return found[-1][1] if found else None
+    corrupt: list[tuple[Path, str]] = []
+    good = None
+    for _, path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            good = path
+            break
+        corrupt.append((path, problem))
+    if on_corrupt is not None:
+        for path, problem in corrupt:
+            fallback = f"using the previous good one, {good.name}" if good else "no older good checkpoint is left"
+            on_corrupt(f"checkpoint {path} is corrupt ({problem}); {fallback}.")
+    return good
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's ``manifest.json`` (None when it has none: checkpoints written before manifests existed)."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text())
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint, in a few words, or None when it is complete and every file matches its
+    manifest (size and SHA-256). A checkpoint without a manifest (older arkd) is only checked for completeness."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        return f"no {COMPLETE} marker"
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} unreadable: {type(err).__name__}"
+    if manifest is None:
+        return None if (path / STATE_FILE).is_file() else f"{STATE_FILE} is missing"
+    for name, entry in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, expected {entry['size']}"
+        if file_digest(file) != entry["sha256"]:
+            return f"{name} fails its SHA-256 checksum"
+    return None
+
+
+def is_healthy(path: str | os.PathLike) -> bool:
+    """Whether the trainer marked the checkpoint healthy (True for checkpoints without a manifest)."""
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError):
+        return False
+    return True if manifest is None else bool(manifest.get("healthy", True))
+
+
+def clean_stale(root: str | os.PathLike) -> list[Path]:
+    """Remove the temporary directories an interrupted :func:`write_checkpoint` left in ``root``; returns them.
+
+    A checkpoint caught between its two renames (``step_X`` moved aside to ``.old_step_X_PID``, the new one not yet
+    in place) is put back rather than deleted. Call on the main process before training starts.
+    """
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for child in sorted(root.iterdir()):
+        match = _STALE.match(child.name)
+        if not match or not child.is_dir():
+            continue
+        final = root / match.group(2)
+        if match.group(1) == "old" and not final.exists() and (child / COMPLETE).is_file():
+            os.replace(child, final)
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -142,6 +253,8 @@ def write_checkpoint(
     state: dict[str, Any] | None,
     rng_states: list[dict[str, Any]],
     keep_last: int | None = None,
+    healthy: bool = True,
+    config_text: str | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically (call on the main process only).
 
@@ -151,7 +264,10 @@ def write_checkpoint(
         model_state: the student's full state dict.
         state: everything else (plain tensors and Python values only).
         rng_states: one random-state dict per process, in rank order.
-        keep_last: delete older checkpoints so that at most this many remain (None or 0: keep all).
+        keep_last: delete older checkpoints so that at most this many remain (None or 0: keep all); the newest
+            healthy checkpoint is kept even when it is older.
+        healthy: the caller's verdict on this checkpoint (finite weights, run not failing), stored in the manifest.
+        config_text: the run's resolved config (YAML), stored as ``config.yaml``.
 
     Returns:
         The final checkpoint directory.
@@ -168,6 +284,11 @@ def write_checkpoint(
     torch.save(state or {}, tmp / STATE_FILE)
     for rank, rng in enumerate(rng_states):
         torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if config_text is not None:
+        (tmp / CONFIG_FILE).write_text(config_text)
+    files = {f.name: {"size": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "healthy": bool(healthy), "files": files}, indent=1) + "\n")
+    _fsync_files(tmp)
     (tmp / COMPLETE).write_text(f"{step}\n")
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step (e.g. after a resume): replace it as a whole
@@ -179,9 +300,31 @@ def write_checkpoint(
         os.replace(tmp, final)
     _fsync_dir(root)
     if keep_last:
-        for _, path in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+        rotate(root, keep_last)
     return final
+
+
+def rotate(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, never the newest healthy one; returns the
+    deleted directories."""
+    found = list_checkpoints(root)
+    kept = found[-keep_last:]
+    if not any(is_healthy(path) for _, path in kept):
+        good = next((entry for entry in reversed(found[:-keep_last]) if is_healthy(entry[1])), None)
+        if good is not None:
+            kept.append(good)
+    deleted = []
+    for entry in found:
+        if entry not in kept:
+            shutil.rmtree(entry[1], ignore_errors=True)
+            deleted.append(entry[1])
+    return deleted
+
+
+def read_config_text(path: str | os.PathLike) -> str | None:
+    """The run config stored with a checkpoint (None for checkpoints written without one)."""
+    file = Path(path) / CONFIG_FILE
+    return file.read_text() if file.is_file() else None
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -195,6 +338,14 @@ def read_rng_state(path: str | os.PathLike, rank: int) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _fsync_files(directory: Path) -> None:
+    """Flush every file of ``directory`` to disk (so that COMPLETE never lands before the data it vouches for)."""
+    for file in directory.iterdir():
+        if file.is_file():
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

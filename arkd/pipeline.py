@@ -280,17 +280,18 @@ def _run_dir(cfg: DictConfig, accelerator: Any) -> Path:
     return Path(path[0])
 
 
-def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
-    from arkd.checkpoint import latest_checkpoint
+def _resume_path(cfg: DictConfig, run_dir: Path, report: Any = print) -> Path | None:
+    from arkd.checkpoint import latest_checkpoint, verify_checkpoint
 
     resume = cfg.trainer.resume
     if resume in (None, False, "null", "none"):
         return None
-    if str(resume) == "auto":
-        return latest_checkpoint(run_dir / "checkpoints")
+    if str(resume) == "auto":  # the newest checkpoint that passes its checksums; each corrupt one in one sentence
+        return latest_checkpoint(run_dir / "checkpoints", verify=True, on_corrupt=lambda m: report(f"arkd: {m}"))
     path = Path(str(resume))
-    if not (path / "COMPLETE").is_file():
-        raise ConfigError(f"trainer.resume={resume}: expected 'auto' or a complete checkpoint directory.")
+    problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
+    if problem is not None:
+        raise ConfigError(f"trainer.resume={resume}: {problem}; expected 'auto' or a complete, intact checkpoint.")
     return path
 
 
@@ -396,11 +397,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         best_metric=str(cfg.trainer.best_metric),
         on_nonfinite=str(cfg.trainer.on_nonfinite),
         max_skipped=int(cfg.trainer.max_skipped),
+        max_skipped_fraction=float(cfg.trainer.max_skipped_fraction),
         output_dir=str(run_dir),
         progress=bool(cfg.trainer.progress),
         progress_desc="distil" if loss is not None else "sft",
     )
-    resume_from = _resume_path(cfg, run_dir)
+    resume_from = _resume_path(cfg, run_dir, accelerator.print)
     wandb_options = OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None
     logger = MetricsLogger(
         run_dir,

@@ -21,6 +21,8 @@ Everything a run needs to continue after a crash is in its checkpoint (see :mod:
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ class TrainerConfig:
             as ``val_loss`` (lower is better).
         on_nonfinite: "skip" (skip the step and count it) or "stop" (raise with the step and statistics).
         max_skipped: stop anyway after this many skipped steps in a row.
+        max_skipped_fraction: a run that ends with more than this share of its steps skipped fails
+            (:class:`RunFailedError`: no ``final/``, a non-zero exit code); 1.0 never fails for skips.
         output_dir: the run directory.
         progress: show a progress bar on the main process.
         progress_desc: the progress bar's label.
@@ -79,6 +83,7 @@ class TrainerConfig:
     best_metric: str = "val_rougeL"
     on_nonfinite: str = "skip"
     max_skipped: int = 100
+    max_skipped_fraction: float = 0.1
     output_dir: str = "."
     progress: bool = True
     progress_desc: str = "train"
@@ -92,10 +97,65 @@ class TrainerConfig:
             raise ValueError(f"trainer.on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}.")
         if self.reward_interval < 1:
             raise ValueError(f"reward.interval must be >= 1, got {self.reward_interval}.")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"trainer.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}.")
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised with ``on_nonfinite="stop"`` when a step's loss or gradient is NaN or infinite."""
+
+
+class RunFailedError(RuntimeError):
+    """The run reached ``max_steps`` but failed: its weights are not finite, or more than
+    ``max_skipped_fraction`` of its steps were skipped. No ``final/`` was written; the message is one sentence."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived: the step in progress was finished and a checkpoint written.
+
+    Attributes:
+        signum: the signal's number (the CLI exits with ``128 + signum``).
+        checkpoint: the checkpoint written, or None.
+    """
+
+    def __init__(self, message: str, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class _StopSignals:
+    """While active (main thread only), the first SIGINT / SIGTERM sets ``received`` instead of killing the
+    process, so the loop can finish its step and checkpoint; a second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self, announce: bool) -> None:
+        self.received: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        if self.announce:
+            print(
+                f"\narkd: {signal.Signals(signum).name} received: finishing the current step and writing a "
+                "checkpoint (send it again to stop at once).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 class BatchStream:
@@ -286,10 +346,13 @@ class Trainer:
         """Write ``checkpoints/step_XXXXXXX/`` atomically (every process takes part; the main one writes)."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        healthy = self.weights_finite() and self._skipped_share() <= self.cfg.max_skipped_fraction
         model_state = acc.get_state_dict(self.student)
         rng_states = _gather_objects(acc, ckpt.capture_rng_state())
         path = None
         if self.is_main:
+            config_file = self.run_dir / "config.yaml"
+            config_text = config_file.read_text() if config_file.is_file() else None
             state = {
                 "train": self.state.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -307,13 +370,32 @@ class Trainer:
                 state=state,
                 rng_states=rng_states,
                 keep_last=self.cfg.keep_last,
+                healthy=healthy,
+                config_text=config_text,
             )
         acc.wait_for_everyone()
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything saved by :meth:`save_checkpoint` (on every process)."""
+        """Restore everything saved by :meth:`save_checkpoint` (on every process); a checkpoint that fails its
+        manifest or cannot be read raises :class:`arkd.checkpoint.CheckpointError` (one sentence)."""
         path = Path(path)
+        problem = ckpt.verify_checkpoint(path)
+        if problem is not None:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: {problem}; expected a complete checkpoint written by arkd-train "
+                "(trainer.resume=auto falls back to the newest good one)."
+            )
+        try:
+            self._load_checkpoint(path)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: {type(err).__name__}: {first[:300]}; expected a checkpoint of this run's "
+                "model, optimizer and strategy."
+            ) from err
+
+    def _load_checkpoint(self, path: Path) -> None:
         weights = ckpt.load_weights(path / ckpt.MODEL_FILE)
         self.accelerator.unwrap_model(self.student).load_state_dict(weights, strict=True)
         state = ckpt.read_state(path)
@@ -332,9 +414,25 @@ class Trainer:
         if rng is not None:
             ckpt.restore_rng_state(rng)
 
-    def _save_model(self, name: str) -> None:
-        """``save_pretrained`` the student and the tokenizer to ``run_dir/name`` (atomically, main process)."""
+    def weights_finite(self) -> bool:
+        """Whether every parameter of the student is finite, on every process (a collective)."""
         acc = self.accelerator
+        model = acc.unwrap_model(self.student)
+        bad = any(not bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.numel())
+        flag = torch.tensor(float(bad), device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, reduction="sum")
+        return flag.item() == 0
+
+    def _skipped_share(self) -> float:
+        return self.state.skipped_steps / max(self.state.step, 1)
+
+    def _save_model(self, name: str) -> bool:
+        """``save_pretrained`` the student and the tokenizer to ``run_dir/name`` (atomically, main process), only
+        when every weight is finite; returns whether it was written."""
+        acc = self.accelerator
+        if not self.weights_finite():
+            return False
         acc.wait_for_everyone()
         state = acc.get_state_dict(self.student)
         if self.is_main:
@@ -348,6 +446,7 @@ class Trainer:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         acc.wait_for_everyone()
+        return True
 
     # ----------------------------------------------------------------------------------------------------------------
     # Validation
@@ -573,10 +672,17 @@ class Trainer:
     def fit(self, resume_from: str | Path | None = None) -> TrainState:
         """Run (or continue) training to ``max_steps``; returns the final counters.
 
+        Temporary directories a killed save left behind are cleaned first. SIGINT / SIGTERM finish the step in
+        progress, write a checkpoint and raise :class:`TrainingInterrupted`. A run that ends with non-finite weights
+        or with more than ``max_skipped_fraction`` of its steps skipped raises :class:`RunFailedError` after its
+        last checkpoint, without writing ``final/``.
+
         Args:
             resume_from: a checkpoint directory to continue from (every process loads it).
         """
         cfg = self.cfg
+        if self.is_main:
+            self._clean_stale()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.student.train()
@@ -587,30 +693,88 @@ class Trainer:
             disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
         )
-        while self.state.step < cfg.max_steps:
-            row = self.train_step()
-            step = self.state.step
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                self.logger.log(row)
-                self.state.history.append({k: v for k, v in row.items() if isinstance(v, (int, float))})
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{row['loss']:.4f}",
-                **({"alpha": f"{row['alpha_mean']:.3f}"} if row.get("alpha_mean") is not None else {}),
-            )
-            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-                self._validate_and_keep_best(step)
-            if (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.max_steps:
-                self.save_checkpoint()
+        with _StopSignals(announce=self.is_main) as signals:
+            while self.state.step < cfg.max_steps:
+                row = self.train_step()
+                step = self.state.step
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    self.logger.log(row)
+                    self.state.history.append({k: v for k, v in row.items() if isinstance(v, (int, float))})
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}",
+                    **({"alpha": f"{row['alpha_mean']:.3f}"} if row.get("alpha_mean") is not None else {}),
+                )
+                stop = self._agreed_signal(signals.received)
+                if not stop and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
+                    self._validate_and_keep_best(step)
+                if stop or (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.max_steps:
+                    path = self.save_checkpoint()
+                if stop:
+                    bar.close()
+                    self.logger.close()
+                    name = signal.Signals(stop).name
+                    where = f"checkpoint {path} written" if path is not None else "checkpoint written"
+                    raise TrainingInterrupted(
+                        f"stopped by {name} after step {step} of {cfg.max_steps}; {where}", stop, path
+                    )
         bar.close()
+        failure = self._failure()
+        if failure is not None:
+            self.logger.close()
+            raise RunFailedError(failure)
         self._save_model("final")
         self.logger.close()
         return self.state
 
+    def _clean_stale(self) -> None:
+        """Remove what an interrupted save left behind: temporary checkpoint, ``best/`` and ``final/`` folders."""
+        import shutil
+
+        ckpt.clean_stale(self.run_dir / "checkpoints")
+        for name in ("best", "final"):
+            shutil.rmtree(self.run_dir / f".tmp_{name}", ignore_errors=True)
+
+    def _agreed_signal(self, received: int | None) -> int:
+        """The signal number when any process received SIGINT / SIGTERM (0 otherwise), agreed by all processes."""
+        value = float(received or 0)
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(value, device=self.accelerator.device)
+            value = self.accelerator.reduce(flag, reduction="max").item()
+        return int(value)
+
+    def _failure(self) -> str | None:
+        """One sentence on why the finished run failed, or None when it succeeded."""
+        cfg, state = self.cfg, self.state
+        good = [p for _, p in ckpt.list_checkpoints(self.run_dir / "checkpoints") if ckpt.is_healthy(p)]
+        keep = f"the last healthy checkpoint is {good[-1]}" if good else "no healthy checkpoint was kept"
+        if not self.weights_finite():
+            return (
+                f"the run failed: the student's weights are not finite after step {state.step} (a diverged run; "
+                f"lower optimizer.lr or set trainer.max_grad_norm); final/ was not written and {keep}."
+            )
+        share = self._skipped_share()
+        if share > cfg.max_skipped_fraction:
+            return (
+                f"the run failed: {state.skipped_steps} of {state.step} steps ({100 * share:.0f}%) were skipped for a "
+                f"non-finite loss or gradient, more than trainer.max_skipped_fraction={cfg.max_skipped_fraction}; "
+                f"final/ was not written and {keep}."
+            )
+        return None
+
     def _validate_and_keep_best(self, step: int) -> None:
         if not self.validation_batches and not self.validation_examples:
             return
-        row = self.validate()
+        if not self.weights_finite():
+            self.logger.log({"step": step, "split": "validation", "weights_finite": False})
+            return
+        # Validation may reseed (sampled generations): the training streams (dropout, sampling) continue
+        # afterwards exactly where they were, whatever the validation drew.
+        rng = ckpt.capture_rng_state()
+        try:
+            row = self.validate()
+        finally:
+            ckpt.restore_rng_state(rng)
         self.logger.log({"step": step, "split": "validation", **row})
         score = row.get(self.cfg.best_metric)
         if score is None or not math.isfinite(score):
@@ -618,8 +782,8 @@ class Trainer:
         higher_is_better = "rouge" in self.cfg.best_metric.lower()
         best = self.state.best_value
         if best is None or (score > best if higher_is_better else score < best):
-            self.state.best_value, self.state.best_step = score, step
-            self._save_model("best")
+            if self._save_model("best"):
+                self.state.best_value, self.state.best_step = score, step
 
 
 def prepare_teacher(accelerator: Any, teacher: torch.nn.Module) -> torch.nn.Module:

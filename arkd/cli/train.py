@@ -121,21 +121,38 @@ def _task(cfg) -> None:
         print(f"arkd-train: {err}", file=sys.stderr)
         sys.exit(1)
 
+    from arkd.checkpoint import CheckpointError
     from arkd.pipeline import ConfigError
-    from arkd.trainer import NonFiniteLossError
+    from arkd.trainer import NonFiniteLossError, RunFailedError, TrainingInterrupted
 
     if cfg.output_dir is None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     from hydra.errors import InstantiationException
 
+    failures = (ConfigError, NonFiniteLossError, RunFailedError, CheckpointError, OSError, InstantiationException)
     try:
         summary = run(cfg)
-    except (ConfigError, NonFiniteLossError, FileNotFoundError, OSError, InstantiationException) as err:
-        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        print(f"arkd-train: {message}", file=sys.stderr)
+    except TrainingInterrupted as err:
+        # A preemption (SIGTERM) or Ctrl-C: the step was finished and checkpointed; 128 + the signal, as a shell does.
+        _say(f"arkd-train: {err}; run the same command with trainer.resume=auto to continue.")
+        sys.exit(128 + err.signum)
+    except KeyboardInterrupt:
+        _say("arkd-train: interrupted; the run directory keeps its newest complete checkpoint (trainer.resume=auto).")
+        sys.exit(130)
+    except failures as err:
+        print(f"arkd-train: {_one_line(err)}", file=sys.stderr)
         sys.exit(1)
     if _rank() == 0:
         print(f"arkd-train: done; run directory {summary['run_dir']}")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _say(message: str) -> None:
+    if _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
