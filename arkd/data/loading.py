@@ -5,6 +5,12 @@ permutation ``torch.randperm(n, generator=seed + e)``, and rank ``r`` of ``w`` p
 index of it from position ``r`` (the tail padded by wrapping around, as ``DistributedSampler`` does, unless
 ``drop_last``). A checkpoint stores ``ResumableDataLoader.state_dict()`` (epoch and the number of this rank's
 samples already delivered); loading it makes the next iteration continue with the very next sample.
+
+The loader never touches the global torch generator: every ``DataLoader`` iterator draws a base seed (for its
+workers) when it is created, and a resumed run creates one more iterator than the uninterrupted run did, so drawing
+it from the global generator would shift the dropout stream of every later step. Each iterator's base seed comes from
+the loader's own generator, reseeded from ``(seed, epoch, position)``, so worker seeds, too, are a function of the
+data position alone.
 """
 
 from __future__ import annotations
@@ -194,6 +200,7 @@ class ResumableDataLoader(DataLoader):
     sampler: ResumableSampler
 
     def __init__(self, dataset: Dataset, *, sampler: ResumableSampler, **kwargs) -> None:
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._delivered = sampler.start
 
@@ -201,6 +208,8 @@ class ResumableDataLoader(DataLoader):
         sampler = self.sampler
         epoch = sampler.epoch
         self._delivered = sampler.start
+        # The iterator's base seed (workers) from the loader's own generator, a function of the position only.
+        self.generator.manual_seed((sampler.seed * 1_000_003 + epoch * 10_007 + sampler.start) % (2**63 - 1))
         finished = False
         try:
             for batch in super().__iter__():

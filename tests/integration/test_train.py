@@ -144,7 +144,10 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch, dropout):
+    """Dropout on: the resumed run must draw the same dropout masks as the uninterrupted one (the loader's fresh
+    iterator after a resume draws from its own generator, never from the global one that dropout uses)."""
     from arkd.pipeline import run
     from arkd.trainer import Trainer
 
@@ -156,6 +159,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch):
         "data.splits.n_train=128",
         "data.splits.n_validation=4",
         "data.batch_size=8",
+        f"+model.dropout={dropout}",
         "trainer.max_steps=6",
         "trainer.save_interval=2",
         "trainer.eval_interval=0",

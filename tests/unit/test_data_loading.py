@@ -147,3 +147,34 @@ def test_rank_and_world_size_from_the_environment(monkeypatch):
     loader = build_dataloader(Items(6), batch_size=2, collate_fn=collate, seed=4)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(4)).tolist()
     assert flat(loader) == perm[1::2]
+
+
+def test_iterators_never_draw_from_the_global_generator():
+    """A resumed run creates one more iterator than the uninterrupted run; the global generator (dropout) must not
+    notice. DataLoader draws each iterator's base seed from the global generator unless the loader has its own."""
+    loader = build_dataloader(Items(10), batch_size=2, collate_fn=collate, seed=5, rank=0, world_size=1)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    for _ in range(3):
+        next(iter(loader))
+    flat(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_loader_generator_is_reseeded_from_the_position():
+    """Worker seeds come from ``loader.generator``: seeded from (seed, epoch, position), a resumed loader's fresh
+    iterator gets the seed the uninterrupted loader had at that position."""
+    make = lambda: build_dataloader(Items(10), batch_size=2, collate_fn=collate, seed=5, rank=0, world_size=1)  # noqa: E731
+    straight = make()
+    iterator = iter(straight)
+    next(iterator)
+    iterator.close()  # breaking out: the next iteration continues at position 2
+    next(iter(straight))
+    seed_at_2 = straight.generator.initial_seed()
+    resumed = make()
+    resumed.load_state_dict({"epoch": 0, "position": 2, "seed": 5, "world_size": 1})
+    next(iter(resumed))
+    assert resumed.generator.initial_seed() == seed_at_2
+    fresh = make()
+    next(iter(fresh))
+    assert fresh.generator.initial_seed() != seed_at_2  # position 0 and position 2 differ
