@@ -27,12 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import arkd
+from arkd.errors import ConfigError
 from arkd.trainer import BatchStream, Trainer, TrainerConfig
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what was expected."""
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Data helpers (public: configs point at them)

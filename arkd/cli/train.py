@@ -70,11 +70,62 @@ def _split(argv: list[str]) -> tuple[list[str], bool, bool]:
     return overrides, multirun, flags
 
 
-def check_overrides(argv: list[str]) -> str | None:
-    """One sentence describing what is wrong with the command line, or None when it composes.
+def _group_options(group: str) -> list[str] | None:
+    """The options of config group ``group`` (a folder of the tree), or None when it is not a group."""
+    folder = config_dir() / group
+    if not folder.is_dir():
+        return None
+    return sorted(path.stem for path in folder.glob("*.yaml"))
 
-    Checks that every ``config=NAME`` names an experiment file, then (for a single run) composes the config with
-    the overrides through Hydra's compose API, turning Hydra's error into its first sentence.
+
+def _check_group_choice(key: str, value: str) -> str | None:
+    if key.startswith("hydra") or "." in key:
+        return None
+    options = _group_options(key)
+    if options is None or value in ("", "null"):
+        return None
+    for name in value.split(","):
+        if name not in options:
+            return f"unknown {key} '{name}'; expected one of: {', '.join(options)}."
+    return None
+
+
+def _combinations(overrides: list[str], limit: int = 256) -> list[list[str]]:
+    """The single-run override lists of a sweep (Hydra's basic sweeper: the product of the swept values)."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for override, text in zip(parsed, overrides):
+        if override.is_sweep_override():
+            key = text.split("=", 1)[0]
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return [list(c) for c in itertools.islice(itertools.product(*choices), limit)]
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """One sentence describing what is wrong with the command line, or None when it composes and checks.
+
+    Checks that every ``config=NAME`` and every group choice (``policy=NAME``, ...) names an option (listing the
+    valid ones), then composes the config of each run (each combination of a sweep) through Hydra's compose API,
+    turning Hydra's error into its first sentence, and checks every value (:func:`arkd.config_check.
+    check_train_config`: types, ranges, choices, keys nothing reads) before anything is built.
     """
     overrides, multirun, flags = _split(argv)
     names = available_configs()
@@ -84,26 +135,41 @@ def check_overrides(argv: list[str]) -> str | None:
             for name in value.split(","):
                 if name not in names:
                     return f"unknown config '{name}'; expected one of: {', '.join(names)}."
+        elif (problem := _check_group_choice(key, value)) is not None:
+            return problem
         if key == "hydra/launcher" and value in _SUBMITIT_LAUNCHERS and not _submitit_plugin_installed():
             return (
                 f"hydra/launcher={value} needs Hydra's submitit plugin, which is not installed; "
                 'expected `pip install ".[slurm]"` (hydra-submitit-launcher) first.'
             )
-    if multirun or flags:
+    if flags:
         return None
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from arkd.config_check import check_train_config
+    from arkd.errors import ConfigError
 
     plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            compose(config_name="train", overrides=plain)
-    except Exception as err:  # Hydra / OmegaConf composition errors: report their first sentence
+        runs = _combinations(plain) if multirun else [plain]
+    except Exception as err:  # a sweep Hydra cannot parse: Hydra reports it
         message = " ".join(str(err).split("\n")[0].split())
         return f"bad override ({message}); see `arkd-train --help` and docs/configs.md."
-    finally:
-        GlobalHydra.instance().clear()
+    references: dict[tuple[str, ...], object] = {}
+    for run_overrides in runs:
+        try:
+            cfg = _compose(run_overrides)
+        except Exception as err:  # Hydra / OmegaConf composition errors: report their first sentence
+            message = " ".join(str(err).split("\n")[0].split())
+            return f"bad override ({message}); see `arkd-train --help` and docs/configs.md."
+        # The reference: the same group choices without key overrides (the tree's own types and keys).
+        choices = tuple(o for o in run_overrides if "." not in o.split("=", 1)[0] and not o.startswith(("+", "~")))
+        choices = tuple(o for o in choices if _group_options(o.split("=", 1)[0]) is not None)
+        if choices not in references:
+            references[choices] = _compose(list(choices))
+        try:
+            check_train_config(cfg, references[choices])
+        except ConfigError as err:
+            prefix = f"in the sweep run {' '.join(run_overrides)}: " if multirun and len(runs) > 1 else ""
+            return prefix + str(err)
     return None
 
 
@@ -122,7 +188,7 @@ def _task(cfg) -> None:
         sys.exit(1)
 
     from arkd.checkpoint import CheckpointError
-    from arkd.pipeline import ConfigError
+    from arkd.errors import ConfigError
     from arkd.trainer import NonFiniteLossError, RunFailedError, TrainingInterrupted
 
     if cfg.output_dir is None:
