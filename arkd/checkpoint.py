@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from arkd.errors import OutputError, describe_os_error
+
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "COMPLETE"
 MODEL_FILE = "model.safetensors"
@@ -273,24 +275,35 @@ def write_checkpoint(
         The final checkpoint directory.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{final.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    if model_state is not None:
-        save_weights(model_state, tmp / MODEL_FILE)
-    torch.save(state or {}, tmp / STATE_FILE)
-    for rank, rng in enumerate(rng_states):
-        torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    if config_text is not None:
-        (tmp / CONFIG_FILE).write_text(config_text)
-    files = {f.name: {"size": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "healthy": bool(healthy), "files": files}, indent=1) + "\n")
-    _fsync_files(tmp)
-    (tmp / COMPLETE).write_text(f"{step}\n")
-    _fsync_dir(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        if model_state is not None:
+            save_weights(model_state, tmp / MODEL_FILE)
+        torch.save(state or {}, tmp / STATE_FILE)
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, tmp / f"rng_rank{rank}.pt")
+        if config_text is not None:
+            (tmp / CONFIG_FILE).write_text(config_text)
+        files = {
+            f.name: {"size": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(tmp.iterdir()) if f.is_file()
+        }
+        (tmp / MANIFEST).write_text(
+            json.dumps({"step": step, "healthy": bool(healthy), "files": files}, indent=1) + "\n"
+        )
+        _fsync_files(tmp)
+        (tmp / COMPLETE).write_text(f"{step}\n")
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as err:  # a full or read-only disk: drop the partial copy, keep the others
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = describe_os_error(err) if isinstance(err, OSError) else " ".join(str(err).split())[:200]
+        raise OutputError(
+            f"cannot write the checkpoint {final}: {reason}; the earlier checkpoints are untouched."
+        ) from None
     if final.exists():  # a re-run of the same step (e.g. after a resume): replace it as a whole
         old = root / f".old_{final.name}_{os.getpid()}"
         os.replace(final, old)

@@ -276,19 +276,18 @@ def _run_dir(cfg: DictConfig, accelerator: Any) -> Path:
     return Path(path[0])
 
 
-def _resume_path(cfg: DictConfig, run_dir: Path, report: Any = print) -> Path | None:
-    from arkd.checkpoint import latest_checkpoint, verify_checkpoint
-
-    resume = cfg.trainer.resume
-    if resume in (None, False, "null", "none"):
-        return None
-    if str(resume) == "auto":  # the newest checkpoint that passes its checksums; each corrupt one in one sentence
-        return latest_checkpoint(run_dir / "checkpoints", verify=True, on_corrupt=lambda m: report(f"arkd: {m}"))
-    path = Path(str(resume))
-    problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
-    if problem is not None:
-        raise ConfigError(f"trainer.resume={resume}: {problem}; expected 'auto' or a complete, intact checkpoint.")
-    return path
+def _check_batch_sizes(cfg: DictConfig, rows: int, processes: int) -> None:
+    """Every batch size fits the training split (drop_last: a larger one yields no batch), before any SFT."""
+    sizes = [("data.batch_size", cfg.data.batch_size)]
+    for role in ("teacher", "student"):
+        if cfg.init_sft.get(role) is not None:
+            sizes.append((f"init_sft.{role}.batch_size", cfg.init_sft[role].batch_size))
+    for key, size in sizes:
+        if int(size) * processes > rows:
+            raise ConfigError(
+                f"{key}: got {size}, expected at most {rows // processes} (the training split has {rows} rows after "
+                f"tokenization, shared by {processes} process(es), and every batch must be full)."
+            )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -304,19 +303,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from hydra.utils import instantiate
 
+    from arkd.config_check import check_train_config
     from arkd.data import TokenizedDataset, TrainingCollator
     from arkd.evaluation import DecodingConfig, rouge_l
     from arkd.metrics import MetricsLogger
+    from arkd.run_dir import prepare_run_dir
 
+    check_train_config(cfg, build=False)  # arkd-train checked more (types, unknown keys) before composing the job
     _check(cfg)
     _quiet_libraries()
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     accelerator = make_accelerator(cfg)
     run_dir = _run_dir(cfg, accelerator)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # Before anything is built: the directory is writable and holds no other run (or this run, continued with a
+    # compatible config); the checkpoint to resume from is the newest that passes its checksums.
+    resume_from = prepare_run_dir(
+        cfg,
+        run_dir,
+        is_main=accelerator.is_main_process,
+        report=accelerator.print,
+        barrier=accelerator.wait_for_everyone,
+    )
     set_seed(int(cfg.seed))
 
     # Tokenizer, data, models.
@@ -334,6 +342,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         overlong_prompt="drop",
         progress=accelerator.is_main_process and len(splits["train"]) > 20000,
     )
+    _check_batch_sizes(cfg, len(train_dataset), accelerator.num_processes)
     prepared = partial(
         sft_cached, cfg=cfg, tokenizer=tokenizer, train_dataset=train_dataset, collate=collate, accelerator=accelerator
     )
@@ -398,7 +407,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         progress=bool(cfg.trainer.progress),
         progress_desc="distil" if loss is not None else "sft",
     )
-    resume_from = _resume_path(cfg, run_dir, accelerator.print)
     wandb_options = OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None
     logger = MetricsLogger(
         run_dir,

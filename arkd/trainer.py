@@ -440,11 +440,22 @@ class Trainer:
 
             tmp, final = self.run_dir / f".tmp_{name}", self.run_dir / name
             shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(self.student).save_pretrained(tmp, state_dict=state)
-            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
+            try:
+                acc.unwrap_model(self.student).save_pretrained(tmp, state_dict=state)
+                if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                    self.tokenizer.save_pretrained(tmp)
+            except (OSError, RuntimeError) as err:  # full or read-only disk: the previous `name/` stays as it was
+                shutil.rmtree(tmp, ignore_errors=True)
+                from arkd.errors import OutputError, describe_os_error
+
+                reason = describe_os_error(err) if isinstance(err, OSError) else " ".join(str(err).split())[:200]
+                raise OutputError(f"cannot write {final}: {reason}; the previous {name}/ is untouched.") from None
+            old = self.run_dir / f".old_{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():  # moved aside, not deleted, until the new one is in place
+                final.rename(old)
             tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return True
 
@@ -734,6 +745,10 @@ class Trainer:
         ckpt.clean_stale(self.run_dir / "checkpoints")
         for name in ("best", "final"):
             shutil.rmtree(self.run_dir / f".tmp_{name}", ignore_errors=True)
+            old = self.run_dir / f".old_{name}"
+            if old.is_dir() and not (self.run_dir / name).exists():  # killed between the two renames
+                old.rename(self.run_dir / name)
+            shutil.rmtree(old, ignore_errors=True)
 
     def _agreed_signal(self, received: int | None) -> int:
         """The signal number when any process received SIGINT / SIGTERM (0 otherwise), agreed by all processes."""

@@ -195,7 +195,7 @@ def _task(cfg) -> None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     from hydra.errors import InstantiationException
 
-    failures = (ConfigError, NonFiniteLossError, RunFailedError, CheckpointError, OSError, InstantiationException)
+    failures = (NonFiniteLossError, RunFailedError, CheckpointError, OSError, InstantiationException)
     try:
         summary = run(cfg)
     except TrainingInterrupted as err:
@@ -205,6 +205,9 @@ def _task(cfg) -> None:
     except KeyboardInterrupt:
         _say("arkd-train: interrupted; the run directory keeps its newest complete checkpoint (trainer.resume=auto).")
         sys.exit(130)
+    except ConfigError as err:  # bad input found once the run's data or directory is known: as on the command line
+        print(f"arkd-train: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
     except failures as err:
         print(f"arkd-train: {_one_line(err)}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,208 @@
+"""Run and output directories: writable before the work starts, never silently shared by two runs.
+
+- :func:`check_writable` creates a directory and writes a probe file into it, so that a read-only or full file system
+  is one sentence naming the path before any model is built (:class:`arkd.errors.OutputError`);
+- :func:`prepare_run_dir` is what ``arkd-train`` does with its run directory before anything is built: refuse a
+  directory that holds another run unless ``trainer.resume`` continues it or ``trainer.overwrite=true`` replaces
+  it, pick the checkpoint to resume from (the newest that passes its checksums), refuse a resume whose config
+  changed in a way that alters the run (:func:`config_differences`) unless ``trainer.resume_accept_changes=true``,
+  and only then write ``config.yaml``;
+- :func:`refuse_existing_outputs` is the same rule for ``arkd-eval`` and ``arkd-compare`` outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from arkd.errors import ConfigError, OutputError, describe_os_error
+
+# What an arkd-train run leaves in its run directory (Hydra's .hydra/ and train.log do not count: Hydra writes them
+# before the run starts).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "best", "final", "report.json", "report.md", "summary.json")
+RUN_FILES += ("alpha_trajectory.png",)
+
+# Keys a resumed run may change without changing what it computes (paths, logging, how often it saves or
+# validates, the final report after training).
+RESUME_IGNORED = (
+    "output_dir",
+    "cache_dir",
+    "label",
+    "trainer.resume",
+    "trainer.overwrite",
+    "trainer.resume_accept_changes",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.log_interval",
+    "trainer.save_interval",
+    "trainer.eval_interval",
+    "trainer.keep_last",
+    "logger",
+    "data.num_workers",
+    "*.final",
+)
+
+
+def check_writable(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """Create ``path`` (with parents) and prove it writable with a probe file; raise :class:`OutputError`."""
+    path = Path(path)
+    probe = path / f".arkd-write-test-{os.getpid()}"
+    try:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"the {what} {path} is a file; expected a directory.")
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OutputError:
+        raise
+    except OSError as err:
+        raise OutputError(f"cannot write to the {what} {path}: {describe_os_error(err)}.") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return path
+
+
+def existing_run_files(run_dir: str | os.PathLike, names: Iterable[str] = RUN_FILES) -> list[str]:
+    """The names of ``names`` present in ``run_dir``."""
+    run_dir = Path(run_dir)
+    return [name for name in names if (run_dir / name).exists()]
+
+
+def refuse_existing_outputs(out: str | os.PathLike, names: Iterable[str], *, overwrite: bool, key: str, command: str):
+    """Raise :class:`ConfigError` when ``out`` already holds any of ``names`` and ``overwrite`` is off."""
+    found = existing_run_files(out, names)
+    if found and not overwrite:
+        raise ConfigError(
+            f"{command}: the output directory {out} already holds {', '.join(found)}; expected a new directory, "
+            f"or {key} to replace them."
+        )
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def _ignored(key: str, ignored: Iterable[str]) -> bool:
+    parts = key.split(".")
+    for pattern in ignored:
+        pattern_parts = pattern.split(".")
+        if len(parts) >= len(pattern_parts) and all(p in ("*", q) for p, q in zip(pattern_parts, parts)):
+            return True
+    return False
+
+
+def config_differences(saved: Mapping, current: Mapping, ignored: Iterable[str] = RESUME_IGNORED) -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two resolved configs (``ignored`` prefixes skipped;
+    ``*`` matches one key)."""
+    old, new = _flatten(saved), _flatten(current)
+    ignored = tuple(ignored)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if _ignored(key, ignored):
+            continue
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            changes.append(f"{key}: {a!r} -> {b!r}")
+    return changes
+
+
+def prepare_run_dir(
+    cfg: Any,
+    run_dir: Path,
+    *,
+    is_main: bool,
+    report: Callable[[str], Any] = print,
+    barrier: Callable[[], Any] = lambda: None,
+) -> Path | None:
+    """Check and claim ``run_dir`` for this run before anything is built; return the checkpoint to resume from.
+
+    Args:
+        cfg: the composed config (``trainer.resume``, ``trainer.overwrite``, ``trainer.resume_accept_changes``).
+        run_dir: the run directory (rank 0's).
+        is_main: the main process writes (``config.yaml``, removals); every process decides the same.
+        report: where one-line notices go (a corrupt checkpoint skipped, accepted config changes).
+        barrier: waits for every process (between the look at the directory and the first write to it).
+
+    Raises:
+        ConfigError: the directory holds another run, or the resume's config differs (the differences listed).
+        OutputError: the directory cannot be written.
+    """
+    from omegaconf import OmegaConf
+
+    from arkd import checkpoint as ckpt
+
+    trainer = cfg.trainer
+    resume = trainer.get("resume")
+    resume = None if resume in (None, False, "null", "none") else str(resume)
+    overwrite = bool(trainer.get("overwrite", False))
+    if is_main:
+        check_writable(run_dir, "run directory")
+    found = existing_run_files(run_dir)
+    barrier()  # every process has looked before the main one writes
+    if found and resume is None:
+        if not overwrite:
+            raise ConfigError(
+                f"the run directory {run_dir} already holds a run ({', '.join(found)}); expected a new directory, "
+                "trainer.resume=auto to continue that run, or trainer.overwrite=true to replace it."
+            )
+        if is_main:
+            for name in found:
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+    resume_from = None
+    if resume == "auto":
+        resume_from = ckpt.latest_checkpoint(
+            run_dir / "checkpoints", verify=True, on_corrupt=lambda message: report(f"arkd: {message}")
+        )
+    elif resume is not None:
+        path = Path(resume)
+        problem = ckpt.verify_checkpoint(path) if path.is_dir() else "no such directory"
+        if problem is not None:
+            raise ConfigError(f"trainer.resume={resume}: {problem}; expected 'auto' or a complete, intact checkpoint.")
+        resume_from = path
+
+    current_text = OmegaConf.to_yaml(cfg, resolve=True)
+    saved_text = ckpt.read_config_text(resume_from) if resume_from is not None else None
+    if saved_text is None and resume is not None and (run_dir / "config.yaml").is_file():
+        saved_text = (run_dir / "config.yaml").read_text()
+    if saved_text is not None:
+        import yaml
+
+        changes = config_differences(yaml.safe_load(saved_text) or {}, yaml.safe_load(current_text) or {})
+        if changes:
+            where = resume_from if resume_from is not None else run_dir / "config.yaml"
+            listed = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+            if not bool(trainer.get("resume_accept_changes", False)):
+                raise ConfigError(
+                    f"trainer.resume={resume}: this config differs from the one {where} was written with "
+                    f"({len(changes)} change(s): {listed}); expected the same config, or "
+                    "trainer.resume_accept_changes=true to continue with the new values."
+                )
+            report(f"arkd: resuming with {len(changes)} accepted config change(s): {listed}")
+    if is_main:
+        write_text_atomic(run_dir / "config.yaml", current_text)
+    return resume_from
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (the old file survives a failure)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {describe_os_error(err)}.") from None
