@@ -76,13 +76,14 @@ def existing_run_files(run_dir: str | os.PathLike, names: Iterable[str] = RUN_FI
     return [name for name in names if (run_dir / name).exists()]
 
 
-def refuse_existing_outputs(out: str | os.PathLike, names: Iterable[str], *, overwrite: bool, key: str, command: str):
-    """Raise :class:`ConfigError` when ``out`` already holds any of ``names`` and ``overwrite`` is off."""
+def refuse_existing_outputs(out: str | os.PathLike, names: Iterable[str], *, overwrite: bool, key: str) -> None:
+    """Raise :class:`ConfigError` when ``out`` already holds any of ``names`` and ``overwrite`` is off (``key``
+    names the option that allows it)."""
     found = existing_run_files(out, names)
     if found and not overwrite:
         raise ConfigError(
-            f"{command}: the output directory {out} already holds {', '.join(found)}; expected a new directory, "
-            f"or {key} to replace them."
+            f"the output directory {out} already holds {', '.join(found)}; expected a new directory, or {key} to "
+            "replace them."
         )
 
 

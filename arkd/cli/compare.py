@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+# What a comparison writes to --out; a folder holding any is refused without --overwrite.
+OUTPUT_FILES = ("comparison.md", "comparison.json", "heatmap.png", "alpha_trajectory.png", "alpha_strategies.png")
 DEFAULT_ORDER = ["fkl", "rkl", "constant", "linear", "cosine", "akl", "todi", "entropy_gated", "greedy", "learned"]
 
 
@@ -28,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", default="learned", help="strategy the paired differences are taken against")
     parser.add_argument("--metrics", nargs="+", help="metrics to report (default: all present, Rouge-L first)")
     parser.add_argument("--confidence", type=float, default=0.95, help="level of the paired t intervals")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
     return parser.parse_args(argv)
 
 
@@ -37,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not 0.0 < args.confidence < 1.0:
         print(f"arkd-compare: --confidence {args.confidence}: expected a level between 0 and 1.", file=sys.stderr)
+        return 2
+    from arkd.errors import ConfigError, OutputError
+    from arkd.run_dir import check_writable, refuse_existing_outputs
+
+    try:  # before any work: --out holds no earlier comparison (unless --overwrite) and is writable
+        refuse_existing_outputs(args.out, OUTPUT_FILES, overwrite=args.overwrite, key="--overwrite")
+        check_writable(args.out, "output directory")
+    except (ConfigError, OutputError) as err:
+        print(f"arkd-compare: {err}", file=sys.stderr)
         return 2
     try:
         result = compare(
@@ -50,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"arkd-compare: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        from arkd.errors import describe_os_error
+
+        print(f"arkd-compare: cannot write to {args.out}: {describe_os_error(err)}.", file=sys.stderr)
+        return 1
     print(comparison_markdown(result))
     if result["incomplete"]:
         left_out = len(result["incomplete"])

@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from arkd.config_paths import config_dir
 
+# What an evaluation writes (arkd.evaluation.reports.write_run_outputs); a directory holding any is refused.
+OUTPUT_FILES = ("results.json", "results.md", "generations.jsonl")
 KNOWN_DATASETS_HINT = "a name under `files` in configs/evaluate.yaml (dolly, dolly_valid, sni, unni) or a JSONL path"
 
 
@@ -152,6 +154,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
         raise EvalError("arkd-eval runs in a single process; start it without accelerate launch / torchrun.")
     _model_sources(cfg)  # fail on a missing model_path before anything slow
     out = Path(output_dir or cfg.output_dir or _hydra_run_dir())
+    _check_output_dir(out, overwrite=bool(cfg.get("overwrite", False)))  # before any generation
     seeds = [int(s) for s in cfg.seeds]
     if not seeds:
         raise EvalError("seeds is empty; expected a list such as [10, 20, 30, 40, 50].")
@@ -231,10 +234,27 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
     records = (
         record for spec in specs for record in generation_records(spec.name, loaded[spec.name], reports[spec.name])
     )
-    paths = write_run_outputs(out, results, records)
+    try:
+        paths = write_run_outputs(out, results, records)
+    except OSError as err:
+        from arkd.errors import describe_os_error
+
+        raise EvalError(f"cannot write the results to {out}: {describe_os_error(err)}.") from None
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"[arkd-eval] wrote {paths['results']}, {paths['markdown'].name} and {paths['generations'].name}")
     return results
+
+
+def _check_output_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse another evaluation's outputs (unless ``overwrite=true``) and an unwritable directory, in one sentence."""
+    from arkd.errors import ConfigError, OutputError
+    from arkd.run_dir import check_writable, refuse_existing_outputs
+
+    try:
+        refuse_existing_outputs(out, OUTPUT_FILES, overwrite=overwrite, key="overwrite=true")
+        check_writable(out, "output directory")
+    except (ConfigError, OutputError) as err:
+        raise EvalError(str(err)) from None
 
 
 def _check_bertscore(bert) -> None:

@@ -88,9 +88,9 @@ def test_an_unwritable_directory_is_one_sentence_before_any_work(tmp_path):
 
 def test_existing_outputs_are_refused_without_the_overwrite_key(tmp_path):
     (tmp_path / "results.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"arkd-eval: the output directory .* already holds results\.json; expected"):
-        refuse_existing_outputs(tmp_path, ["results.json"], overwrite=False, key="overwrite=true", command="arkd-eval")
-    refuse_existing_outputs(tmp_path, ["results.json"], overwrite=True, key="overwrite=true", command="arkd-eval")
+    with pytest.raises(ConfigError, match=r"^the output directory .* already holds results\.json; expected a new"):
+        refuse_existing_outputs(tmp_path, ["results.json", "results.md"], overwrite=False, key="overwrite=true")
+    refuse_existing_outputs(tmp_path, ["results.json"], overwrite=True, key="overwrite=true")
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypatch):
