@@ -134,6 +134,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
         "two numbers in [0, 1)",
     ),
     "reward.interval": _int(1),
+    "reward.candidates": _int(2),
+    "reward.held_out": _choice("next", "same"),
+    "reward.equal_norm": _bool(),
+    "probe.enabled": ((lambda v: v == "auto" or isinstance(v, bool)), "auto, true or false"),
+    "probe.interval": _int(1),
+    "probe.window": _int(3),
+    "probe.same_batch": _bool(),
+    "probe.equal_norm": _bool(),
     "*.validation.subset": _nullable(_int(1)),
     "*.validation.loss_subset": _nullable(_int(1)),
     "*.validation.batch_size": _int(1),
@@ -307,11 +315,14 @@ def _build_cheap_objects(cfg: Any) -> None:
     from omegaconf import DictConfig, OmegaConf
 
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    for group in ("loss", "policy"):
+    for group in ("loss", "policy", "reward", "probe"):
         if node.get(group) is None:
             continue
         try:
-            instantiate(node[group])
+            options = node[group]
+            if group == "probe":  # `enabled` is read by the recipe, not by the probe
+                options = OmegaConf.create({k: v for k, v in options.items() if k != "enabled"})
+            instantiate(options)
         except Exception as err:
             cause = err.__cause__ if err.__cause__ is not None else err
             message = " ".join(str(cause).split())

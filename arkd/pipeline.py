@@ -367,7 +367,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     max_steps = int(cfg.trainer.max_steps)
     optimizer = instantiate(cfg.optimizer)(params=[p for p in student.parameters() if p.requires_grad])
     scheduler = make_scheduler(optimizer, str(cfg.trainer.lr_schedule), int(cfg.trainer.warmup_steps), max_steps)
-    reward_fn = instantiate(cfg.reward.fn) if strategy is not None and strategy.needs_reward else None
+    reward = instantiate(cfg.reward) if strategy is not None and strategy.needs_reward else None
+    probe = _build_probe(cfg, strategy)
 
     # Validation: loss on (a subset of) the validation split, Rouge-L of generations on a subset.
     validation = list(splits["validation"])
@@ -394,7 +395,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ce_weight=float(cfg.trainer.ce_weight),
         temperature=float(cfg.trainer.temperature),
         feature_mu=float(cfg.trainer.feature_mu),
-        reward_interval=int(cfg.reward.interval),
         log_interval=int(cfg.trainer.log_interval),
         eval_interval=int(cfg.trainer.eval_interval),
         save_interval=int(cfg.trainer.save_interval),
@@ -427,7 +427,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scheduler=scheduler,
         accelerator=accelerator,
         config=trainer_cfg,
-        reward_fn=reward_fn,
+        reward=reward,
+        probe=probe,
         validation_batches=_validation_batches(
             validation[:loss_subset] if loss_subset else validation, tokenizer, cfg, collate
         ),
@@ -473,6 +474,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if accelerator.num_processes > 1:
         accelerator.end_training()  # destroys the process group
     return summary
+
+
+def _build_probe(cfg: DictConfig, strategy: Any) -> Any:
+    """The alpha-signal probe of ``cfg.probe`` (``enabled: auto`` = on for strategies that learn from rewards)."""
+    if strategy is None or cfg.get("probe") is None:
+        return None
+    options = OmegaConf.to_container(cfg.probe, resolve=True)
+    enabled = options.pop("enabled", "auto")
+    if enabled not in ("auto", True, False):
+        raise ConfigError(f"probe.enabled must be auto, true or false, got {enabled!r}.")
+    if enabled is False or (enabled == "auto" and not strategy.needs_reward):
+        return None
+    from hydra.utils import instantiate
+
+    return instantiate(options)
 
 
 def _quiet_libraries() -> None:

@@ -122,6 +122,7 @@ def final_report(
             ],
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
+        report["alpha_signal"] = _alpha_signal(run_dir, cfg)
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         plot = _alpha_plot(run_dir)
         (run_dir / "report.md").write_text(report_markdown(report, plot))
@@ -138,10 +139,27 @@ def _alpha_plot(run_dir: Path) -> Path | None:
     return plot_alpha_trajectory(rows, run_dir / "alpha_trajectory.png", title="alpha (weight of FKL) over training")
 
 
+def _alpha_signal(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``alpha_signal`` block: the alpha-signal probe's summary over the run (None without probes)."""
+    from arkd.evaluation.plots import read_metrics_jsonl
+    from arkd.policy.probe import summarize
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    probe = cfg.get("probe")
+    window = int(probe.get("window", 6)) if probe is not None and probe.get("window") is not None else 6
+    return summarize(read_metrics_jsonl(path), window)
+
+
 def _cell(summary: dict[str, Any]) -> str:
     if summary.get("std") is None:
         return f"{summary['mean']:.2f}"
     return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def report_markdown(report: dict[str, Any], plot: Path | None = None) -> str:
@@ -174,6 +192,21 @@ def report_markdown(report: dict[str, Any], plot: Path | None = None) -> str:
         f"{training.get('skipped_steps', 0)} skipped; best {training.get('best_metric')} "
         f"{training.get('best_value')}.",
     ]
+    signal = report.get("alpha_signal")
+    if signal:
+        agreement = signal.get("sign_agreement")
+        drift = signal.get("policy_alpha_drift")
+        lines += [
+            "",
+            "## Alpha signal (the probe: does alpha matter, and which way?)",
+            "",
+            f"{signal['probes']} probes; mean d reward / d alpha on the next batch {signal['mean_slope']:+.3g} "
+            f"(t = {_fmt(signal.get('slope_t'))} over all probes); {signal['significant_windows']} of "
+            f"{signal['windows']} windows of {signal['window']} probes with |t| > 2"
+            + (f", {100 * agreement:.0f} % of them with the majority sign" if agreement is not None else "")
+            + f". Same batch: {_fmt(signal.get('mean_slope_same'), '+.3g')}. "
+            f"Policy alpha drift (last 20 % of steps minus first 20 %): {_fmt(drift, '+.3f')}.",
+        ]
     if plot is not None:
         lines += ["", f"![alpha trajectory]({plot.name})"]
     if report.get("examples"):

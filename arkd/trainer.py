@@ -1,19 +1,25 @@
 """The distillation loop on accelerate: one file, readable top to bottom.
 
-The trainer receives built objects (student, teacher, tokenizer, batches, alpha strategy, loss, optimizer, scheduler,
-accelerator) and runs optimizer steps. One optimizer step is:
+The trainer receives built objects (student, teacher, tokenizer, batches, alpha strategy, loss, reward, probe,
+optimizer, scheduler, accelerator) and runs optimizer steps. One optimizer step (:meth:`Trainer.train_step`) is:
 
 1. draw the accumulation window (``grad_accum`` micro-batches per process) and count its response tokens across the
    window and all processes: every loss is a *sum* over tokens divided once by that count, so batch 4 x 1 step and
    batch 2 x 2 steps give the same gradient, and so do 1 and N processes;
-2. for each micro-batch: teacher forward (eval mode, no_grad), student forward, teacher-student features (no grad),
-   ``alpha = strategy.select(ctx)``, loss = kd_weight * KD(alpha) [+ ce_weight * CE], backward;
-3. a non-finite loss or gradient norm skips the step (counted in ``metrics.jsonl``) or stops the run, as configured;
-4. clip, optimizer step, scheduler step;
-5. every ``reward_interval`` steps, for strategies that learn: one student forward (no grad) on the window's last
-   micro-batch gives the teacher-student divergence after the step; reward = D_before - D_after at the strategy's
-   granularity; ``strategy.update(reward)``;
-6. log, validate (loss and Rouge-L; the best student by validation Rouge-L is kept), checkpoint.
+2. for each micro-batch (:meth:`Trainer._loss_step` -> :class:`StepOutput`): teacher forward (eval mode, no_grad;
+   reused when a preview already ran it), student forward, teacher-student features (no grad), alpha (one
+   ``strategy.select`` per optimiser step at batch granularity, one per micro-batch at sequence / token
+   granularity), loss = kd_weight * KD(alpha) [+ ce_weight * CE], backward. On steps that preview (a paired reward,
+   the probe, greedy search) one more backward gives ``dg/dalpha`` from the same graph;
+3. a strategy that chooses after the gradient (greedy) picks alpha from previews of this very step;
+4. a non-finite loss or gradient norm (measured with or without clipping) skips the step (counted) or stops the run;
+5. on reward and probe steps, from the optimiser state before the step: each candidate alpha's step is previewed
+   (:class:`arkd.policy.lookahead.StepPreview`) and scored on the next training batch (whose teacher logits are
+   kept for the next step) and on the window, in eval mode; the policy learns from the paired rewards
+   (``arkd.reward.PairedReward``) and the probe logs the alpha signal (``arkd.policy.probe``);
+6. clip, optimizer step, scheduler step; the legacy same-batch reward (``reward=same_batch``) is measured here with
+   the training forward's dropout masks replayed;
+7. log, validate (loss and Rouge-L; the best student by validation Rouge-L is kept), checkpoint.
 
 Everything a run needs to continue after a crash is in its checkpoint (see :mod:`arkd.checkpoint`).
 """
@@ -34,7 +40,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from arkd import checkpoint as ckpt
+from arkd.data.collate import shift_for_next_token
+from arkd.losses.functional import bidirectional_kl
 from arkd.metrics import MetricsLogger
+from arkd.policy import distributed as pdist
+from arkd.policy.features import Features, compute_features
+from arkd.policy.lookahead import BatchScorer, StepPreview, as_params, global_norm, step_preview_for
+from arkd.policy.strategies import StepContext
+from arkd.reward import reduce_tokens, token_alignment
 
 # --------------------------------------------------------------------------------------------------------------------
 # Options and small helpers
@@ -52,7 +65,6 @@ class TrainerConfig:
         ce_weight: weight of the cross-entropy term on the reference responses.
         temperature: softmax temperature of the features and rewards (the loss carries its own).
         feature_mu: head mass of the AKL-style features (``compute_features(mu=)``).
-        reward_interval: compute the reward and update the strategy every this many steps.
         log_interval: write a ``metrics.jsonl`` row every this many steps.
         eval_interval: validate every this many steps (0: only at the end).
         save_interval: checkpoint every this many steps (0: only at the end).
@@ -75,7 +87,6 @@ class TrainerConfig:
     ce_weight: float = 0.0
     temperature: float = 1.0
     feature_mu: float = 0.5
-    reward_interval: int = 1
     log_interval: int = 10
     eval_interval: int = 0
     save_interval: int = 0
@@ -95,8 +106,6 @@ class TrainerConfig:
             raise ValueError(f"trainer.grad_accum must be >= 1, got {self.grad_accum}.")
         if self.on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"trainer.on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}.")
-        if self.reward_interval < 1:
-            raise ValueError(f"reward.interval must be >= 1, got {self.reward_interval}.")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ValueError(f"trainer.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}.")
 
@@ -169,11 +178,12 @@ class BatchStream:
     def __init__(self, loader: Any) -> None:
         self.loader = loader
         self._iterator: Any = None
+        self._peeked: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
 
     def __iter__(self) -> BatchStream:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def _fetch(self) -> dict[str, torch.Tensor]:
         for _ in range(2):  # the end of an epoch: start the next one
             if self._iterator is None:
                 self._iterator = iter(self.loader)
@@ -183,8 +193,24 @@ class BatchStream:
                 self._iterator = None
         raise ValueError("the training data loader yields no batch: expected at least one full batch per process.")
 
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._peeked is not None:
+            batch, self._peeked = self._peeked[0], None
+            return batch
+        return self._fetch()
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The batch the next ``next()`` returns (the same object), without moving the saved position past it."""
+        if self._peeked is None:
+            position = dict(self.loader.state_dict())
+            self._peeked = (self._fetch(), position)
+        return self._peeked[0]
+
     def state_dict(self) -> dict[str, int]:
-        """The data position (epoch, samples of this epoch delivered, seed, world size)."""
+        """The data position (epoch, samples of this epoch delivered, seed, world size); a peeked batch is not
+        delivered yet, so a resumed run draws it again."""
+        if self._peeked is not None:
+            return dict(self._peeked[1])
         return dict(self.loader.state_dict())
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -192,45 +218,8 @@ class BatchStream:
         if self._iterator is not None:
             self._iterator.close()
             self._iterator = None
+        self._peeked = None
         self.loader.load_state_dict(state)
-
-
-def next_token_view(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Align logits with the tokens they predict: ``logits[:, :-1]``, ``loss_mask[:, 1:]``, ``input_ids[:, 1:]``.
-
-    Args:
-        logits: ``[B, T, V]``.
-        batch: the batch dict (``loss_mask`` and ``input_ids`` ``[B, T]``).
-
-    Returns:
-        ``[B, T-1, V]`` logits, ``[B, T-1]`` bool mask, ``[B, T-1]`` target ids.
-    """
-    return logits[:, :-1], batch["loss_mask"][:, 1:].bool(), batch["input_ids"][:, 1:]
-
-
-def token_kl_sums(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over counted tokens of FKL = KL(p||q) and RKL = KL(q||p) (fp32, no grad; for logging and validation).
-
-    Args:
-        student_logits: ``[B, T, V]``.
-        teacher_logits: ``[B, T, V]``.
-        mask: ``[B, T]`` bool.
-        temperature: softmax temperature.
-
-    Returns:
-        Two scalar tensors.
-    """
-    with torch.no_grad():
-        log_q = torch.log_softmax(student_logits[mask].float() / temperature, dim=-1)
-        log_p = torch.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
-        diff = log_p - log_q
-        fkl = torch.where(torch.isfinite(diff), log_p.exp() * diff, 0.0).sum()
-        rkl = torch.where(torch.isfinite(diff), log_q.exp() * -diff, 0.0).sum()
-    return fkl, rkl
 
 
 @dataclass
@@ -260,6 +249,173 @@ class TrainState:
             setattr(self, key, value)
 
 
+@dataclass
+class StepOutput:
+    """One micro-batch's forward: the loss to backpropagate and its named statistics (sums over counted tokens).
+
+    Attributes:
+        loss: ``kd_weight * kd + ce_weight * ce`` (with autograd).
+        student_logits: ``[B, T-1, V]`` shifted student logits (position t predicts token t + 1).
+        teacher_logits: ``[B, T-1, V]`` shifted teacher logits (None without a teacher).
+        mask: ``[B, T-1]`` bool, the counted tokens.
+        targets: ``[B, T-1]`` the tokens predicted.
+        kd, ce: the KD and cross-entropy sums (None when not computed).
+        fkl, rkl: FKL and RKL sums for logging (None when not computed).
+        tokens: counted tokens.
+        alpha: the alpha the KD term used (None without a strategy).
+        features: the strategy's teacher-student statistics (None without a strategy).
+        batch: the micro-batch (on the device).
+        rng: the random state just before the student forward (its dropout masks can be replayed).
+    """
+
+    loss: torch.Tensor
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    mask: torch.Tensor
+    targets: torch.Tensor
+    kd: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    fkl: torch.Tensor | None = None
+    rkl: torch.Tensor | None = None
+    tokens: int = 0
+    alpha: torch.Tensor | None = None
+    features: Features | None = None
+    batch: dict[str, torch.Tensor] | None = None
+    rng: Any = None
+
+    def detached(self, *, keep_logits: bool) -> StepOutput:
+        """A copy without autograd history (and without the logits unless ``keep_logits``), to keep past backward."""
+        return StepOutput(
+            loss=self.loss.detach(),
+            student_logits=self.student_logits.detach() if keep_logits else None,
+            teacher_logits=self.teacher_logits if keep_logits else None,
+            mask=self.mask,
+            targets=self.targets,
+            kd=None if self.kd is None else self.kd.detach(),
+            ce=None if self.ce is None else self.ce.detach(),
+            fkl=self.fkl,
+            rkl=self.rkl,
+            tokens=self.tokens,
+            alpha=None if self.alpha is None else self.alpha.detach(),
+            features=self.features,
+            batch=self.batch,
+            rng=self.rng,
+        )
+
+
+@dataclass
+class _StepPlan:
+    """What a step computes besides its update."""
+
+    candidates: int = 0  # actions the reward scores (0: no reward this step)
+    paired: bool = False  # the paired counterfactual reward
+    legacy: bool = False  # the same-batch self-improvement reward
+    probe: bool = False  # the alpha-signal probe
+    after: bool = False  # the strategy chooses after the window's gradient (greedy)
+    direction: bool = False  # dg/dalpha is needed
+    batch_level: bool = True  # one alpha per optimiser step
+
+    @property
+    def needs_preview(self) -> bool:
+        return self.paired or self.probe or self.after
+
+
+class _Sums:
+    """The window's loss statistics, summed over micro-batches (then over processes)."""
+
+    KEYS = ("loss", "kd", "ce", "fkl", "rkl")
+
+    def __init__(self, device: torch.device) -> None:
+        self.values = torch.zeros(len(self.KEYS), device=device, dtype=torch.float32)
+
+    def add(self, out: StepOutput) -> None:
+        for i, key in enumerate(self.KEYS):
+            value = getattr(out, key)
+            if value is not None:
+                self.values[i] += value.detach().float().to(self.values.device)
+
+    def reduced(self, accelerator: Any) -> dict[str, float]:
+        values = accelerator.reduce(self.values, reduction="sum")
+        return {key: float(values[i]) for i, key in enumerate(self.KEYS)}
+
+
+_PROVISIONAL_ALPHA = 0.5  # the alpha of the window's backward when the strategy chooses after the gradient
+
+
+def kl_sums(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over counted tokens of FKL = KL(p||q) and RKL = KL(q||p), no grad (``arkd.losses.bidirectional_kl``'s
+    components: the loss's own arithmetic, so a student at ``-inf`` where the teacher has mass gives ``inf`` here
+    too)."""
+    with torch.no_grad():
+        _, fkl, rkl = bidirectional_kl(
+            student_logits.detach(),
+            teacher_logits.detach(),
+            mask,
+            temperature=temperature,
+            reduction="sum",
+            return_components=True,
+        )
+    return fkl.float(), rkl.float()
+
+
+def _accumulate(store: dict[str, torch.Tensor], params: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+    """``store[name] += d loss / d params[name]`` (the graph is kept for the step's own backward)."""
+    names = list(params)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], retain_graph=True, allow_unused=True)
+    for name, g in zip(names, grads):
+        if g is None:
+            continue
+        store[name] = g.detach() if name not in store else store[name] + g.detach()
+
+
+def _all_reduce_sum(accelerator: Any, tensors: dict[str, torch.Tensor]) -> None:
+    if accelerator.num_processes == 1 or not tensors:
+        return
+    import torch.distributed as dist
+
+    for value in tensors.values():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+
+
+def _current_gradients(params: dict[str, torch.Tensor], clone: bool) -> dict[str, torch.Tensor]:
+    """name -> the parameter's gradient (after the window's backward: averaged over processes)."""
+    return {n: (p.grad.detach().clone() if clone else p.grad.detach()) for n, p in params.items() if p.grad is not None}
+
+
+def _add_in_place(params: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], delta: float) -> None:
+    """``p.grad += delta * direction`` (the gradient of the chosen alpha from the provisional one's)."""
+    for name, d in direction.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.add_(d.to(grad.dtype), alpha=delta)
+
+
+def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+class _replay_rng:
+    """Run a block with the random state of a snapshot (the same dropout masks), restoring the state after."""
+
+    def __init__(self, snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+        self.snapshot, self.device = snapshot, device
+        self._fork: Any = None
+
+    def __enter__(self) -> None:
+        devices = [self.device] if self.device.type == "cuda" else []
+        self._fork = torch.random.fork_rng(devices=devices)
+        self._fork.__enter__()
+        torch.set_rng_state(self.snapshot[0])
+        if self.snapshot[1] is not None:
+            torch.cuda.set_rng_state(self.snapshot[1], self.device)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fork.__exit__(*exc)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -279,15 +435,14 @@ class Trainer:
         scheduler: a learning-rate scheduler stepped once per optimizer step (or None).
         accelerator: an ``accelerate.Accelerator`` built with ``gradient_accumulation_steps=grad_accum``.
         config: a :class:`TrainerConfig`.
-        reward_fn: ``(student_logits, teacher_logits, mask, granularity=...) -> D``, the alignment the reward is the
-            improvement of (``arkd.reward.alignment``); needed when ``strategy.needs_reward``.
+        reward: the reward of learning strategies (``arkd.reward.PairedReward`` or ``SameBatchReward``); needed when
+            ``strategy.needs_reward``.
+        probe: an ``arkd.policy.AlphaSignalProbe`` (None: no probe).
         validation_batches: a list of batch dicts for the validation loss (sharded over processes here).
         validation_examples: examples (with ``references``) for validation Rouge-L.
         predict_fn: ``(model, examples) -> list[str]``: greedy or sampled generations for Rouge-L.
         score_fn: ``(predictions, references) -> float``: Rouge-L x 100.
         logger: a :class:`MetricsLogger` (None: one is created in ``output_dir`` on the main process).
-        lookahead_fn: ``(trainer, batch, grads_ctx) -> callable`` building ``ctx.lookahead`` for searching strategies
-            (None: :func:`make_lookahead`).
     """
 
     def __init__(
@@ -303,7 +458,8 @@ class Trainer:
         scheduler: Any,
         accelerator: Any,
         config: TrainerConfig,
-        reward_fn: Callable[..., torch.Tensor] | None = None,
+        reward: Any = None,
+        probe: Any = None,
         validation_batches: list[dict[str, torch.Tensor]] | None = None,
         validation_examples: Sequence[Any] | None = None,
         predict_fn: Callable[[torch.nn.Module, Sequence[Any]], list[str]] | None = None,
@@ -314,7 +470,7 @@ class Trainer:
             raise ValueError("a KD run needs a teacher: set `teacher=...` (or use `loss=cross_entropy` for SFT).")
         if config.kd_weight == 0 and config.ce_weight == 0:
             raise ValueError("trainer.kd_weight and trainer.ce_weight are both 0: nothing to train.")
-        if strategy is not None and strategy.needs_reward and reward_fn is None:
+        if strategy is not None and strategy.needs_reward and reward is None:
             raise ValueError(f"{type(strategy).__name__} learns from rewards: set the `reward` config.")
         self.cfg = config
         self.accelerator = accelerator
@@ -322,7 +478,17 @@ class Trainer:
         self.batches = batches
         self.strategy = strategy
         self.loss = loss.to(accelerator.device) if loss is not None else None
-        self.reward_fn = reward_fn
+        self.reward = reward
+        self.probe = probe
+        # What the loss declares (arkd.losses' modules carry these class attributes; a schedule is an update()).
+        self._loss_caps = {
+            "takes_alpha": bool(getattr(loss, "takes_alpha", False)),
+            "needs_target_ids": bool(getattr(loss, "needs_target_ids", False)),
+            "has_schedule": callable(getattr(loss, "update", None)),
+        }
+        self._feature_options = dict(strategy.feature_options) if strategy is not None else {}
+        # The next training batch, its device copy and its teacher logits, once a preview has peeked at it.
+        self._next: tuple[Any, dict[str, torch.Tensor], torch.Tensor | None] | None = None
         self.validation_batches = validation_batches or []
         self.validation_examples = list(validation_examples or [])
         self.predict_fn, self.score_fn = predict_fn, score_fn
@@ -358,6 +524,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "strategy": self.strategy.state_dict() if self.strategy is not None else None,
+                "probe": self.probe.state_dict() if self.probe is not None else None,
                 "loss": self.loss.state_dict() if self.loss is not None else None,
                 "data": self.batches.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
@@ -404,6 +571,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.strategy is not None and state["strategy"] is not None:
             self.strategy.load_state_dict(state["strategy"])
+        if self.probe is not None and state.get("probe"):
+            self.probe.load_state_dict(state["probe"])
         if self.loss is not None and state.get("loss"):
             self.loss.load_state_dict(state["loss"])
         if self.accelerator.scaler is not None and state.get("scaler"):
@@ -471,11 +640,15 @@ class Trainer:
         # Processes may hold different numbers of validation batches: plain forwards, no DDP collectives.
         for batch in self.validation_batches[acc.process_index :: acc.num_processes]:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            s_logits, t_logits = self._forward(batch, student=acc.unwrap_model(self.student))
-            s, m, targets = next_token_view(s_logits, batch)
+            t_logits = self._teacher_logits(batch)
+            s_logits = acc.unwrap_model(self.student)(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            s, m = shift_for_next_token(s_logits, batch["loss_mask"].bool())
+            targets = batch["input_ids"][:, 1:]
             sums[0] += F.cross_entropy(s[m].float(), targets[m], reduction="sum")
             if t_logits is not None:
-                fkl, rkl = token_kl_sums(s, t_logits[:, :-1], m, self.cfg.temperature)
+                fkl, rkl = kl_sums(s, t_logits[:, :-1], m, self.cfg.temperature)
                 sums[1] += fkl
                 sums[2] += rkl
             sums[3] += m.sum()
@@ -496,48 +669,133 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
     # The step
 
-    def _forward(
-        self, batch: dict[str, torch.Tensor], student: torch.nn.Module | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Student logits (with grad when enabled) and teacher logits (always no_grad), both ``[B, T, V]``."""
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-        student = student if student is not None else self.student
-        student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return student_logits, teacher_logits
+    def _teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The teacher's logits ``[B, T, V]`` (eval mode, no_grad), or None without a teacher."""
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    def _kd(
-        self, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor, alpha: torch.Tensor | None, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """The KD term, summed over counted tokens (alpha and target ids for the losses that take them)."""
+    def _draw_window(self) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+        """``grad_accum`` micro-batches on the device, each with its teacher logits if a preview already has them."""
+        window = []
+        for _ in range(self.cfg.grad_accum):
+            batch = next(self.batches)
+            if self._next is not None and self._next[0] is batch:  # peeked by the last step's reward or probe
+                _, device_batch, teacher_logits = self._next
+                window.append((device_batch, teacher_logits))
+            else:
+                window.append(({k: v.to(self.accelerator.device) for k, v in batch.items()}, None))
+            self._next = None
+        return window
+
+    def _peek_next(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The next training batch (on the device) and its teacher logits, kept for the next step."""
+        if self._next is None:
+            batch = self.batches.peek()
+            device_batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            self._next = (batch, device_batch, self._teacher_logits(device_batch))
+        return self._next[1], self._next[2]
+
+    def _kd(self, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor, alpha: Any, targets: torch.Tensor) -> torch.Tensor:
+        """The KD term, summed over counted tokens (alpha and target ids for the losses that declare them)."""
         extra: dict[str, Any] = {}
-        if getattr(self.loss, "takes_alpha", False):
+        if self._loss_caps["takes_alpha"]:
             extra["alpha"] = alpha
-        if getattr(self.loss, "needs_target_ids", False):
+        if self._loss_caps["needs_target_ids"]:
             extra["target_ids"] = targets
         return self.loss(s, t, m, **extra)
 
-    def _select_alpha(
-        self, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, Any]:
-        """Features of the step (no grad) and the strategy's alpha (``[]``, ``[B]`` or ``[B, T-1]``)."""
-        from arkd.policy import StepContext
-        from arkd.policy.features import compute_features
+    def _loss_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        teacher_logits: torch.Tensor | None = None,
+        choose_alpha: Callable[[Features], torch.Tensor | None] | None = None,
+        *,
+        want_kl: bool = False,
+    ) -> StepOutput:
+        """Forward one micro-batch: the loss to backpropagate and its named statistics (sums over counted tokens).
 
-        options = {"mu": self.cfg.feature_mu, **getattr(self.strategy, "feature_options", {})}
-        features = compute_features(s.detach(), t, m, temperature=self.cfg.temperature, **options)
-        ctx = StepContext(
-            features=features,
-            progress=self.state.step / self.cfg.max_steps,
-            step=self.state.step,
-            lookahead=make_lookahead(self, batch),  # lazy: costs nothing unless a strategy calls it
+        Args:
+            batch: a batch dict on the device.
+            teacher_logits: the teacher's ``[B, T, V]`` logits when already computed (None: computed here).
+            choose_alpha: ``features -> alpha`` (the strategy's decision for this micro-batch), or None.
+            want_kl: compute the FKL / RKL sums for logging even without features.
+        """
+        cfg = self.cfg
+        if teacher_logits is None:
+            teacher_logits = self._teacher_logits(batch)
+        rng = _rng_snapshot(self.accelerator.device)  # the dropout state of the student forward (legacy reward)
+        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        s, m = shift_for_next_token(logits, batch["loss_mask"].bool())
+        targets = batch["input_ids"][:, 1:]
+        t = teacher_logits[:, :-1] if teacher_logits is not None else None
+        loss = s.new_zeros((), dtype=torch.float32)
+        out = StepOutput(loss=loss, student_logits=s, teacher_logits=t, mask=m, targets=targets, batch=batch, rng=rng)
+        out.tokens = int(m.sum())
+        if self.loss is not None and cfg.kd_weight != 0:
+            if choose_alpha is not None:
+                out.features = compute_features(
+                    s.detach(), t, m, temperature=cfg.temperature, **{"mu": cfg.feature_mu, **self._feature_options}
+                )
+                out.alpha = choose_alpha(out.features)
+            out.kd = self._kd(s, t, m, out.alpha, targets)
+            loss = loss + cfg.kd_weight * out.kd
+            if out.features is not None:  # FKL / RKL per token are among the features already
+                out.fkl, out.rkl = out.features.fkl.sum(), out.features.rkl.sum()
+            elif want_kl:
+                out.fkl, out.rkl = kl_sums(s, t, m, cfg.temperature)
+        if cfg.ce_weight != 0:
+            out.ce = F.cross_entropy(s[m].float(), targets[m], reduction="sum")
+            loss = loss + cfg.ce_weight * out.ce
+        out.loss = loss
+        return out
+
+    def _alpha_chooser(self, plan: _StepPlan, candidates: list[list[torch.Tensor]]):
+        """``features -> alpha`` for this step's micro-batches: one decision per optimiser step at batch
+        granularity (on the first micro-batch's features), one per micro-batch otherwise; the candidates of a
+        reward step are collected in ``candidates`` (one list per decision)."""
+        strategy = self.strategy
+        if strategy is None:
+            return None
+        shared: list[torch.Tensor] = []
+
+        def choose(features: Features) -> torch.Tensor:
+            if strategy.chooses_after_gradient:  # provisional; replaced after the window's gradient is known
+                return torch.tensor(_PROVISIONAL_ALPHA, device=features.device)
+            if strategy.granularity == "batch" and shared:
+                return shared[0]
+            ctx = StepContext(
+                features=features,
+                progress=self.state.step / self.cfg.max_steps,
+                step=self.state.step,
+                candidates=plan.candidates,
+            )
+            alpha = torch.as_tensor(strategy.select(ctx), dtype=torch.float32, device=features.device)
+            if plan.candidates:
+                candidates.append([c.to(features.device) for c in strategy.candidate_actions()])
+            shared.append(alpha)
+            return alpha
+
+        return choose
+
+    def _plan(self) -> _StepPlan:
+        """What this step computes besides the update: a reward (with how many candidates), a probe, a preview."""
+        step, strategy = self.state.step + 1, self.strategy
+        reward = strategy is not None and strategy.needs_reward and self.reward is not None and self.reward.due(step)
+        k = int(self.reward.candidates) if reward else 0
+        probe = self.probe is not None and strategy is not None and self.probe.due(step)
+        after = strategy is not None and strategy.chooses_after_gradient
+        batch_level = strategy is None or strategy.granularity == "batch"
+        return _StepPlan(
+            candidates=k,
+            paired=reward and k >= 2,
+            legacy=reward and k == 1,
+            probe=probe,
+            after=after,
+            direction=after or probe or (reward and k >= 2 and batch_level),
+            batch_level=batch_level,
         )
-        alpha = self.strategy.select(ctx)
-        return torch.as_tensor(alpha, dtype=torch.float32, device=s.device), features
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over one accumulation window; returns the statistics to log."""
@@ -546,88 +804,128 @@ class Trainer:
 
         # accelerate syncs gradients (DDP) and lets the optimizer step on the window's last micro-batch only.
         acc.gradient_accumulation_steps, acc.step = cfg.grad_accum, 0
+        plan = self._plan()
+        if plan.needs_preview:
+            self._check_preview_support()
 
         # 1. The window, and its counted tokens over all micro-batches and processes.
-        window = [{k: v.to(acc.device) for k, v in next(self.batches).items()} for _ in range(cfg.grad_accum)]
-        local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in window)
+        window = self._draw_window()
+        local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b, _ in window)
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item())
         # Each process backpropagates sum / N_global; DDP averages gradients over processes and accelerate divides
         # by grad_accum, so both are multiplied back here: the result is the exact token mean of the global window.
         scale = acc.num_processes * cfg.grad_accum / max(global_tokens, 1)
+        per_token = 1.0 / max(global_tokens, 1)  # the same normalisation for gradients taken with autograd.grad
 
-        # 2. Forward and backward on each micro-batch.
-        stats = torch.zeros(5, device=acc.device)  # total loss sum, kd sum, ce sum, fkl sum, rkl sum
-        alphas, last = [], None
+        # 2. Forward and backward on each micro-batch (one alpha per optimiser step at batch granularity).
         log_now = (self.state.step + 1) % cfg.log_interval == 0 or self.state.step + 1 == cfg.max_steps
-        for batch in window:
+        sums = _Sums(acc.device)
+        candidates: list[list[torch.Tensor]] = []
+        choose = self._alpha_chooser(plan, candidates)
+        params = as_params(acc.unwrap_model(self.student))
+        direction: dict[str, torch.Tensor] = {}
+        offsets: list[dict[str, torch.Tensor]] = []
+        kept: list[StepOutput] = []
+        alphas: list[torch.Tensor] = []
+        batch_level = plan.batch_level
+        for batch, teacher_logits in window:
             with acc.accumulate(self.student):
-                s_logits, t_logits = self._forward(batch)
-                s, m, targets = next_token_view(s_logits, batch)
-                loss_sum = s.new_zeros((), dtype=torch.float32)
-                alpha = None
-                if self.loss is not None and cfg.kd_weight != 0:
-                    t = t_logits[:, :-1]
-                    features = None
-                    if self.strategy is not None:
-                        alpha, features = self._select_alpha(s, t, m, batch)
-                        alphas.append(_masked_alpha_values(alpha, m))
-                    kd_sum = self._kd(s, t, m, alpha, targets)
-                    loss_sum = loss_sum + cfg.kd_weight * kd_sum
-                    stats[1] += kd_sum.detach()
-                    if features is not None:  # FKL / RKL per token are among the features already
-                        stats[3] += features.fkl.sum().to(stats.device)
-                        stats[4] += features.rkl.sum().to(stats.device)
-                    elif log_now:
-                        fkl, rkl = token_kl_sums(s, t, m, cfg.temperature)
-                        stats[3] += fkl
-                        stats[4] += rkl
-                if cfg.ce_weight != 0:
-                    ce_sum = F.cross_entropy(s[m].float(), targets[m], reduction="sum")
-                    loss_sum = loss_sum + cfg.ce_weight * ce_sum
-                    stats[2] += ce_sum.detach()
-                stats[0] += loss_sum.detach()
-                acc.backward(loss_sum * scale)
-                last = (batch, s.detach(), None if t_logits is None else t_logits[:, :-1], m, alpha)
+                out = self._loss_step(batch, teacher_logits, choose, want_kl=log_now or self.strategy is not None)
+                sums.add(out)
+                if out.alpha is not None:
+                    alphas.append(_masked_alpha_values(out.alpha, out.mask))
+                if plan.direction:  # dg/dalpha: the gradient of kd_weight * (sum FKL - sum RKL) / N
+                    shift = self._kd(out.student_logits, out.teacher_logits, out.mask, 1.0, out.targets) - self._kd(
+                        out.student_logits, out.teacher_logits, out.mask, 0.0, out.targets
+                    )
+                    _accumulate(direction, params, cfg.kd_weight * per_token * shift)
+                if plan.paired and not batch_level and candidates:  # per-sequence / per-token candidates
+                    for k, candidate in enumerate(candidates[-1]):
+                        # a fresh evaluation at the applied alpha: the fast path's backward runs once per forward
+                        diff = self._kd(out.student_logits, out.teacher_logits, out.mask, candidate, out.targets)
+                        diff = diff - self._kd(out.student_logits, out.teacher_logits, out.mask, out.alpha, out.targets)
+                        if len(offsets) <= k:
+                            offsets.append({})
+                        _accumulate(offsets[k], params, cfg.kd_weight * per_token * diff)
+                acc.backward(out.loss * scale)
+                kept.append(out.detached(keep_logits=plan.needs_preview or plan.legacy))
 
-        # 3. Non-finite loss or gradients: skip the step (and count it) or stop with the statistics.
-        grad_norm = None
-        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
-        stats = acc.reduce(stats, reduction="sum")
-        loss_value = stats[0].item() / max(global_tokens, 1)
-        finite = math.isfinite(loss_value) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
-        alpha_all = torch.cat(alphas) if alphas else None
+        # 3. The window's gradient (unclipped), and a strategy that chooses after seeing it (greedy).
+        for part in (direction, *offsets):
+            _all_reduce_sum(acc, part)
+        grads = _current_gradients(params, clone=plan.needs_preview)
+        preview = None
+        applied = alphas
+        if plan.needs_preview:
+            alpha = kept[0].alpha if batch_level or not alphas else torch.cat(alphas)
+            preview = StepPreview(
+                params,
+                grads,
+                step_preview_for(self.optimizer),
+                alpha=alpha,
+                direction=direction or None,
+                max_grad_norm=cfg.max_grad_norm,
+            )
+        if plan.after:
+            same = self._scorer([(o.batch, o.teacher_logits, o.mask) for o in kept])
+            base = same()
+            lookahead = lambda a: base - same(preview.params_at(float(a) - _PROVISIONAL_ALPHA))  # noqa: E731
+            ctx = StepContext(
+                features=kept[0].features,
+                progress=self.state.step / cfg.max_steps,
+                step=self.state.step,
+                lookahead=lookahead,
+            )
+            chosen = float(self.strategy.select(ctx))
+            _add_in_place(params, direction, chosen - _PROVISIONAL_ALPHA)
+            grads = _current_gradients(params, clone=True)
+            preview = StepPreview(
+                params,
+                grads,
+                preview.update,
+                alpha=torch.tensor(chosen),
+                direction=direction,
+                max_grad_norm=cfg.max_grad_norm,
+            )
+            applied = [torch.tensor([chosen])]
+
+        # 4. Non-finite loss or gradients: skip the step (and count it) or stop with the statistics.
+        totals = sums.reduced(acc)
+        loss_value = totals["loss"] / max(global_tokens, 1)
+        grad_norm = global_norm(grads) if grads else torch.zeros(())
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        alpha_all = torch.cat(applied) if applied else None
         has_kl = self.loss is not None and (log_now or self.strategy is not None)
         row: dict[str, Any] = {
             "step": self.state.step + 1,
             "loss": loss_value,
-            "kd": stats[1].item() / max(global_tokens, 1) if self.loss is not None else None,
-            "ce": stats[2].item() / max(global_tokens, 1) if cfg.ce_weight != 0 else None,
-            "fkl": stats[3].item() / max(global_tokens, 1) if has_kl else None,
-            "rkl": stats[4].item() / max(global_tokens, 1) if has_kl else None,
+            "kd": totals["kd"] / max(global_tokens, 1) if self.loss is not None else None,
+            "ce": totals["ce"] / max(global_tokens, 1) if cfg.ce_weight != 0 else None,
+            "fkl": totals["fkl"] / max(global_tokens, 1) if has_kl else None,
+            "rkl": totals["rkl"] / max(global_tokens, 1) if has_kl else None,
             "alpha_mean": alpha_all.mean().item() if alpha_all is not None and alpha_all.numel() else None,
             "alpha_std": alpha_all.std(unbiased=False).item() if alpha_all is not None and alpha_all.numel() else None,
-            "grad_norm": grad_norm.item() if grad_norm is not None else None,
+            "grad_norm": float(grad_norm) if grads else None,
         }
         if not finite:
-            fp16_overflow = acc.scaler is not None and math.isfinite(loss_value)
-            if fp16_overflow:  # the gradient scaler's business: it skips this step and lowers its scale
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.skipped_steps += 1
-            self.state.skipped_in_a_row += 1
-            stop = cfg.on_nonfinite == "stop" and not fp16_overflow
-            if stop or self.state.skipped_in_a_row > cfg.max_skipped:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {self.state.step + 1}: loss={row['loss']}, fkl={row['fkl']}, "
-                    f"rkl={row['rkl']}, alpha_mean={row['alpha_mean']}, grad_norm={row['grad_norm']} "
-                    f"({self.state.skipped_steps} step(s) skipped so far; trainer.on_nonfinite={cfg.on_nonfinite})."
-                )
-            self.state.step += 1
-            row.update(skipped_steps=self.state.skipped_steps, reward=None, lr=self._lr(), tokens_per_sec=None)
-            return row
+            return self._skip(row, loss_value, global_tokens)
 
-        # 4. Optimizer and scheduler step.
+        # 5. Counterfactual measurements from the optimiser state before the step: paired reward and probe.
+        reward_value = None
+        extra: dict[str, Any] = {}
+        if plan.paired or plan.probe:
+            next_batch, next_teacher = self._peek_next()
+            m_next = next_batch["loss_mask"][:, 1:].bool()
+            held_out = self._scorer([(next_batch, next_teacher[:, :-1], m_next)])
+            same = self._scorer([(o.batch, o.teacher_logits, o.mask) for o in kept])
+            if plan.paired:
+                reward_value = self._paired_reward(preview, held_out, same, candidates, offsets)
+            if plan.probe:
+                extra.update(self.probe.measure(preview, held_out, same))
+
+        # 6. Clip, optimizer and scheduler step.
+        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         if self.scheduler is not None and not acc.optimizer_step_was_skipped:
             self.scheduler.step()
@@ -635,44 +933,120 @@ class Trainer:
         self.state.step += 1
         self.state.skipped_in_a_row = 0
         self.state.tokens_seen += global_tokens
-        if self.loss is not None and callable(getattr(self.loss, "update", None)):
+        if self._loss_caps["has_schedule"]:
             self.loss.update(row["kd"])  # losses with a schedule of their own (TAID) advance once per step
 
-        # 5. Immediate reward: how much this step improved teacher-student alignment on the last micro-batch.
-        reward_value = None
-        strategy = self.strategy
-        if (
-            strategy is not None
-            and strategy.needs_reward
-            and last is not None
-            and last[4] is not None
-            and self.state.step % cfg.reward_interval == 0
-        ):
-            batch, s_before, t, m, _ = last
-            granularity = strategy.granularity
-            d_before = self.reward_fn(s_before, t, m, temperature=cfg.temperature, granularity=granularity)
-            with torch.no_grad():
-                model = acc.unwrap_model(self.student)  # no DDP hooks: a plain forward on this process's batch
-                s_after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            d_after = self.reward_fn(s_after[:, :-1], t, m, temperature=cfg.temperature, granularity=granularity)
-            reward = (d_before - d_after).detach()
-            strategy.update(reward)
-            reward_value = acc.reduce(reward.float().mean().reshape(1), reduction="mean").item()
+        # 7. The legacy same-batch reward: the applied action's improvement on its own micro-batches.
+        if plan.legacy:
+            reward_value = self._same_batch_reward(kept)
 
         row.update(
             reward=reward_value,
             lr=self._lr(),
             tokens_per_sec=global_tokens / max(time.perf_counter() - started, 1e-9),
             skipped_steps=self.state.skipped_steps,
+            **extra,
         )
-        if strategy is not None:
-            # The strategy's extras (policy entropy, concentration, baseline, ...); the window-wide statistics
-            # computed above win over its view of the last micro-batch.
-            merged = {"step": row["step"], **strategy.last_log()}
+        if self.strategy is not None:
+            # The strategy's own statistics (policy entropy, concentration, rewards, ...); the trainer's window-wide
+            # alpha statistics and losses win.
+            merged = {"step": row["step"], **self.strategy.last_log()}
             merged.update({k: v for k, v in row.items() if v is not None or k not in merged})
             row = merged
         row.setdefault("policy_entropy", None)
         return row
+
+    def _skip(self, row: dict[str, Any], loss_value: float, global_tokens: int) -> dict[str, Any]:
+        """A non-finite step: skip it (count it) or stop, as ``trainer.on_nonfinite`` says."""
+        acc, cfg = self.accelerator, self.cfg
+        fp16_overflow = acc.scaler is not None and math.isfinite(loss_value)
+        if fp16_overflow:  # the gradient scaler's business: it skips this step and lowers its scale
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_steps += 1
+        self.state.skipped_in_a_row += 1
+        stop = cfg.on_nonfinite == "stop" and not fp16_overflow
+        if stop or self.state.skipped_in_a_row > cfg.max_skipped:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.state.step + 1}: loss={row['loss']}, fkl={row['fkl']}, "
+                f"rkl={row['rkl']}, alpha_mean={row['alpha_mean']}, grad_norm={row['grad_norm']} "
+                f"({self.state.skipped_steps} step(s) skipped so far; trainer.on_nonfinite={cfg.on_nonfinite})."
+            )
+        self.state.step += 1
+        row.update(skipped_steps=self.state.skipped_steps, reward=None, lr=self._lr(), tokens_per_sec=None)
+        return row
+
+    def _scorer(self, parts: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]) -> BatchScorer:
+        temperature = self.cfg.temperature
+        return BatchScorer(
+            self.accelerator.unwrap_model(self.student),
+            [p[0] for p in parts],
+            [p[1] for p in parts],
+            [p[2] for p in parts],
+            lambda s, t, m: token_alignment(s, t, m, temperature=temperature),
+        )
+
+    def _paired_reward(
+        self,
+        preview: StepPreview,
+        held_out: BatchScorer,
+        same: BatchScorer,
+        candidates: list[list[torch.Tensor]],
+        offsets: list[dict[str, torch.Tensor]],
+    ) -> float:
+        """Score each candidate's previewed step on the held-out data, credit the policy, return the mean reward."""
+        reward = self.reward
+        scorer = held_out if reward.held_out == "next" else same
+        equal_norm, preview.equal_norm = preview.equal_norm, bool(reward.equal_norm)
+        try:
+            base = scorer()
+            if offsets:  # per-sequence / per-token candidates: their exact gradient differences
+                scores = [scorer(preview.params_at(offset=offset)) for offset in offsets]
+            else:  # one alpha per step: a shift along dg/dalpha
+                scores = [scorer(preview.params_at(float(c) - preview.alpha_mean)) for c in candidates[0]]
+        finally:
+            preview.equal_norm = equal_norm
+        rewards = reward.rewards(base, scores)
+        self.strategy.update(rewards)
+        return float(rewards.mean())
+
+    def _same_batch_reward(self, kept: list[StepOutput]) -> float:
+        """``D_before - D_after`` of each micro-batch under one dropout mask (the training forward's, replayed)."""
+        acc, strategy, temperature = self.accelerator, self.strategy, self.cfg.temperature
+        model = acc.unwrap_model(self.student)  # no DDP hooks: a plain forward on this process's batch
+        per_batch, sums = [], torch.zeros(2, dtype=torch.float64)
+        for out in kept:
+            with torch.no_grad(), _replay_rng(out.rng, acc.device):
+                s_after = model(input_ids=out.batch["input_ids"], attention_mask=out.batch["attention_mask"]).logits
+            d_before = token_alignment(out.student_logits, out.teacher_logits, out.mask, temperature=temperature)
+            d_after = token_alignment(s_after[:, :-1], out.teacher_logits, out.mask, temperature=temperature)
+            gain = torch.where(out.mask, d_before - d_after, 0.0)
+            per_batch.append(reduce_tokens(gain, out.mask, strategy.granularity))
+            sums += torch.stack([gain.sum().double().cpu(), out.mask.sum().double().cpu()])
+        sums = pdist.all_reduce_sum(sums)
+        mean = float(sums[0] / sums[1].clamp_min(1))
+        if strategy.granularity == "batch":
+            strategy.update(torch.tensor(mean))
+        else:
+            strategy.update(per_batch)
+        return mean
+
+    def _check_preview_support(self) -> None:
+        """Previews need the full parameters and their plain gradients on every process."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.scaler is not None:
+            raise ValueError(
+                "the step preview (greedy search, the alpha-signal probe, the paired reward) does not support fp16's "
+                "gradient scaler: use trainer.precision=bf16 or no, or probe=off with reward=same_batch."
+            )
+        if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ValueError(
+                f"the step preview (greedy search, the alpha-signal probe, the paired reward) needs full parameters "
+                f"and gradients on every process, which {acc.distributed_type.value} shards: use DDP "
+                f"(configs/accelerate/multi_gpu_ddp.yaml), or probe=off with reward=same_batch."
+            )
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -708,7 +1082,9 @@ class Trainer:
             while self.state.step < cfg.max_steps:
                 row = self.train_step()
                 step = self.state.step
-                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                # every probe and reward is logged (the report's alpha_signal block reads them all)
+                measured = row.get("alpha_signal_slope") is not None or row.get("reward") is not None
+                if step % cfg.log_interval == 0 or step == cfg.max_steps or measured:
                     self.logger.log(row)
                     self.state.history.append({k: v for k, v in row.items() if isinstance(v, (int, float))})
                 bar.update(1)
@@ -828,90 +1204,6 @@ def prepare_teacher(accelerator: Any, teacher: torch.nn.Module) -> torch.nn.Modu
     engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
     engine.eval()
     return engine
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Greedy one-step lookahead (ctx.lookahead)
-
-
-def make_lookahead(trainer: Trainer, batch: dict[str, torch.Tensor]) -> Callable[[float], float]:
-    """``alpha -> reward`` for strategies that search alpha (greedy): the alignment gain of a trial step.
-
-    The KD loss is linear in alpha, so its gradient is too: ``g(alpha) = alpha * g_F + (1 - alpha) * g_R`` with
-    ``g_F``, ``g_R`` the gradients of the token-mean FKL and RKL. They are computed on the first call (two backward
-    passes, in eval mode so that dropout does not blur the comparison); each candidate then costs one no-grad
-    forward (``torch.func.functional_call``, via ``arkd.reward.linear_lookahead``) at the parameters the optimiser
-    would reach from ``g(alpha)``: clipped to ``max_grad_norm``, then the Adam/AdamW update from the optimiser's
-    current state (``arkd.reward.adam_step_preview``; plain SGD for other optimisers). The score is
-    ``D(theta) - D(theta')`` with ``D = (FKL + RKL) / 2``.
-    """
-    from torch.func import functional_call
-
-    from arkd.reward import adam_step_preview, alignment, linear_lookahead
-
-    model = trainer.accelerator.unwrap_model(trainer.student)
-    # The trial steps are the optimiser's own (Adam/AdamW moments, bias correction, weight decay) after the trainer's
-    # gradient clipping; another optimiser gets a plain SGD step at the current learning rate.
-    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    update = adam_step_preview(inner) if isinstance(inner, torch.optim.Adam) else None
-    temperature = trainer.cfg.temperature
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    built: list[Callable[[float], float]] = []
-
-    def build() -> Callable[[float], float]:
-        was_training = model.training
-        model.eval()
-        try:
-            params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-            with torch.no_grad():
-                t = trainer.teacher(**inputs).logits[:, :-1]
-            with torch.enable_grad():
-                s, m, _ = next_token_view(model(**inputs).logits, batch)
-                fkl, rkl = _kl_means(s, t, m, temperature)
-                names = list(params)
-                g_f = torch.autograd.grad(fkl, [params[k] for k in names], retain_graph=True, allow_unused=True)
-                g_r = torch.autograd.grad(rkl, [params[k] for k in names], allow_unused=True)
-            d_before = float((fkl + rkl).detach() / 2)
-        finally:
-            model.train(was_training)
-
-        def reward_fn(new_params: dict[str, torch.Tensor]) -> float:
-            was = model.training
-            model.eval()
-            try:
-                logits = functional_call(model, new_params, args=(), kwargs=inputs).logits[:, :-1]
-            finally:
-                model.train(was)
-            return d_before - float(alignment(logits, t, m, temperature=temperature))
-
-        return linear_lookahead(
-            params,
-            dict(zip(names, g_f)),
-            dict(zip(names, g_r)),
-            lr=trainer._lr(),
-            reward_fn=reward_fn,
-            update=update,
-            max_grad_norm=trainer.cfg.max_grad_norm,
-        )
-
-    def lookahead(alpha: float) -> float:
-        if not built:
-            built.append(build())
-        return built[0](alpha)
-
-    return lookahead
-
-
-def _kl_means(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token means of FKL and RKL with gradients to the student (fp32; for the look-ahead)."""
-    log_q = torch.log_softmax(student_logits[mask].float() / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
-    n = max(int(mask.sum()), 1)
-    fkl = (log_p.exp() * (log_p - log_q)).sum() / n
-    rkl = (log_q.exp() * (log_q - log_p)).sum() / n
-    return fkl, rkl
 
 
 # --------------------------------------------------------------------------------------------------------------------

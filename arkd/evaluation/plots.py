@@ -61,7 +61,8 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
 
 
 def plot_alpha_trajectory(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Plot ``alpha_mean`` over training steps with a ± ``alpha_std`` band (paper Figure 5).
+    """Plot ``alpha_mean`` over training steps with a ± ``alpha_std`` band (paper Figure 5), and below it the
+    alpha-signal probe's slope (``alpha_signal_slope``, next batch; ``alpha_signal_slope_same``) when logged.
 
     Args:
         rows: ``metrics.jsonl`` rows (validation rows are ignored).
@@ -81,16 +82,31 @@ def plot_alpha_trajectory(rows: Sequence[dict[str, Any]], path: str | os.PathLik
     stds = {float(r["step"]): r.get("alpha_std") for r in train}
     low = [m - (stds.get(s) or 0.0) for s, m in zip(steps, means)]
     high = [m + (stds.get(s) or 0.0) for s, m in zip(steps, means)]
+    probe_steps, slopes = _series(train, "alpha_signal_slope")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    if probe_steps:
+        fig, (ax, bx) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
     ax.fill_between(steps, [max(0.0, v) for v in low], [min(1.0, v) for v in high], alpha=0.25, label="± std")
     ax.plot(steps, means, lw=1.6, label="alpha mean")
-    ax.set_xlabel("step")
     ax.set_ylabel("alpha (weight of FKL)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     ax.set_title(title or "alpha trajectory")
+    if probe_steps:
+        # the alpha-signal probe: d reward / d alpha on the next batch (and on the step's own batch)
+        bx.axhline(0.0, color="0.4", lw=0.8)
+        bx.plot(probe_steps, slopes, "o-", ms=3, lw=1.0, label="d reward / d alpha, next batch")
+        same_steps, same = _series(train, "alpha_signal_slope_same")
+        if same_steps:
+            bx.plot(same_steps, same, "s--", ms=2.5, lw=0.8, alpha=0.7, label="same batch")
+        bx.set_ylabel("alpha signal (nats / unit alpha)")
+        bx.grid(alpha=0.3)
+        bx.legend(loc="best", fontsize=8)
+        ax = bx
+    ax.set_xlabel("step")
     return _save(fig, path)
 
 

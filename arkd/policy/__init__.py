@@ -1,11 +1,23 @@
-"""arkd.policy: teacher-student statistics, the policy network and the alpha strategies.
+"""arkd.policy: teacher-student statistics, the alpha strategies, the learned ARKD policy and the alpha-signal probe.
 
 Every strategy implements ``AlphaStrategy`` (``select(ctx) -> alpha``, ``update(reward)``, ``last_log()``,
-``state_dict()``); the trainer builds one through Hydra's ``_target_`` and never branches on its name.
+``state_dict()``) and declares what it needs from the trainer in class attributes (``needs_reward``,
+``granularity``, ``chooses_after_gradient``); the trainer builds one through Hydra's ``_target_`` and never branches
+on its name. Rooms:
+
+- ``strategies.py``: the interface and the small strategies (constant, schedules, AKL, ToDi, entropy-gated, greedy);
+- ``learned.py``: ARKD's Beta policy network trained from immediate rewards;
+- ``rl.py``: advantages and policy-gradient losses as pure functions;
+- ``lookahead.py``: the one preview of the trainer's real step for another alpha (greedy, probe, paired reward);
+- ``probe.py``: the alpha-signal probe (does alpha matter right now, and which way?);
+- ``features.py``, ``network.py``, ``distributed.py``: statistics, the MLP, torch.distributed helpers.
 """
 
 from arkd.policy.features import FEATURE_NAMES, Features, RunningNorm, compute_features
+from arkd.policy.learned import LearnedPolicy
+from arkd.policy.lookahead import BatchScorer, StepPreview, adam_step_preview, step_preview_for
 from arkd.policy.network import PolicyNetwork
+from arkd.policy.probe import AlphaSignalProbe
 from arkd.policy.strategies import (
     AKLHeuristic,
     AlphaStrategy,
@@ -13,7 +25,6 @@ from arkd.policy.strategies import (
     CosineSchedule,
     EntropyGated,
     GreedySearch,
-    LearnedPolicy,
     LinearSchedule,
     StepContext,
     ToDiHeuristic,
@@ -22,7 +33,9 @@ from arkd.policy.strategies import (
 __all__ = [
     "FEATURE_NAMES",
     "AKLHeuristic",
+    "AlphaSignalProbe",
     "AlphaStrategy",
+    "BatchScorer",
     "ConstantAlpha",
     "CosineSchedule",
     "EntropyGated",
@@ -33,6 +46,9 @@ __all__ = [
     "PolicyNetwork",
     "RunningNorm",
     "StepContext",
+    "StepPreview",
     "ToDiHeuristic",
+    "adam_step_preview",
     "compute_features",
+    "step_preview_for",
 ]

@@ -36,20 +36,29 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         result: dict = {"features": compute_features(*local_batch(rank, 0)).batch()}
         for granularity in ("batch", "sequence", "token"):
             # Different seeds on purpose: construction must broadcast rank 0's parameters.
-            policy = LearnedPolicy(granularity=granularity, lr=1e-2, seed=rank)
+            policy = LearnedPolicy(granularity=granularity, lr=1e-2, seed=rank, apply="sample")
             initial = flat_params(policy)
             alphas = []
             for step in range(STEPS):
-                ctx = StepContext(features=compute_features(*local_batch(rank, step)), progress=step / STEPS)
+                paired = step % 2 == 0  # alternate the paired credit and the legacy self-credit
+                ctx = StepContext(
+                    features=compute_features(*local_batch(rank, step)),
+                    progress=step / STEPS,
+                    step=step,
+                    candidates=2 if paired else 1,
+                )
                 alpha = policy.select(ctx)
                 alphas.append(alpha.clone())
-                policy.update(-((alpha - 0.2 - 0.3 * rank) ** 2))  # rank-dependent rewards
+                if paired:  # the trainer's paired rewards are reduced over processes: the same everywhere
+                    policy.update(torch.tensor([0.01 * step, -0.02]))
+                else:
+                    policy.update(-((alpha - 0.2 - 0.3 * rank) ** 2))  # rank-dependent rewards
             result[granularity] = {
                 "initial": initial,
                 "final": flat_params(policy),
                 "alphas": alphas,
                 "norm_mean": policy.norm.mean,
-                "baseline": policy.state_dict()["baseline"],
+                "scale": policy.state_dict()["scale"]["value"],
             }
         greedy = GreedySearch(candidates=[0.0, 0.25, 0.5, 0.75, 1.0])
         ctx = StepContext(
@@ -83,7 +92,7 @@ def test_policy_is_identical_across_two_gloo_processes(tmp_path):
         torch.testing.assert_close(a["final"], b["final"])  # averaged gradients keep them identical
         assert not torch.allclose(a["initial"], a["final"])  # and they did learn
         torch.testing.assert_close(a["norm_mean"], b["norm_mean"])
-        assert a["baseline"] == b["baseline"]
+        assert a["scale"] == b["scale"]
     for alpha0, alpha1 in zip(r0["batch"]["alphas"], r1["batch"]["alphas"]):
         assert alpha0.shape == () and torch.equal(alpha0, alpha1)  # one alpha for the global batch
 

@@ -100,7 +100,9 @@ def test_experiment_composes_and_instantiates(name, local_gpt2, dolly_like):
         if getattr(loss, "takes_alpha", False):
             strategy = instantiate(cfg.policy)
             assert strategy.granularity in ("batch", "sequence", "token")
-            assert callable(instantiate(cfg.reward.fn))
+            reward = instantiate(cfg.reward)
+            assert reward.interval >= 1 and reward.candidates >= 1
+            assert cfg.probe.enabled in ("auto", True, False)
     else:
         assert cfg.trainer.ce_weight > 0 and cfg.teacher is None  # SFT
     optimizer = instantiate(cfg.optimizer)(params=student.parameters())

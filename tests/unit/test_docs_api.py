@@ -20,8 +20,8 @@ def test_training_loop_example_runs_and_learns(capsys):
     exec(compile(block, str(API), "exec"), namespace)  # noqa: S102 - the documented example, verbatim
     strategy = namespace["strategy"]
     log = strategy.last_log()
-    assert log["policy_updated"] == 1.0 and 0.0 < log["alpha_mean"] < 1.0
-    assert "alpha_mean" in capsys.readouterr().out
+    assert log["policy_updated"] == 1.0 and 0.0 < log["policy_mean"] < 1.0
+    assert "policy_mean" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("module", MODULES)

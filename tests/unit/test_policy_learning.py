@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import io
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from arkd.policy import LearnedPolicy, StepContext, compute_features
 
-REPO = Path(__file__).resolve().parents[2]
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_ctx(
-    b: int = 3, t: int = 5, v: int = 9, seed: int = 0, progress: float = 0.0, empty_row: int | None = None
+    b: int = 3,
+    t: int = 5,
+    v: int = 9,
+    seed: int = 0,
+    progress: float = 0.0,
+    empty_row: int | None = None,
+    step: int = 0,
+    candidates: int = 0,
 ) -> StepContext:
     g = torch.Generator().manual_seed(seed)
     s, te = 2 * torch.randn(b, t, v, generator=g), 2 * torch.randn(b, t, v, generator=g)
@@ -29,124 +29,121 @@ def make_ctx(
     mask[0, -2:] = False
     if empty_row is not None:
         mask[empty_row] = False
-    return StepContext(features=compute_features(s, te, mask), progress=progress)
+    return StepContext(features=compute_features(s, te, mask), progress=progress, step=step, candidates=candidates)
 
 
 @pytest.mark.parametrize("granularity,shape", [("batch", ()), ("sequence", (3,)), ("token", (3, 5))])
-def test_select_shapes_and_logs(granularity, shape):
+def test_select_shapes_candidates_and_logs(granularity, shape):
     pol = LearnedPolicy(granularity=granularity, seed=1)
-    ctx = make_ctx()
+    ctx = make_ctx(candidates=3)
     alpha = pol.select(ctx)
-    assert alpha.shape == shape
-    assert torch.all((alpha > 0) & (alpha < 1))
-    stats = pol.update(torch.rand(shape))
+    assert alpha.shape == shape and torch.all((alpha > 0) & (alpha < 1))
+    cands = pol.candidate_actions()
+    assert len(cands) == 3 and all(c.shape == shape for c in cands)
+    stats = pol.update(torch.tensor([0.3, -0.1, 0.2]))
     log = pol.last_log()
-    for key in ("alpha_mean", "alpha_std", "policy_entropy", "fkl", "rkl", "reward", "policy_loss"):
-        assert key in log and math.isfinite(log[key]), key
-    assert stats["reward"] == log["reward"]
+    for key in ("policy_entropy", "policy_concentration", "policy_mean", "reward", "policy_loss", "advantage_std"):
+        assert math.isfinite(log[key]), key
+    assert stats["reward"] == pytest.approx(0.4 / 3)
+    # a step without a reward: the mean is played and nothing waits for a reward
+    assert pol.select(make_ctx(step=1)).shape == shape and pol.candidate_actions() == []
+    with pytest.raises(RuntimeError, match="no pending action"):
+        pol.update(torch.tensor([0.0, 0.0]))
 
 
-def test_reinforce_gradient_credits_every_token_with_its_own_reward():
-    """The update's gradient equals -mean_i(A_i * grad log pi(a_i | x_i)) with A_i built from a_i's own reward."""
-    pol = LearnedPolicy(granularity="token", entropy_coef=0.0, max_grad_norm=None, seed=3)
-    ctx = make_ctx()
+def test_apply_mean_plays_the_mean_and_sample_plays_candidate_zero():
+    mean_pol = LearnedPolicy(granularity="batch", init_alpha=0.3, init_concentration=8.0, seed=0)
+    alpha = mean_pol.select(make_ctx(candidates=2))
+    assert float(alpha) == pytest.approx(0.3, abs=0.02)  # the head starts near its initial output
+    assert all(abs(float(c) - float(alpha)) > 1e-6 for c in mean_pol.candidate_actions())
+    sample_pol = LearnedPolicy(granularity="batch", apply="sample", seed=0)
+    alpha = sample_pol.select(make_ctx(candidates=2))
+    assert float(alpha) == float(sample_pol.candidate_actions()[0])
+
+
+def test_paired_gradient_is_leave_one_out_reinforce():
+    """update(r) with K candidates = -mean_k A_k grad log pi(a_k | x), A_k = (r_k - mean_{j!=k} r_j) / scale."""
+    pol = LearnedPolicy(granularity="batch", entropy_coef=0.0, max_grad_norm=None, seed=3, lr=0.0)
+    ctx = make_ctx(candidates=4)
+    pol.select(ctx)
+    x = pol._pending[0].inputs.clone()
+    actions = pol._pending[0].candidates[:, 0].clone()
+    r = torch.tensor([0.3, -0.2, 0.05, 0.4], dtype=torch.float64)
+    pol.update(r)
+    got = [p.grad.clone() for p in pol.network.parameters()]
+    adv = r - (r.sum() - r) / 3
+    adv = adv / math.sqrt(float((adv**2).mean()) + 1e-12)
+    ref = LearnedPolicy(granularity="batch", seed=3)
+    ref.network.load_state_dict(pol.network.state_dict())
+    dist = ref.network(x.repeat(4, 1))
+    (-(adv.float() * dist.log_prob(actions)).mean()).backward()
+    for a, b in zip(got, [p.grad for p in ref.network.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_self_credit_gradient_pairs_every_token_with_its_own_reward():
+    """Legacy credit (K = 1): each token's action with its own reward, centred within the update."""
+    pol = LearnedPolicy(granularity="token", entropy_coef=0.0, max_grad_norm=None, seed=3, lr=0.0)
+    ctx = make_ctx(candidates=1)
     alpha = pol.select(ctx)
     mask = ctx.features.mask
     reward = torch.sin(7 * alpha)  # a reward that depends on each action's own value
-    inputs = pol._pending.inputs.clone()
-    before = copy.deepcopy(pol.network)
+    x = pol._pending[0].inputs.clone()
     pol.update(reward)
-
+    got = [p.grad.clone() for p in pol.network.parameters()]
     r = reward[mask].double()
-    adv = ((r - r.mean()) / torch.sqrt(((r - r.mean()) ** 2).mean() + 1e-12)).float()  # first update: batch baseline
-    dist = before(inputs)
-    loss = -(adv * dist.log_prob(alpha[mask])).mean()
-    loss.backward()
-    for (name, p_ref), p in zip(before.named_parameters(), pol.network.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, msg=name)
+    adv = r - r.mean()
+    adv = (adv / math.sqrt(float((adv**2).mean()) + 1e-12)).float()
+    ref = LearnedPolicy(granularity="token", seed=3)
+    ref.network.load_state_dict(pol.network.state_dict())
+    (-(adv * ref.network(x).log_prob(alpha[mask])).mean()).backward()
+    for a, b in zip(got, [p.grad for p in ref.network.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # a mis-paired reward (shifted by one token) gives a different gradient
-    shifted = torch.roll(adv, 1)
-    other = copy.deepcopy(before)
-    other.zero_grad()
-    (-(shifted * other(inputs).log_prob(alpha[mask])).mean()).backward()
-    assert not torch.allclose(other.head.weight.grad, pol.network.head.weight.grad)
+    pol.select(ctx)
+    pol.update(torch.roll(reward, 1, dims=1))
+    assert any(not torch.allclose(a, p.grad) for a, p in zip(got, pol.network.parameters()))
 
 
-def test_pending_action_bookkeeping():
+def test_stale_pending_actions_are_dropped_and_shapes_checked():
     pol = LearnedPolicy(granularity="sequence", seed=0)
-    with pytest.raises(RuntimeError, match="no pending action"):
+    pol.select(make_ctx(candidates=2, step=0))
+    pol.select(make_ctx(candidates=2, step=1))  # step 0's reward never came (a skipped step): not credited
+    assert len(pol._pending) == 1
+    with pytest.raises(ValueError, match="2 candidates were sampled, got 3 rewards"):
         pol.update(torch.zeros(3))
-    pol.select(make_ctx(b=3))
-    pol.select(make_ctx(b=2, seed=1))  # the first action is dropped, never credited
-    with pytest.raises(ValueError, match="shape"):
-        pol.update(torch.zeros(3))
-    pol.select(make_ctx(b=2, seed=1))
-    pol.update(torch.zeros(2))
-    with pytest.raises(RuntimeError, match="no pending action"):
-        pol.update(torch.zeros(2))  # one reward per action
-    pol.select(make_ctx(b=2, seed=1))
-    with pytest.raises(ValueError, match="NaN"):
-        pol.update(torch.tensor([0.0, math.nan]))
-    batch = LearnedPolicy(granularity="batch")
-    batch.select(make_ctx())
-    with pytest.raises(ValueError, match="scalar"):
-        batch.update(torch.zeros(3))
+    pol.select(make_ctx(candidates=1, step=2))
+    with pytest.raises(ValueError, match="needs a reward of shape"):
+        pol.update(torch.zeros(5))
 
 
 def test_uncounted_positions_are_neither_acted_on_nor_credited():
-    ctx = make_ctx(b=3, t=4, empty_row=1)  # a sequence without counted tokens
     for granularity in ("sequence", "token"):
         pol = LearnedPolicy(granularity=granularity, seed=0)
-        alpha = pol.select(ctx)
+        alpha = pol.select(make_ctx(empty_row=1, candidates=1))
         assert torch.all(alpha[1] == 0.5)
         reward = torch.zeros(alpha.shape)
         reward[1] = math.nan  # ignored: nothing was counted there
         pol.update(reward)
-    # a batch without any counted token: nothing to learn, and nothing breaks
-    g = torch.Generator().manual_seed(5)
-    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
-    empty = StepContext(features=compute_features(s, t, torch.zeros(2, 3, dtype=torch.bool)))
-    for granularity in ("sequence", "token"):
-        pol = LearnedPolicy(granularity=granularity, seed=0)
-        before = [p.clone() for p in pol.network.parameters()]
-        alpha = pol.select(empty)
-        assert torch.all(alpha == 0.5)
-        pol.update(torch.zeros(alpha.shape))
-        for p0, p1 in zip(before, pol.network.parameters()):
-            assert torch.isfinite(p1).all()
-            torch.testing.assert_close(p0, p1)
-
-
-def test_deterministic_plays_the_mean_and_records_nothing():
-    pol = LearnedPolicy(granularity="token", init_alpha=0.3, init_concentration=8.0, deterministic=True)
-    ctx = make_ctx()
-    alpha = pol.select(ctx)
-    torch.testing.assert_close(
-        alpha[ctx.features.mask], torch.full_like(alpha[ctx.features.mask], 0.3), atol=0.02, rtol=0
-    )
-    with pytest.raises(RuntimeError, match="no pending action"):
-        pol.update(torch.zeros(3, 5))
 
 
 @pytest.mark.parametrize("ppo_clip", [None, 0.2])
 def test_state_dict_round_trip_continues_identically(ppo_clip):
     a = LearnedPolicy(granularity="sequence", seed=0, ppo_clip=ppo_clip, buffer_size=3, ppo_epochs=2)
     for step in range(4):
-        alpha = a.select(make_ctx(seed=step, progress=step / 10))
-        a.update(-((alpha - 0.3) ** 2))
+        a.select(make_ctx(seed=step, step=step, candidates=2))
+        a.update(torch.tensor([0.1 * step, -0.05]))
     b = LearnedPolicy(granularity="sequence", seed=99, ppo_clip=ppo_clip, buffer_size=3, ppo_epochs=2)
-    buffer = io.BytesIO()
-    torch.save(a.state_dict(), buffer)  # a checkpoint holds plain tensors and numbers: loadable with weights_only
-    buffer.seek(0)
-    b.load_state_dict(torch.load(buffer, weights_only=True))
-    for step in range(4, 7):
-        ctx_a, ctx_b = make_ctx(seed=step), make_ctx(seed=step)
-        alpha_a, alpha_b = a.select(ctx_a), b.select(ctx_b)
-        torch.testing.assert_close(alpha_a, alpha_b)
-        a.update(-((alpha_a - 0.3) ** 2))
-        b.update(-((alpha_b - 0.3) ** 2))
-    for pa, pb in zip(a.network.parameters(), b.network.parameters()):
-        torch.testing.assert_close(pa, pb)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as through a file: Adam's load_state_dict shares tensors
+    for step in range(4, 8):
+        ctx = make_ctx(seed=step, step=step, candidates=2)
+        torch.testing.assert_close(a.select(ctx), b.select(ctx))
+        for x, y in zip(a.candidate_actions(), b.candidate_actions()):
+            torch.testing.assert_close(x, y)
+        a.update(torch.tensor([0.2, 0.1]))
+        b.update(torch.tensor([0.2, 0.1]))
+    for x, y in zip(a.network.parameters(), b.network.parameters()):
+        torch.testing.assert_close(x, y)
     with pytest.raises(ValueError, match="granularity"):
         LearnedPolicy(granularity="token").load_state_dict(a.state_dict())
 
@@ -154,69 +151,70 @@ def test_state_dict_round_trip_continues_identically(ppo_clip):
 def test_constructor_validation():
     with pytest.raises(ValueError, match="granularity"):
         LearnedPolicy(granularity="document")
+    with pytest.raises(ValueError, match="apply"):
+        LearnedPolicy(apply="max")
     with pytest.raises(ValueError, match="ppo_clip"):
         LearnedPolicy(ppo_clip=0.0)
     with pytest.raises(ValueError, match="init_concentration"):
         LearnedPolicy(init_alpha=0.1, init_concentration=4.0)
+    with pytest.raises(ValueError, match="lr"):
+        LearnedPolicy(lr=-1.0)
 
 
-def _bandit(pol: LearnedPolicy, steps: int, noise: float, seed: int) -> float:
-    ctx = make_ctx(b=2, t=4)
+def _two_kinds(kind: int, seed: int) -> StepContext:
+    """Two kinds of state: a student far from the teacher (kind 0) and one close to it (kind 1)."""
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        alpha = pol.select(ctx)
-        pol.update(-((alpha - 0.2) ** 2) + noise * torch.randn((), generator=g))
-    pol.deterministic = True
-    return float(pol.select(ctx))
+    t = 2 * torch.randn(2, 4, 6, generator=g)
+    s = t + (3.0 if kind == 0 else 0.1) * torch.randn(2, 4, 6, generator=g)
+    return StepContext(features=compute_features(s, t), step=seed, candidates=2)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bandit_reinforce_finds_alpha_star(seed):
-    pol = LearnedPolicy(granularity="batch", lr=1e-2, seed=seed)
-    assert abs(_bandit(pol, steps=300, noise=0.0, seed=seed) - 0.2) < 0.05
+def test_contextual_bandit_learns_a_state_dependent_alpha(seed):
+    """alpha* = 0.2 in one kind of state and 0.8 in the other, a noisy reward, paired credit (RLOO over 2
+    candidates): the policy's mean alpha per kind ends within 0.1 of alpha*."""
+    pol = LearnedPolicy(granularity="batch", seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    best = {0: 0.2, 1: 0.8}
+    for step in range(600):
+        kind = step % 2
+        pol.select(_two_kinds(kind, step))
+        cands = torch.stack(pol.candidate_actions())
+        r = -((cands - best[kind]) ** 2) + 0.02 * torch.randn(cands.shape, generator=g)
+        pol.update(r)
+    for kind in (0, 1):
+        means = [float(pol.select(StepContext(features=_two_kinds(kind, 10_000 + i).features))) for i in range(10)]
+        assert abs(sum(means) / 10 - best[kind]) < 0.1, (kind, means)
 
 
 def test_bandit_ppo_finds_alpha_star_under_noise():
-    pol = LearnedPolicy(granularity="batch", lr=1e-2, ppo_clip=0.2, buffer_size=8, ppo_epochs=4, seed=0)
-    assert abs(_bandit(pol, steps=200, noise=0.01, seed=0) - 0.2) < 0.05
+    pol = LearnedPolicy(granularity="batch", ppo_clip=0.2, buffer_size=8, ppo_epochs=4, seed=0)
+    ctx = make_ctx(b=2, t=4)
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        pol.select(make_ctx(b=2, t=4, step=step, candidates=2))
+        cands = torch.stack(pol.candidate_actions())
+        pol.update(-((cands - 0.2) ** 2) + 0.01 * torch.randn(cands.shape, generator=g))
+    assert abs(float(pol.select(ctx)) - 0.2) < 0.05
 
 
 def test_token_policy_learns_a_feature_dependent_alpha():
-    """Tokens whose teacher is confident want alpha 0.8, the others 0.2: only correct pairing can learn this."""
-    pol = LearnedPolicy(granularity="token", lr=1e-2, hidden_size=32, seed=0)
+    """Tokens whose teacher is confident want alpha 0.8, the others 0.2 (legacy per-token self-credit): only a
+    correct pairing of each token's action with its own reward can learn this."""
+    pol = LearnedPolicy(granularity="token", hidden_size=32, apply="sample", seed=0)
     for step in range(150):
-        ctx = make_ctx(b=4, t=8, v=6, seed=step)
+        ctx = make_ctx(b=4, t=8, v=6, seed=step, step=step, candidates=1)
         confident = ctx.features.teacher_confidence > 0.5
         target = torch.where(confident, 0.8, 0.2)
         alpha = pol.select(ctx)
         pol.update(-((alpha - target) ** 2))
-    pol.deterministic = True
-    ctx = make_ctx(b=16, t=8, v=6, seed=10_000)
+    pol.apply = "mean"
+    ctx = make_ctx(b=16, t=8, v=6, seed=10_000, step=10_000)
     alpha = pol.select(ctx)
     confident = (ctx.features.teacher_confidence > 0.5) & ctx.features.mask
     others = ~confident & ctx.features.mask
     assert float(alpha[confident].mean()) > 0.65
     assert float(alpha[others].mean()) < 0.35
-
-
-def _load_toy():
-    spec = importlib.util.spec_from_file_location("toy_distillation", REPO / "scripts" / "toy_distillation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_toy_distillation_learned_beats_the_worse_of_fkl_and_rkl():
-    toy = _load_toy()
-    cfg = toy.ToyConfig(steps=80)
-    for seed in (0, 1, 2):
-        built = toy.strategies(cfg, seed)
-        fkl = toy.run(built["FKL only (alpha=1)"](), cfg, seed).final_d
-        rkl = toy.run(built["RKL only (alpha=0)"](), cfg, seed).final_d
-        learned = toy.run(built["learned, batch"](), cfg, seed)
-        assert learned.final_d < max(fkl, rkl), (seed, learned.final_d, fkl, rkl)
-        assert math.isfinite(learned.final_d) and len(learned.alphas) == cfg.steps
 
 
 @pytest.mark.gpu
@@ -237,6 +235,6 @@ def test_features_and_strategies_on_cuda():
         assert strategy.select(StepContext(features=gpu)).device.type == "cuda"
     for granularity in ("batch", "sequence", "token"):
         pol = LearnedPolicy(granularity=granularity)
-        alpha = pol.select(StepContext(features=gpu))
-        assert alpha.device.type == "cuda"
-        pol.update(-((alpha - 0.3) ** 2))
+        alpha = pol.select(StepContext(features=gpu, candidates=2))
+        assert alpha.device.type == "cuda" and all(c.device.type == "cuda" for c in pol.candidate_actions())
+        pol.update(torch.tensor([0.1, -0.1]))

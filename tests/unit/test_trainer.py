@@ -14,7 +14,7 @@ from arkd.data import TokenizedDataset, TrainingCollator, build_dataloader, gene
 from arkd.losses import BidirectionalKLLoss
 from arkd.models import build_tiny_model, build_tiny_tokenizer
 from arkd.policy import ConstantAlpha, LearnedPolicy
-from arkd.reward import alignment
+from arkd.reward import PairedReward, SameBatchReward, alignment
 from arkd.trainer import BatchStream, NonFiniteLossError, Trainer, TrainerConfig
 
 
@@ -35,13 +35,27 @@ def _accelerator(grad_accum: int = 1):
     return Accelerator(cpu=True, gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False)
 
 
-def _trainer(tiny, tmp_path, *, batch_size, grad_accum, steps, strategy=None, loss=None, optimizer="sgd", **options):
+def _trainer(
+    tiny,
+    tmp_path,
+    *,
+    batch_size,
+    grad_accum,
+    steps,
+    strategy=None,
+    loss=None,
+    optimizer="sgd",
+    reward=None,
+    probe=None,
+    dropout=0.0,
+    **options,
+):
     tokenizer, dataset, collate, teacher = tiny
-    student = build_tiny_model(len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=160, seed=2)
+    student = build_tiny_model(len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=160, seed=2, dropout=dropout)
     if optimizer == "sgd":
         opt = torch.optim.SGD(student.parameters(), lr=options.pop("lr", 1.0))
     else:
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        opt = torch.optim.AdamW(student.parameters(), lr=options.pop("lr", 1e-3))
     accelerator = _accelerator(grad_accum)
     loader = build_dataloader(
         dataset, batch_size=batch_size, collate_fn=collate, seed=0, rank=0, world_size=1, drop_last=True
@@ -66,7 +80,8 @@ def _trainer(tiny, tmp_path, *, batch_size, grad_accum, steps, strategy=None, lo
         scheduler=None,
         accelerator=accelerator,
         config=config,
-        reward_fn=alignment,
+        reward=reward if reward is not None else PairedReward(),
+        probe=probe,
     )
 
 
@@ -151,78 +166,212 @@ def test_nonfinite_stop_names_step_and_statistics(tiny, tmp_path):
         trainer.train_step()
 
 
-def test_reward_updates_learned_policy_every_interval(tiny, tmp_path):
-    policy = LearnedPolicy(granularity="sequence", seed=0)
-    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=1, steps=4, strategy=policy, reward_interval=2, lr=0.5)
+def _first_batches(tiny, batch_size, n):
+    loader = build_dataloader(tiny[1], batch_size=batch_size, collate_fn=tiny[2], seed=0, rank=0, world_size=1,
+                              drop_last=True)  # fmt: skip
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _hand_d(model, teacher, batch) -> float:
+    """D = (FKL + RKL) / 2 per counted token, written out by hand (eval mode)."""
+    model.eval()
+    with torch.no_grad():
+        s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    m = batch["loss_mask"][:, 1:]
+    p, q = torch.softmax(t[m], -1), torch.softmax(s[m], -1)
+    return float(((p * (p.log() - q.log())).sum(-1) + (q * (q.log() - p.log())).sum(-1)).mean() / 2)
+
+
+def _spy(policy, name, log):
+    original = getattr(policy, name)
+
+    def wrapped(*args):
+        result = original(*args)
+        log.append((args, result))
+        return result
+
+    setattr(policy, name, wrapped)
+
+
+def test_paired_reward_every_interval_one_reward_per_candidate(tiny, tmp_path):
+    policy = LearnedPolicy(granularity="batch", seed=0)
+    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=1, steps=4, strategy=policy,
+                       reward=PairedReward(interval=2, candidates=3), lr=0.5)  # fmt: skip
     calls = []
-    original = policy.update
-
-    def spy(reward):
-        calls.append(reward.clone())
-        return original(reward)
-
-    policy.update = spy
+    _spy(policy, "update", calls)
     rows = [trainer.train_step() for _ in range(4)]
-    assert len(calls) == 2 and calls[0].shape == (4,)  # steps 2 and 4, one reward per sequence
+    assert len(calls) == 2 and calls[0][0][0].shape == (3,)  # steps 2 and 4, one reward per candidate
     assert [r["reward"] is not None for r in rows] == [False, True, False, True]
+    assert all(r["policy_updated"] == 1.0 for r in rows if r["reward"] is not None)
     assert all(0 <= r["alpha_mean"] <= 1 and r["policy_entropy"] is not None for r in rows)
 
 
-def test_reward_is_alignment_improvement_on_the_same_batch(tiny, tmp_path):
-    """D_before - D_after recomputed by hand from the weights before and after the step."""
+def test_paired_rewards_are_explicit_steps_scored_on_the_next_batch(tiny, tmp_path):
+    """r_k = D(theta; next batch) - D(theta_k; next batch), theta_k an explicit SGD step of the window's loss at
+    candidate alpha_k, recomputed by hand; the applied step is the policy's mean."""
     policy = LearnedPolicy(granularity="batch", seed=0)
-    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=1, steps=1, strategy=policy, lr=0.5)
+    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=1, steps=1, strategy=policy,
+                       reward=PairedReward(interval=1, candidates=3), lr=0.5)  # fmt: skip
     student0 = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.student))
     teacher = trainer.accelerator.unwrap_model(trainer.teacher)
-    batch = next(
-        iter(build_dataloader(tiny[1], batch_size=4, collate_fn=tiny[2], seed=0, rank=0, world_size=1, drop_last=True))
-    )
-    rewards = []
-    policy.update = lambda r: rewards.append(r) or {}
-    trainer.train_step()
-
-    def d(model):
+    batch, next_batch = _first_batches(tiny, 4, 2)
+    updates, proposals = [], []
+    _spy(policy, "update", updates)
+    _spy(policy, "candidate_actions", proposals)
+    row = trainer.train_step()
+    candidates = [float(c) for c in proposals[0][1]]
+    base = _hand_d(copy.deepcopy(student0), teacher, next_batch)
+    expected = []
+    for alpha in candidates:
+        model = copy.deepcopy(student0)
+        model.eval()
+        _naive_window_loss(model, teacher, [batch], alpha).backward()
         with torch.no_grad():
-            s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        m = batch["loss_mask"][:, 1:]
-        p, q = torch.softmax(t[m], -1), torch.softmax(s[m], -1)
-        return float(((p * (p.log() - q.log())).sum(-1) + (q * (q.log() - p.log())).sum(-1)).mean() / 2)
-
-    expected = d(student0) - d(trainer.accelerator.unwrap_model(trainer.student))
-    assert float(rewards[0]) == pytest.approx(expected, rel=1e-4, abs=1e-7)
-
-
-def test_lookahead_scores_alpha_by_trial_step(tiny, tmp_path):
-    """ctx.lookahead(alpha) = D(theta) - D(theta - lr * g(alpha)), checked against an explicit SGD step."""
-    from arkd.trainer import make_lookahead
-
-    trainer = _trainer(tiny, tmp_path, batch_size=2, grad_accum=1, steps=1, lr=0.5)
-    batch = next(
-        iter(build_dataloader(tiny[1], batch_size=2, collate_fn=tiny[2], seed=0, rank=0, world_size=1, drop_last=True))
-    )
-    lookahead = make_lookahead(trainer, batch)
-    got = lookahead(0.25)
-    model = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.student)).eval()
-    teacher = trainer.accelerator.unwrap_model(trainer.teacher)
+            for p in model.parameters():
+                p -= 0.5 * p.grad
+        expected.append(base - _hand_d(model, teacher, next_batch))
+    got = updates[0][0][0]
+    assert got.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert row["reward"] == pytest.approx(sum(expected) / 3, rel=1e-4, abs=1e-7)
+    # the applied step is the mean's, not a candidate's
+    applied = copy.deepcopy(student0)
+    _naive_window_loss(applied, teacher, [batch], row["alpha_mean"]).backward()
     with torch.no_grad():
-        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    m = batch["loss_mask"][:, 1:]
-
-    def d_and_loss(alpha):
-        s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        p, q = torch.softmax(t[m], -1), torch.softmax(s[m], -1)
-        fkl = (p * (p.log() - q.log())).sum(-1).mean()
-        rkl = (q * (q.log() - p.log())).sum(-1).mean()
-        return (fkl + rkl) / 2, alpha * fkl + (1 - alpha) * rkl
-
-    d0, loss = d_and_loss(0.25)
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
+        for p in applied.parameters():
             p -= 0.5 * p.grad
-    d1, _ = d_and_loss(0.25)
-    assert got == pytest.approx(float((d0 - d1).detach()), rel=1e-3, abs=1e-7)
+    for x, y in zip(applied.parameters(), trainer.accelerator.unwrap_model(trainer.student).parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_step_preview_is_the_real_adamw_step_with_clipping(tiny, tmp_path):
+    """The probe's preview at delta = 0 is where the trainer's step lands; at delta it is an explicit AdamW step
+    (same state, clipping) of the loss at alpha + delta."""
+    from arkd.policy import AlphaSignalProbe, ConstantAlpha
+
+    records = []
+
+    class Recording(AlphaSignalProbe):
+        def measure(self, preview, held_out, same=None):
+            params = {n: p.detach().clone() for n, p in preview.params.items()}
+            records.append((preview.params_at(0.0), preview.params_at(0.2), params))
+            return super().measure(preview, held_out, same)
+
+    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=2, steps=3, strategy=ConstantAlpha(alpha=0.3),
+                       optimizer="adamw", lr=1e-2, max_grad_norm=0.05, probe=Recording(interval=1))  # fmt: skip
+    model = trainer.accelerator.unwrap_model(trainer.student)
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher)
+    batches = _first_batches(tiny, 4, 6)
+    for step in range(3):
+        state = copy.deepcopy(trainer.optimizer.state_dict())
+        before = copy.deepcopy(model)
+        row = trainer.train_step()
+        assert row["alpha_signal_slope"] is not None and row["alpha_signal_best"] is not None
+        at_zero, at_delta, _ = records[-1]
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(at_zero[name], p.detach(), rtol=1e-5, atol=1e-7)
+        # explicit: alpha 0.5 from the same state
+        other = copy.deepcopy(before)
+        other.train()
+        opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+        opt.load_state_dict(state)
+        _naive_window_loss(other, teacher, batches[2 * step : 2 * step + 2], 0.5).backward()
+        torch.nn.utils.clip_grad_norm_(other.parameters(), 0.05)
+        opt.step()
+        # g + delta * dg/dalpha equals the direct gradient up to float rounding, which Adam's g / sqrt(v) magnifies on
+        # entries whose gradient is near 0 (a few in 16k differ by ~1e-5, 0.1 % of a step at lr 1e-2)
+        for name, p in other.named_parameters():
+            torch.testing.assert_close(at_delta[name], p.detach(), rtol=1e-4, atol=5e-5)
+
+
+def test_same_batch_reward_is_alignment_improvement_on_the_same_batch(tiny, tmp_path):
+    """The legacy reward: D_before - D_after recomputed by hand from the weights before and after the step."""
+    policy = LearnedPolicy(granularity="batch", seed=0)
+    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=1, steps=1, strategy=policy,
+                       reward=SameBatchReward(interval=1), lr=0.5)  # fmt: skip
+    student0 = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.student))
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher)
+    (batch,) = _first_batches(tiny, 4, 1)
+    rewards = []
+    _spy(policy, "update", rewards)
+    trainer.train_step()
+    expected = _hand_d(student0, teacher, batch) - _hand_d(
+        copy.deepcopy(trainer.accelerator.unwrap_model(trainer.student)), teacher, batch
+    )
+    assert float(rewards[0][0][0]) == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("reward", "granularity"),
+    [
+        (PairedReward(interval=1), "batch"),
+        (PairedReward(interval=1), "sequence"),
+        (SameBatchReward(interval=1), "sequence"),
+    ],
+)
+def test_a_step_that_changes_nothing_earns_zero_reward_under_dropout(tiny, tmp_path, reward, granularity):
+    """model dropout 0.1, lr 0: every logged reward and probe slope is 0 (no noise the action did not cause)."""
+    from arkd.policy import AlphaSignalProbe
+
+    policy = LearnedPolicy(granularity=granularity, seed=0)
+    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=2, steps=3, strategy=policy, reward=reward,
+                       optimizer="adamw", lr=0.0, dropout=0.1, probe=AlphaSignalProbe(interval=1))  # fmt: skip
+    rows = [trainer.train_step() for _ in range(3)]
+    assert all(r["reward"] is not None and abs(r["reward"]) <= 1e-6 for r in rows)
+    assert all(abs(r["alpha_signal_slope"]) <= 1e-6 and abs(r["alpha_signal_slope_same"]) <= 1e-6 for r in rows)
+
+
+def test_one_alpha_per_optimizer_step_and_every_micro_batch_credited(tiny, tmp_path):
+    batch_policy = LearnedPolicy(granularity="batch", seed=0)
+    selects = []
+    _spy(batch_policy, "select", selects)
+    trainer = _trainer(tiny, tmp_path / "b", batch_size=2, grad_accum=4, steps=2, strategy=batch_policy,
+                       reward=PairedReward(interval=1))  # fmt: skip
+    for _ in range(2):
+        trainer.train_step()
+    assert len(selects) == 2  # one per optimiser step, not one per micro-batch
+
+    seq_policy = LearnedPolicy(granularity="sequence", seed=0, apply="sample")
+    updates = []
+    _spy(seq_policy, "update", updates)
+    trainer = _trainer(tiny, tmp_path / "s", batch_size=2, grad_accum=4, steps=1, strategy=seq_policy,
+                       reward=SameBatchReward(interval=1))  # fmt: skip
+    trainer.train_step()
+    (per_batch,) = updates[0][0]
+    assert len(per_batch) == 4 and all(r.shape == (2,) for r in per_batch)  # every micro-batch's actions
+
+    paired = LearnedPolicy(granularity="sequence", seed=0)
+    pending = []
+    original = paired.update
+
+    def record(reward):
+        pending.append([p.candidates.shape for p in paired._pending])
+        return original(reward)
+
+    paired.update = record
+    trainer = _trainer(tiny, tmp_path / "p", batch_size=2, grad_accum=4, steps=1, strategy=paired,
+                       reward=PairedReward(interval=1, candidates=2))  # fmt: skip
+    row = trainer.train_step()
+    assert pending[0] == [torch.Size([2, 2])] * 4 and row["reward"] is not None
+
+
+def test_teacher_runs_once_per_batch_when_previews_peek(tiny, tmp_path):
+    """The next batch's teacher logits computed for a preview are the next step's: one teacher forward per batch."""
+    from arkd.policy import AlphaSignalProbe
+
+    policy = LearnedPolicy(granularity="batch", seed=0)
+    trainer = _trainer(tiny, tmp_path, batch_size=4, grad_accum=1, steps=4, strategy=policy,
+                       reward=PairedReward(interval=2), probe=AlphaSignalProbe(interval=1))  # fmt: skip
+    calls = []
+    teacher = trainer.teacher
+    handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for _ in range(4):
+            trainer.train_step()
+    finally:
+        handle.remove()
+    assert len(calls) == 5  # 4 steps' batches + the batch after the last step (peeked by its probe)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,8 +426,13 @@ def test_rng_state_round_trip():
 
 
 def test_trainer_checkpoint_restores_everything(tiny, tmp_path):
+    from arkd.policy import AlphaSignalProbe
+
     policy = LearnedPolicy(granularity="sequence", seed=0)
-    a = _trainer(tiny, tmp_path / "a", batch_size=2, grad_accum=1, steps=4, strategy=policy, optimizer="adamw")
+    # a reward and a probe at step 2: the checkpoint is written while the next batch is peeked (and its teacher
+    # logits cached); the resumed run must draw that batch again
+    a = _trainer(tiny, tmp_path / "a", batch_size=2, grad_accum=1, steps=4, strategy=policy, optimizer="adamw",
+                 reward=PairedReward(interval=2), probe=AlphaSignalProbe(interval=2))  # fmt: skip
     for _ in range(2):
         a.train_step()
     path = a.save_checkpoint()
@@ -292,10 +446,13 @@ def test_trainer_checkpoint_restores_everything(tiny, tmp_path):
         steps=4,
         strategy=LearnedPolicy(granularity="sequence", seed=5),
         optimizer="adamw",
+        reward=PairedReward(interval=2),
+        probe=AlphaSignalProbe(interval=2),
     )
     b.load_checkpoint(path)
     rest_b = [b.train_step()["loss"] for _ in range(2)]
     assert rest_a == pytest.approx(rest_b, rel=1e-6)
+    assert a.probe.slopes == pytest.approx(b.probe.slopes, rel=1e-6) and len(b.probe.slopes) == 2
     for x, y in zip(a.student.parameters(), b.student.parameters()):
         torch.testing.assert_close(x, y)
     for x, y in zip(a.strategy.network.parameters(), b.strategy.network.parameters()):
