@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from arkd import checkpoint as ckpt
 from arkd.data.collate import shift_for_next_token
@@ -47,6 +46,7 @@ from arkd.policy import distributed as pdist
 from arkd.policy.features import Features, compute_features
 from arkd.policy.lookahead import BatchScorer, StepPreview, as_params, global_norm, step_preview_for
 from arkd.policy.strategies import StepContext
+from arkd.progress import progress_bar
 from arkd.reward import reduce_tokens, token_alignment
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1071,12 +1071,11 @@ class Trainer:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self.student.train()
-        bar = tqdm(
+        bar = progress_bar(
             total=cfg.max_steps,
             initial=self.state.step,
             desc=cfg.progress_desc,
             disable=not (self.is_main and cfg.progress),
-            dynamic_ncols=True,
         )
         with _StopSignals(announce=self.is_main) as signals:
             while self.state.step < cfg.max_steps:

@@ -19,9 +19,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
 from arkd.data.example import Example
+from arkd.progress import progress_bar
 
 logger = logging.getLogger("arkd.data")
 
@@ -125,7 +124,7 @@ def tokenize_examples(
     report = TokenizationReport(total=len(examples), max_prompt_length=max_prompt_length, max_length=max_length)
     items: list[TokenizedExample] = []
     starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc="tokenizing", unit="batch", disable=not progress):
+    for start in progress_bar(starts, desc="tokenizing", unit="batch", disable=not progress):
         chunk = examples[start : start + batch_size]
         prompts = tokenizer([ex.prompt for ex in chunk], add_special_tokens=False)["input_ids"]
         responses = tokenizer([ex.response for ex in chunk], add_special_tokens=False)["input_ids"]

@@ -206,9 +206,9 @@ def generate(
     encoded = encode_prompts(tokenizer, prompts, decoding.max_prompt_tokens)
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
     if progress:
-        from tqdm.auto import tqdm
+        from arkd.progress import progress_bar
 
-        batches = tqdm(batches, desc=desc, unit="batch")
+        batches = progress_bar(batches, desc=desc, unit="batch")
     set_seed(seed)
     outputs: list[str] = []
     try:

@@ -108,9 +108,9 @@ def rouge_l_per_row(
 def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from arkd.progress import progress_bar
 
-    return tqdm(iterable, desc=desc, total=total, unit="chunk")
+    return progress_bar(iterable, desc=desc, total=total, unit="chunk")
 
 
 def rouge_l(
