@@ -22,7 +22,7 @@ from typing import Any
 
 from arkd.errors import ConfigError
 
-# Keys of the options of `init_sft.teacher` / `init_sft.student` (arkd.pipeline.sft_cached reads these).
+# Keys of the options of `init_sft.teacher` / `init_sft.student` (arkd.recipes.sft_cache.sft_cached reads these).
 SFT_OPTIONS = {"max_steps", "lr", "batch_size", "warmup_steps", "lr_schedule", "weight_decay", "max_grad_norm", "seed"}
 # Hydra's own keys inside a `_target_` node.
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from arkd.cli.eval import EvalError, compose, run
+    from arkd.recipes.evaluate import EvalError, compose, run
 
     args = parse_args(argv)
     output_dir = Path(args.output_dir or Path("runs") / "eval" / Path(args.checkpoint.rstrip("/")).name)

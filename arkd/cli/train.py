@@ -1,27 +1,19 @@
-"""``arkd-train config=NAME [overrides]``: the Hydra entry point of arkd's trainer.
+"""``arkd-train config=NAME [overrides]``: the Hydra entry point of arkd's distillation recipe.
 
-Also runs as ``accelerate launch -m arkd.cli.train config=NAME``; rank 0 alone writes and prints. The work is done by
-:func:`arkd.pipeline.run`, importable and testable without this CLI (``from arkd.cli.train import run``).
+Also runs as ``accelerate launch -m arkd.cli.train config=NAME``; rank 0 alone writes and prints. This module only
+parses and checks the command line, reports errors as one sentence and calls :func:`arkd.recipes.distill.run`
+(importable and testable without this CLI). The recipe is imported lazily: a bad command line is reported before
+torch is imported.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from arkd.config_paths import config_dir
 
-__all__ = ["available_configs", "check_overrides", "main", "run"]
-
-
-def run(cfg: Any) -> dict[str, Any]:
-    """Build everything from ``cfg`` and train: see :func:`arkd.pipeline.run` (imported lazily: a bad command line
-    is reported before torch is imported)."""
-    from arkd.pipeline import run as pipeline_run
-
-    return pipeline_run(cfg)
-
+__all__ = ["available_configs", "check_overrides", "main"]
 
 _HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
 _HYDRA_FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--info", "--experimental-rerun"}
@@ -189,6 +181,7 @@ def _task(cfg) -> None:
 
     from arkd.checkpoint import CheckpointError
     from arkd.errors import ConfigError
+    from arkd.recipes.distill import run
     from arkd.trainer import NonFiniteLossError, RunFailedError, TrainingInterrupted
 
     if cfg.output_dir is None:

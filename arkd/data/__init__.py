@@ -14,6 +14,7 @@ from arkd.data.loading import (
     TokenizedDataset,
     build_dataloader,
 )
+from arkd.data.splits import held_out_splits
 from arkd.data.synthetic import generate_synthetic, synthetic_corpus, synthetic_splits, write_synthetic_splits
 from arkd.data.template import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, decode_newlines, format_prompt
 from arkd.data.tokenization import TokenizationReport, TokenizedExample, tokenize_examples
@@ -36,6 +37,7 @@ __all__ = [
     "decode_newlines",
     "format_prompt",
     "generate_synthetic",
+    "held_out_splits",
     "load_examples",
     "prepare_dolly",
     "shift_for_next_token",

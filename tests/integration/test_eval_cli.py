@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from arkd.cli.eval import _task, compose, main
+from arkd.cli.eval import _task, main
 from arkd.data.template import format_prompt
 from arkd.evaluation import validate_results
 from arkd.models import build_tiny_model, build_tiny_tokenizer, save_pretrained
+from arkd.recipes.evaluate import compose
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [

@@ -148,7 +148,7 @@ class _Crash(RuntimeError):
 def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch, dropout):
     """Dropout on: the resumed run must draw the same dropout masks as the uninterrupted one (the loader's fresh
     iterator after a resume draws from its own generator, never from the global one that dropout uses)."""
-    from arkd.pipeline import run
+    from arkd.recipes.distill import run
     from arkd.trainer import Trainer
 
     common = [

@@ -14,7 +14,10 @@ from omegaconf import OmegaConf
 
 from arkd.cli.train import available_configs, check_overrides
 from arkd.config_paths import config_dir
-from arkd.pipeline import ConfigError, build_model, held_out_splits, run
+from arkd.data import held_out_splits
+from arkd.errors import ConfigError
+from arkd.recipes.build import build_model
+from arkd.recipes.distill import run
 
 CONFIG_DIR = config_dir()
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "config").glob("*.yaml"))

@@ -1,22 +1,21 @@
-"""``run(cfg)``: build every object of a training run from its Hydra config and train, then report.
+"""The distillation recipe (``arkd-train``): ``run(cfg)`` builds every object of a training run from its composed
+``train.yaml`` config, trains, and reports.
 
 The stages, in order (each only when configured):
 
 1. the tokenizer, the data splits, the student and the teacher, built with ``hydra.utils.instantiate``;
 2. ``init_sft``: a model that needs a supervised fine-tuning first (the tiny job's teacher, and its student so that
-   "before distillation" means the SFT'd student as in the papers) is trained with the same trainer and the
-   cross-entropy loss, then cached under ``cache_dir`` keyed by a hash of its model, SFT, data and tokenizer configs,
-   the number of processes and arkd's version; later runs reuse it;
+   "before distillation" means the SFT'd student as in the papers) comes from the SFT cache
+   (:func:`arkd.recipes.sft_cache.sft_cached`: trained once, reused while its config is unchanged);
 3. distillation (or SFT) with :class:`arkd.trainer.Trainer`: ``metrics.jsonl``, checkpoints, ``best/``, ``final/``;
-4. ``eval.final``: teacher, student before and student after on the test split, ``report.json``, ``report.md`` and
-   ``alpha_trajectory.png``.
+4. ``eval.final``: teacher, student before and student after on the test split, ``report.json``,
+   ``report.md`` and ``alpha_trajectory.png``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -26,84 +25,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import arkd
 from arkd.errors import ConfigError
-from arkd.trainer import BatchStream, Trainer, TrainerConfig
+from arkd.recipes.build import build_model, make_accelerator, make_loader, make_scheduler, quiet_libraries
+from arkd.recipes.sft_cache import sft_cached
+from arkd.trainer import Trainer, TrainerConfig
 
-# --------------------------------------------------------------------------------------------------------------------
-# Data helpers (public: configs point at them)
-
-
-def held_out_splits(
-    train: Sequence[Any], validation: Sequence[Any], test: Sequence[Any] | None = None
-) -> dict[str, list[Any]]:
-    """Training rows without any prompt of the validation or test rows, and the held-out splits.
-
-    Args:
-        train: training examples (e.g. the raw Dolly pool).
-        validation: validation examples (checkpoint selection).
-        test: test examples (final evaluation only), or None.
-
-    Returns:
-        ``{"train", "validation", "test"}`` (test an empty list when None).
-    """
-    held = {example.prompt for example in validation} | {example.prompt for example in test or []}
-    kept = [example for example in train if example.prompt not in held]
-    if not kept:
-        raise ConfigError("every training row also occurs in the validation or test split: expected a training pool.")
-    return {"train": kept, "validation": list(validation), "test": list(test or [])}
-
+__all__ = ["run", "trainer_config"]
 
 # --------------------------------------------------------------------------------------------------------------------
 # Building blocks
-
-
-def make_accelerator(cfg: DictConfig):
-    """The ``accelerate.Accelerator`` of a run (precision, CPU, gradient accumulation from ``cfg.trainer``)."""
-    from accelerate import Accelerator
-
-    precision = str(cfg.trainer.precision)
-    if precision not in ("no", "fp16", "bf16", "fp32"):
-        raise ConfigError(f"trainer.precision must be no, fp16 or bf16, got {precision!r}.")
-    return Accelerator(
-        mixed_precision="no" if precision == "fp32" else precision,
-        cpu=bool(cfg.trainer.cpu),
-        gradient_accumulation_steps=int(cfg.trainer.grad_accum),
-        step_scheduler_with_optimizer=False,
-    )
-
-
-def build_model(node: DictConfig, tokenizer: Any) -> torch.nn.Module:
-    """Instantiate a model config; a ``vocab_size: null`` (tiny models) is filled with ``len(tokenizer)``."""
-    from hydra.utils import instantiate
-
-    if "vocab_size" in node and node.vocab_size is None:
-        return instantiate(node, vocab_size=len(tokenizer))
-    return instantiate(node)
-
-
-def make_loader(dataset: Any, collate: Any, batch_size: int, seed: int, accelerator: Any) -> BatchStream:
-    """An endless, seeded, resumable stream of training batches sharded over the accelerator's processes."""
-    from arkd.data import build_dataloader
-
-    loader = build_dataloader(
-        dataset,
-        batch_size=batch_size,
-        collate_fn=collate,
-        shuffle=True,
-        seed=seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        drop_last=True,
-    )
-    return BatchStream(loader)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, max_steps: int):
-    """Warm-up then decay (``transformers.get_scheduler``: linear, cosine, constant_with_warmup, ...)."""
-    from transformers import get_scheduler
-
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
 
 
 def _validation_batches(examples: Sequence[Any], tokenizer: Any, cfg: DictConfig, collate: Any) -> list[dict]:
@@ -137,117 +67,29 @@ def _predict(model: Any, examples: Sequence[Any], *, tokenizer: Any, seed: int, 
     )
 
 
-def _config_hash(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# SFT before use (cached)
-
-
-def sft_cached(
-    role: str,
-    node: DictConfig,
-    options: DictConfig,
-    *,
-    cfg: DictConfig,
-    tokenizer: Any,
-    train_dataset: Any,
-    collate: Any,
-    accelerator: Any,
-) -> tuple[torch.nn.Module, Path]:
-    """Train ``node``'s model by SFT (cross-entropy on the responses) once, cache it, and load it.
-
-    Args:
-        role: "teacher" or "student" (names the cache entry and the progress bar).
-        node: the model config.
-        options: ``max_steps``, ``lr``, ``batch_size`` and optionally ``warmup_steps``, ``lr_schedule``,
-            ``weight_decay``, ``max_grad_norm``.
-        cfg: the whole config (data, tokenizer and cache_dir enter the key).
-        tokenizer: the tokenizer.
-        train_dataset: the tokenized training split.
-        collate: the training collator.
-        accelerator: the run's accelerator.
-
-    Returns:
-        The trained model (loaded from the cache) and its cache directory.
-    """
-    from arkd.models import load_model
-
-    # The SFT's data order: its own `seed` option, else the model's init seed, else the run's seed. It enters the key,
-    # so two runs share a cached model only when they would train the same one (the matrix pins `teacher.seed`).
-    sft_seed = int(options.get("seed", node.get("seed", cfg.seed)))
-    key = _config_hash(
-        role,
-        sft_seed,
-        _container(node),
-        _container(options),
-        _container(cfg.data),
-        _container(cfg.tokenizer),
-        accelerator.num_processes,
-        arkd.__version__,
-    )
-    root = Path(str(cfg.cache_dir)).expanduser()
-    path = root / f"{role}-sft-{key}"
-    if not (path / "model.safetensors").is_file():
-        accelerator.print(f"arkd: training the {role} by SFT ({int(options.max_steps)} steps); cached at {path}")
-        model = build_model(node, tokenizer)
-        max_steps = int(options.max_steps)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=float(options.lr), weight_decay=float(options.get("weight_decay", 0.0))
-        )
-        scheduler = make_scheduler(
-            optimizer, str(options.get("lr_schedule", "cosine")), int(options.get("warmup_steps", 0)), max_steps
-        )
-        work = root / f".tmp-{path.name}"
-        if accelerator.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.gradient_accumulation_steps = 1
-        trainer = Trainer(
-            student=model,
-            teacher=None,
-            tokenizer=tokenizer,
-            batches=make_loader(train_dataset, collate, int(options.batch_size), sft_seed, accelerator),
-            strategy=None,
-            loss=None,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            accelerator=accelerator,
-            config=TrainerConfig(
-                max_steps=max_steps,
-                kd_weight=0.0,
-                ce_weight=1.0,
-                max_grad_norm=float(options.get("max_grad_norm", 1.0)),
-                log_interval=max(1, max_steps // 20),
-                save_interval=0,
-                keep_last=1,
-                output_dir=str(work),
-                progress=bool(cfg.trainer.progress),
-                progress_desc=f"sft {role}",
-            ),
-        )
-        trainer.fit()
-        if accelerator.is_main_process:
-            shutil.rmtree(path, ignore_errors=True)
-            (work / "final").rename(path)
-            shutil.copy(work / "metrics.jsonl", path / "sft_metrics.jsonl")
-            shutil.rmtree(work, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.free_memory()
-        accelerator.gradient_accumulation_steps = int(cfg.trainer.grad_accum)
-    else:
-        accelerator.print(f"arkd: reusing the SFT'd {role} from {path}")
-    return load_model(path), path
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The run
+
+
+def trainer_config(cfg: DictConfig, *, output_dir: str | Path, distils: bool = True) -> TrainerConfig:
+    """The loop's options from the config: every :class:`TrainerConfig` field the ``trainer`` group sets, and the
+    run directory.
+
+    The ``trainer`` group also holds the run's own keys (``precision``, ``cpu``, ``num_threads``, ``lr_schedule``,
+    ``warmup_steps``, ``resume``), which the recipe reads and the loop does not.
+
+    Args:
+        cfg: the composed ``train.yaml`` config.
+        output_dir: the run directory.
+        distils: False for an SFT run (no KD loss): the KD weight is 0 and the progress bar says ``sft``.
+    """
+    names = {f.name for f in dataclasses.fields(TrainerConfig)}
+    group = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options = {key: value for key, value in group.items() if key in names}
+    options.update(output_dir=str(output_dir), progress_desc="distil" if distils else "sft")
+    if not distils:
+        options["kd_weight"] = 0.0
+    return TrainerConfig(**options)
 
 
 def _check(cfg: DictConfig) -> None:
@@ -311,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     check_train_config(cfg, build=False)  # arkd-train checked more (types, unknown keys) before composing the job
     _check(cfg)
-    _quiet_libraries()
+    quiet_libraries()
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     accelerator = make_accelerator(cfg)
@@ -387,26 +229,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         decoding=decoding,
     )
 
-    trainer_cfg = TrainerConfig(
-        max_steps=max_steps,
-        grad_accum=int(cfg.trainer.grad_accum),
-        max_grad_norm=cfg.trainer.max_grad_norm,
-        kd_weight=float(cfg.trainer.kd_weight) if loss is not None else 0.0,
-        ce_weight=float(cfg.trainer.ce_weight),
-        temperature=float(cfg.trainer.temperature),
-        feature_mu=float(cfg.trainer.feature_mu),
-        log_interval=int(cfg.trainer.log_interval),
-        eval_interval=int(cfg.trainer.eval_interval),
-        save_interval=int(cfg.trainer.save_interval),
-        keep_last=int(cfg.trainer.keep_last),
-        best_metric=str(cfg.trainer.best_metric),
-        on_nonfinite=str(cfg.trainer.on_nonfinite),
-        max_skipped=int(cfg.trainer.max_skipped),
-        max_skipped_fraction=float(cfg.trainer.max_skipped_fraction),
-        output_dir=str(run_dir),
-        progress=bool(cfg.trainer.progress),
-        progress_desc="distil" if loss is not None else "sft",
-    )
+    trainer_cfg = trainer_config(cfg, output_dir=run_dir, distils=loss is not None)
     wandb_options = OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.wandb else None
     logger = MetricsLogger(
         run_dir,
@@ -489,14 +312,6 @@ def _build_probe(cfg: DictConfig, strategy: Any) -> Any:
     from hydra.utils import instantiate
 
     return instantiate(options)
-
-
-def _quiet_libraries() -> None:
-    """Keep the console to arkd's own progress bars (no per-file bars of transformers' loading and saving)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def _student_before(cfg: DictConfig, tokenizer: Any, source: Path | None) -> torch.nn.Module:

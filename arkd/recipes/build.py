@@ -1,0 +1,70 @@
+"""The building blocks the recipes share: the accelerator, models from their config, the training stream, the
+learning-rate schedule, and quiet third-party logging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from arkd.errors import ConfigError
+from arkd.trainer import BatchStream
+
+__all__ = ["build_model", "make_accelerator", "make_loader", "make_scheduler", "quiet_libraries"]
+
+
+def make_accelerator(cfg: DictConfig):
+    """The ``accelerate.Accelerator`` of a run (precision, CPU, gradient accumulation from ``cfg.trainer``)."""
+    from accelerate import Accelerator
+
+    precision = str(cfg.trainer.precision)
+    if precision not in ("no", "fp16", "bf16", "fp32"):
+        raise ConfigError(f"trainer.precision must be no, fp16 or bf16, got {precision!r}.")
+    return Accelerator(
+        mixed_precision="no" if precision == "fp32" else precision,
+        cpu=bool(cfg.trainer.cpu),
+        gradient_accumulation_steps=int(cfg.trainer.grad_accum),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def build_model(node: DictConfig, tokenizer: Any) -> torch.nn.Module:
+    """Instantiate a model config; a ``vocab_size: null`` (tiny models) is filled with ``len(tokenizer)``."""
+    from hydra.utils import instantiate
+
+    if "vocab_size" in node and node.vocab_size is None:
+        return instantiate(node, vocab_size=len(tokenizer))
+    return instantiate(node)
+
+
+def make_loader(dataset: Any, collate: Any, batch_size: int, seed: int, accelerator: Any) -> BatchStream:
+    """An endless, seeded, resumable stream of training batches sharded over the accelerator's processes."""
+    from arkd.data import build_dataloader
+
+    loader = build_dataloader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=collate,
+        shuffle=True,
+        seed=seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        drop_last=True,
+    )
+    return BatchStream(loader)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, max_steps: int):
+    """Warm-up then decay (``transformers.get_scheduler``: linear, cosine, constant_with_warmup, ...)."""
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+
+
+def quiet_libraries() -> None:
+    """Keep the console to arkd's own progress bars (no per-file bars of transformers' loading and saving)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

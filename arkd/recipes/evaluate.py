@@ -1,0 +1,282 @@
+"""The evaluation recipe (``arkd-eval``): ``run(cfg)`` generates with a model on the protocol's test sets and scores
+Rouge-L, exact match and BERTScore.
+
+The config is the composed ``configs/evaluate.yaml`` (every key is documented there and in docs/evaluation.md);
+:func:`compose` builds it outside the command. The run writes ``generations.jsonl``, ``results.json`` and
+``results.md`` to its run directory. Bad input (a missing model or data file, an unknown dataset, a BERTScore model
+that cannot be loaded) raises :class:`EvalError` with one sentence, before anything slow where it can.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from arkd.config_paths import config_dir
+
+# What an evaluation writes (arkd.evaluation.reports.write_run_outputs); a directory holding any is refused.
+OUTPUT_FILES = ("results.json", "results.md", "generations.jsonl")
+KNOWN_DATASETS_HINT = "a name under `files` in configs/evaluate.yaml (dolly, dolly_valid, sni, unni) or a JSONL path"
+
+
+class EvalError(Exception):
+    """Bad arkd-eval input; the message is one sentence naming the key or file to fix."""
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset to evaluate: its name in the results, the local file, and the row limit."""
+
+    name: str
+    path: Path
+    max_rows: int | None
+
+
+def resolve_datasets(cfg: DictConfig) -> list[DatasetSpec]:
+    """Map ``cfg.datasets`` entries (names or JSONL paths) to local files, downloading from the Hub if enabled."""
+    names = list(cfg.datasets)
+    if not names:
+        raise EvalError("datasets is empty; expected at least one of dolly, sni, unni or a JSONL path.")
+    specs: list[DatasetSpec] = []
+    for entry in names:
+        entry = str(entry)
+        if entry in cfg.files:
+            name = entry
+            path = Path(str(cfg.data_dir)).expanduser() / str(cfg.files[entry])
+            if not path.is_file():
+                path = _download(cfg, name, path)
+        else:
+            path = Path(entry).expanduser()
+            if not path.is_file():
+                raise EvalError(f"unknown dataset '{entry}' in datasets: expected {KNOWN_DATASETS_HINT}.")
+            name = path.stem
+        if name in {s.name for s in specs}:
+            raise EvalError(f"dataset '{name}' appears twice in datasets; expected each dataset once.")
+        limit = cfg.max_rows if cfg.max_rows is not None else cfg.default_max_rows.get(name)
+        if limit is not None and int(limit) < 1:
+            raise EvalError(f"max_rows={limit} for dataset '{name}'; expected a positive number of rows or null.")
+        specs.append(DatasetSpec(name=name, path=path, max_rows=None if limit is None else int(limit)))
+    return specs
+
+
+def _download(cfg: DictConfig, name: str, missing: Path) -> Path:
+    hub = cfg.hub.get(name) if cfg.hub.enabled else None
+    if hub is None:
+        extra = " or hub.enabled=true on a connected machine" if name in cfg.hub else ""
+        raise EvalError(
+            f"dataset '{name}': file {missing} not found; set data_dir=DIR (the folder holding "
+            f"{cfg.files[name]}){extra}."
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=str(hub.repo), filename=str(hub.file), repo_type="dataset"))
+    except Exception as err:
+        raise EvalError(
+            f"dataset '{name}': {missing} not found and downloading {hub.file} from the Hub dataset {hub.repo} "
+            f"failed ({type(err).__name__}); set data_dir=DIR to a folder holding {cfg.files[name]}."
+        ) from err
+
+
+def _device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"device={setting} but CUDA is not available; set device=cpu or device=auto.")
+    return setting
+
+
+def _looks_like_path(source: str) -> bool:
+    """A path rather than a Hub name ("org/name" has one slash)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1
+
+
+def _model_sources(cfg: DictConfig) -> dict[str, str]:
+    """``model_path`` and ``tokenizer_path`` as strings; a path-like value that does not exist is an error."""
+    sources = {"model_path": str(cfg.model_path), "tokenizer_path": str(cfg.tokenizer_path or cfg.model_path)}
+    for key, source in sources.items():
+        if not Path(source).expanduser().exists() and _looks_like_path(source):
+            raise EvalError(f"{key}={source}: no such directory; expected a model directory or a Hub name.")
+    return sources
+
+
+def load_model_and_tokenizer(cfg: DictConfig, device: str):
+    """Load the model (``cfg.model_path``) and its tokenizer (``cfg.tokenizer_path`` or the model's) on ``device``."""
+    from arkd.models import load_model, load_tokenizer, resolve_dtype
+
+    try:
+        dtype = resolve_dtype(str(cfg.dtype))
+    except ValueError as err:
+        raise EvalError(f"dtype: {err}.") from err
+    sources = _model_sources(cfg)
+    try:
+        tokenizer = load_tokenizer(Path(sources["tokenizer_path"]).expanduser())
+        model = load_model(Path(sources["model_path"]).expanduser(), dtype=dtype)
+    except OSError as err:
+        raise EvalError(
+            f"{_first_line(err)} (set model_path=PATH, and tokenizer_path=PATH if it lives elsewhere)."
+        ) from err
+    return model.to(device).eval(), tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else ""
+
+
+def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate ``cfg.model_path`` on ``cfg.datasets`` and write the run's files; return ``results.json``'s content.
+
+    Args:
+        cfg: the composed ``evaluate.yaml`` config.
+        output_dir: where to write (default: ``cfg.output_dir``, else Hydra's run directory).
+    """
+    from arkd.data import load_examples
+    from arkd.evaluation.generation import BertScoreSettings, DecodingConfig, evaluate_model
+    from arkd.evaluation.reports import (
+        build_results,
+        environment_info,
+        generation_records,
+        model_identity,
+        write_run_outputs,
+    )
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EvalError("arkd-eval runs in a single process; start it without accelerate launch / torchrun.")
+    _model_sources(cfg)  # fail on a missing model_path before anything slow
+    out = Path(output_dir or cfg.output_dir or _hydra_run_dir())
+    _check_output_dir(out, overwrite=bool(cfg.get("overwrite", False)))  # before any generation
+    seeds = [int(s) for s in cfg.seeds]
+    if not seeds:
+        raise EvalError("seeds is empty; expected a list such as [10, 20, 30, 40, 50].")
+    if int(cfg.batch_size) < 1:
+        raise EvalError(f"batch_size={cfg.batch_size}; expected a positive integer.")
+    decoding_cfg = OmegaConf.to_container(cfg.decoding, resolve=True)
+    greedy = bool(decoding_cfg.pop("greedy"))
+    try:
+        decoding = DecodingConfig(do_sample=not greedy, **decoding_cfg)
+    except (TypeError, ValueError) as err:
+        raise EvalError(f"decoding: {err}") from err
+    specs = resolve_datasets(cfg)
+    device = _device(str(cfg.device))
+    bert = None
+    if cfg.bertscore.enabled:
+        bert = BertScoreSettings(
+            model_type=str(cfg.bertscore.model_type),
+            num_layers=cfg.bertscore.num_layers,
+            batch_size=int(cfg.bertscore.batch_size),
+            idf=bool(cfg.bertscore.idf),
+            rescale_with_baseline=bool(cfg.bertscore.rescale_with_baseline),
+            lang=cfg.bertscore.lang,
+            device=cfg.bertscore.device or device,
+        )
+        _check_bertscore(bert)
+    loaded = {}
+    for spec in specs:
+        try:
+            loaded[spec.name] = load_examples(spec.path, limit=spec.max_rows)
+        except (OSError, ValueError) as err:
+            raise EvalError(f"dataset '{spec.name}' ({spec.path}): {_first_line(err)}") from err
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    progress = bool(cfg.progress)
+    reports: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        examples = loaded[spec.name]
+        if spec.max_rows is not None and len(examples) < spec.max_rows:
+            print(f"[arkd-eval] {spec.name}: {len(examples)} rows (fewer than max_rows={spec.max_rows}).")
+        report = evaluate_model(
+            model,
+            tokenizer,
+            examples,
+            seeds=seeds,
+            batch_size=int(cfg.batch_size),
+            decoding=decoding,
+            bertscore=bert,
+            rouge_workers=cfg.rouge_workers,
+            progress=progress,
+            desc=spec.name,
+        )
+        reports[spec.name] = {"source": str(spec.path), "max_rows": spec.max_rows, **report}
+    bert_settings: dict[str, Any] = {"enabled": bert is not None}
+    if bert is not None:
+        bert_settings.update(next(iter(reports.values()))["bertscore"])
+    settings = {
+        "seeds": seeds,
+        "batch_size": int(cfg.batch_size),
+        "decoding": decoding.to_dict(),
+        "bertscore": bert_settings,
+        "dtype": str(cfg.dtype),
+    }
+    label = str(cfg.label) if cfg.label else Path(str(cfg.model_path)).name
+    results = build_results(
+        reports,
+        label=label,
+        model=model_identity(
+            model,
+            str(cfg.model_path),
+            tokenizer=tokenizer,
+            tokenizer_source=str(cfg.tokenizer_path or cfg.model_path),
+            hash_weights=bool(cfg.hash_weights),
+        ),
+        settings=settings,
+        environment=environment_info(device),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    records = (
+        record for spec in specs for record in generation_records(spec.name, loaded[spec.name], reports[spec.name])
+    )
+    try:
+        paths = write_run_outputs(out, results, records)
+    except OSError as err:
+        from arkd.errors import describe_os_error
+
+        raise EvalError(f"cannot write the results to {out}: {describe_os_error(err)}.") from None
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    print(f"[arkd-eval] wrote {paths['results']}, {paths['markdown'].name} and {paths['generations'].name}")
+    return results
+
+
+def _check_output_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse another evaluation's outputs (unless ``overwrite=true``) and an unwritable directory, in one sentence."""
+    from arkd.errors import ConfigError, OutputError
+    from arkd.run_dir import check_writable, refuse_existing_outputs
+
+    try:
+        refuse_existing_outputs(out, OUTPUT_FILES, overwrite=overwrite, key="overwrite=true")
+        check_writable(out, "output directory")
+    except (ConfigError, OutputError) as err:
+        raise EvalError(str(err)) from None
+
+
+def _check_bertscore(bert) -> None:
+    """Fail before generation (which can take hours) when the BERTScore model cannot be loaded."""
+    from arkd.evaluation.metrics import BertScoreLoadError, _load_scorer
+
+    try:
+        _load_scorer(bert.model_type, bert.num_layers, bert.idf, bert.rescale_with_baseline, bert.device, bert.lang)
+    except BertScoreLoadError as err:
+        raise EvalError(str(err)) from err
+
+
+def _hydra_run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.output_dir
+    except ValueError as err:
+        raise EvalError("no output directory: set output_dir=DIR (needed outside the arkd-eval command).") from err
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``evaluate.yaml`` with command-line style overrides, outside the ``arkd-eval`` command."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name="evaluate", overrides=list(overrides or []))

@@ -1,0 +1,126 @@
+"""The SFT cache: a model that needs a supervised fine-tuning before use (the tiny job's teacher and student) is trained
+once with the trainer and the cross-entropy loss, saved under ``cache_dir`` keyed by a hash of everything that decides
+its weights (its model config, SFT options and seed, the data and tokenizer configs, the number of processes and
+arkd's version), and loaded from there by every later run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import arkd
+from arkd.recipes.build import build_model, make_loader, make_scheduler
+from arkd.trainer import Trainer, TrainerConfig
+
+__all__ = ["sft_cached"]
+
+
+def _config_hash(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def sft_cached(
+    role: str,
+    node: DictConfig,
+    options: DictConfig,
+    *,
+    cfg: DictConfig,
+    tokenizer: Any,
+    train_dataset: Any,
+    collate: Any,
+    accelerator: Any,
+) -> tuple[torch.nn.Module, Path]:
+    """Train ``node``'s model by SFT (cross-entropy on the responses) once, cache it, and load it.
+
+    Args:
+        role: "teacher" or "student" (names the cache entry and the progress bar).
+        node: the model config.
+        options: ``max_steps``, ``lr``, ``batch_size`` and optionally ``warmup_steps``, ``lr_schedule``,
+            ``weight_decay``, ``max_grad_norm``.
+        cfg: the whole config (data, tokenizer and cache_dir enter the key).
+        tokenizer: the tokenizer.
+        train_dataset: the tokenized training split.
+        collate: the training collator.
+        accelerator: the run's accelerator.
+
+    Returns:
+        The trained model (loaded from the cache) and its cache directory.
+    """
+    from arkd.models import load_model
+
+    # The SFT's data order: its own `seed` option, else the model's init seed, else the run's seed. It enters the key,
+    # so two runs share a cached model only when they would train the same one (the matrix pins `teacher.seed`).
+    sft_seed = int(options.get("seed", node.get("seed", cfg.seed)))
+    key = _config_hash(
+        role,
+        sft_seed,
+        _container(node),
+        _container(options),
+        _container(cfg.data),
+        _container(cfg.tokenizer),
+        accelerator.num_processes,
+        arkd.__version__,
+    )
+    root = Path(str(cfg.cache_dir)).expanduser()
+    path = root / f"{role}-sft-{key}"
+    if not (path / "model.safetensors").is_file():
+        accelerator.print(f"arkd: training the {role} by SFT ({int(options.max_steps)} steps); cached at {path}")
+        model = build_model(node, tokenizer)
+        max_steps = int(options.max_steps)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=float(options.lr), weight_decay=float(options.get("weight_decay", 0.0))
+        )
+        scheduler = make_scheduler(
+            optimizer, str(options.get("lr_schedule", "cosine")), int(options.get("warmup_steps", 0)), max_steps
+        )
+        work = root / f".tmp-{path.name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.gradient_accumulation_steps = 1
+        trainer = Trainer(
+            student=model,
+            teacher=None,
+            tokenizer=tokenizer,
+            batches=make_loader(train_dataset, collate, int(options.batch_size), sft_seed, accelerator),
+            strategy=None,
+            loss=None,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            accelerator=accelerator,
+            config=TrainerConfig(
+                max_steps=max_steps,
+                kd_weight=0.0,
+                ce_weight=1.0,
+                max_grad_norm=float(options.get("max_grad_norm", 1.0)),
+                log_interval=max(1, max_steps // 20),
+                save_interval=0,
+                keep_last=1,
+                output_dir=str(work),
+                progress=bool(cfg.trainer.progress),
+                progress_desc=f"sft {role}",
+            ),
+        )
+        trainer.fit()
+        if accelerator.is_main_process:
+            shutil.rmtree(path, ignore_errors=True)
+            (work / "final").rename(path)
+            shutil.copy(work / "metrics.jsonl", path / "sft_metrics.jsonl")
+            shutil.rmtree(work, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.free_memory()
+        accelerator.gradient_accumulation_steps = int(cfg.trainer.grad_accum)
+    else:
+        accelerator.print(f"arkd: reusing the SFT'd {role} from {path}")
+    return load_model(path), path
