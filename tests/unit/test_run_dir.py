@@ -54,18 +54,18 @@ def test_resume_refuses_a_changed_config_with_the_differences(tmp_path):
         prepare_run_dir(_cfg("trainer.resume=auto", "optimizer.lr=0.01", "policy=fkl"), run, is_main=True)
     message = str(info.value)
     assert message.startswith(f"trainer.resume=auto: this config differs from the one {run / 'checkpoints'}")
-    assert "optimizer.lr: 0.001 -> 0.01" in message and "policy._target_: 'arkd.policy.LearnedPolicy' -> " in message
+    assert "optimizer.lr: 0.002 -> 0.01" in message and "policy._target_: 'arkd.policy.LearnedPolicy' -> " in message
     assert message.endswith(
         "expected the same config, or trainer.resume_accept_changes=true to continue with the new values."
     )
-    assert "lr: 0.001" in (run / "config.yaml").read_text()  # the refused run did not overwrite the record
+    assert "lr: 0.002" in (run / "config.yaml").read_text()  # the refused run did not overwrite the record
     # Paths, logging and save / validation intervals may change; an explicit key accepts the rest.
     ok = _cfg("trainer.resume=auto", "trainer.log_interval=1", "trainer.save_interval=7", "trainer.progress=false")
     assert prepare_run_dir(ok, run, is_main=True) is not None
     notes = []
     accepted = _cfg("trainer.resume=auto", "optimizer.lr=0.01", "trainer.resume_accept_changes=true")
     assert prepare_run_dir(accepted, run, is_main=True, report=notes.append) is not None
-    assert notes == ["arkd: resuming with 1 accepted config change(s): optimizer.lr: 0.001 -> 0.01"]
+    assert notes == ["arkd: resuming with 1 accepted config change(s): optimizer.lr: 0.002 -> 0.01"]
     assert "lr: 0.01" in (run / "config.yaml").read_text()
 
 
