@@ -180,6 +180,7 @@ def bidirectional_kl(
     alpha: float | torch.Tensor = 0.5,
     chunk_size: int | None = None,
     return_components: bool = False,
+    compiled: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""ARKD's bidirectional KL ``alpha * KL(p || q) + (1 - alpha) * KL(q || p)`` through the fast chunked path.
 
@@ -201,6 +202,10 @@ def bidirectional_kl(
         chunk_size: tokens per chunk (peak extra memory: a few ``[chunk_size, V]`` float32 buffers); None picks
             :func:`arkd.losses.fused.default_chunk_size` (16 MiB buffers on CPU, 128 MiB on CUDA).
         return_components: also return FKL and RKL (detached, reduced the same way) for logging.
+        compiled: True runs the per-chunk math through one ``torch.compile``-d kernel (fixed window shape: one
+            compilation serves every token count), False op by op; None (default) compiles when
+            ``ARKD_COMPILE_LOSS`` is unset/``auto`` and tokens x V >= ``arkd.losses.fused.COMPILE_MIN_ELEMENTS``, or
+            as that variable says (``0`` never, ``1`` always). A failed compilation warns once and falls back.
 
     Returns:
         The loss (``[...]`` or a scalar), or ``(loss, fkl, rkl)`` with ``return_components``.
@@ -213,7 +218,9 @@ def bidirectional_kl(
     mask = check_logits(student_logits, teacher_logits, mask)
     if not torch.is_tensor(alpha):
         check_unit_interval("alpha", alpha)
-    loss, fkl, rkl = bidirectional_kl_fast(student_logits, teacher_logits, mask, alpha, temperature, chunk_size)
+    loss, fkl, rkl = bidirectional_kl_fast(
+        student_logits, teacher_logits, mask, alpha, temperature, chunk_size, compiled
+    )
     loss = masked_reduce(loss, mask, reduction)
     if not return_components:
         return loss
