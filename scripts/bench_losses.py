@@ -1,31 +1,35 @@
 #!/usr/bin/env python
-"""Benchmark the fast bidirectional KL paths against the naive autograd reference, in one run.
+"""Benchmark ARKD's bidirectional KL against the losses a user would otherwise pick, all in one run, as ratios.
 
-For ``--tokens`` x ``--vocab`` logits (default 4096 x 50257) this measures forward + backward time and peak extra
-memory of
+Two groups, each on shared inputs (fp32 on CPU, bf16 on CUDA), forward + backward:
 
-* ``naive``: two ``log_softmax`` and two ``F.kl_div`` under autograd (the reference);
-* ``fast``: :func:`arkd.losses.bidirectional_kl` (chunked custom autograd Function);
-* ``naive_linear``: the student logits computed as ``hidden @ weight.T`` and then the naive reference;
-* ``fused_linear``: :func:`arkd.losses.fused_linear_bidirectional_kl` from the hidden states (no full student logits);
+* logits in (``--tokens`` x ``--vocab`` student and teacher logits, per-token alpha, ``reduction="mean"``):
+  ``naive`` (two ``log_softmax`` and two ``F.kl_div`` under autograd), ``compiled_naive`` (``torch.compile`` of
+  that function, the strongest plain-PyTorch peer), ``arkd_eager`` (:func:`arkd.losses.bidirectional_kl` with
+  ``compiled=False``) and ``arkd`` (the default: the compiled chunk kernel at this size);
+* fused linear, forward KL, teacher hidden states in (``--linear-tokens`` x hidden ``--hidden`` -> ``--vocab``):
+  ``compiled_naive_linear`` (``torch.compile`` of ``h @ W.T`` + the naive FKL), ``liger`` (Liger-Kernel's
+  ``LigerFusedLinearJSDLoss`` at ``beta=0``, i.e. KL(teacher || student), compiled as it ships; skipped with one line
+  when ``liger-kernel`` is not installed, the ``bench`` extra) and ``arkd_linear``
+  (:func:`arkd.losses.fused_linear_bidirectional_kl` at ``alpha=1``).
 
-and prints each fast path as a ratio of its reference measured in the same invocation. ``--scaling`` adds the fused-
-linear variant at 1/4, 1/2 and 1x the tokens to show that its peak extra memory does not grow with tokens x V.
-
-Method. Memory: each variant runs one forward + backward in a fresh subprocess (so allocations of one cannot be
-reused by the next); peak extra memory is the process's peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs``) during that pass minus its resident size just before it, with the inputs already allocated.
-It includes the gradient returned to the student logits (or hidden states and weight), which every variant must
-produce. Time: one subprocess per fast path builds the inputs once and alternates passes of the reference and the fast
-path (``--warmup`` untimed rounds, then ``--repeats`` timed ones), so both see the same load on a shared machine; the
-speed-up is the median of the per-round ratios. PyTorch's CPU allocator hands large blocks straight
-back to the OS, so the resident size tracks live tensors. CUDA (bf16): ``torch.cuda.max_memory_allocated`` minus the
-allocated memory before the passes, and CUDA-synchronised wall-clock time.
+Method. Time: one subprocess per group builds the inputs once, makes each variant's first call (its compilation,
+reported as "first call", in a fresh inductor cache unless ``--warm-cache``), then runs ``--repeats`` rounds that
+each time every variant once, in turn, so a busy machine slows them alike. A peer's ratio is the median over rounds
+of ``peer time / arkd time`` (> 1: arkd is faster). Memory: each variant runs in a fresh subprocess: one untimed call
+(compilation), then the peak extra memory of one more forward + backward, i.e. the peak resident set size (``VmHWM``,
+reset through ``/proc/self/clear_refs``) minus the resident size just before it, inputs allocated (CUDA:
+``torch.cuda.max_memory_allocated`` minus the allocated memory before). It includes the gradient every variant must
+return. Floors: the logits group's bytes floor is the time of ``torch.add(student, teacher, out=grad)`` on the same
+tensors (it reads both logits once and writes one gradient-sized tensor: the fewest bytes any method moves); the
+fused-linear group's floor is the time of its four matrix products alone (student and teacher logits, the hidden
+and weight gradients), chunk by chunk. "x floor" is a variant's time over that.
 
 Usage::
 
-    python scripts/bench_losses.py                      # 4096 x 50257, fp32 CPU (+ bf16 CUDA when present)
-    python scripts/bench_losses.py --tokens 1024 --repeats 1 --scaling --plot bench.png --json bench.json
+    python scripts/bench_losses.py                         # 4096 x 50257 logits, 2048-token fused linear (CPU)
+    python scripts/bench_losses.py --tokens 1024 --linear-tokens 1024 --repeats 2 --json b.json --plot b.png
+    python scripts/bench_losses.py --device cuda --markdown gpu.md  # bf16 on a GPU
 """
 
 from __future__ import annotations
@@ -37,14 +41,18 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("naive", "fast", "naive_linear", "fused_linear")
-REFERENCE = {"fast": "naive", "fused_linear": "naive_linear"}
+GROUPS = {
+    "logits": ("naive", "compiled_naive", "arkd_eager", "arkd"),
+    "linear": ("compiled_naive_linear", "liger", "arkd_linear"),
+}
+ARKD = {"logits": "arkd", "linear": "arkd_linear"}
 
 
 # ------------------------------------------------------------------------------------------------------ memory probes
@@ -57,229 +65,327 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
 
 
+def liger_available() -> bool:
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or no usable triton
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------------------- variants
-def _naive_loss(student_logits, teacher_logits, alpha, temperature):
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+def naive_loss(student_logits, teacher_logits, alpha):
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     fkl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     rkl = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
     return (alpha * fkl + (1.0 - alpha) * rkl).mean()
 
 
-def _build(variants, tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: str, chunk_size: int | None):
-    """Shared inputs and one closure per variant; returns ({variant: closure}, tensors whose .grad to clear)."""
+def naive_linear_fkl(hidden, weight, teacher_hidden, teacher_weight):
+    log_q = F.log_softmax((hidden @ weight.T).float(), dim=-1)
+    log_p = F.log_softmax((teacher_hidden @ teacher_weight.T).float(), dim=-1)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean()
+
+
+def build(group: str, variants, args, device: str, dtype: torch.dtype):
+    """Shared inputs and one closure per variant: ({variant: closure}, leaves whose .grad to clear, floor closure)."""
     from arkd.losses import bidirectional_kl, fused_linear_bidirectional_kl
 
     g = torch.Generator(device=device).manual_seed(0)
-    teacher = (torch.randn(tokens, vocab, generator=g, device=device, dtype=torch.float32) * 2).to(dtype)
-    alpha = torch.rand(tokens, generator=g, device=device)
-    if set(variants) <= {"naive", "fast"}:
-        student = (torch.randn(tokens, vocab, generator=g, device=device, dtype=torch.float32) * 2).to(dtype)
-        student.requires_grad_(True)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    if group == "logits":
+        n, v = args.tokens, args.vocab
+        student = randn(n, v, scale=2.0).requires_grad_(True)
+        teacher = randn(n, v, scale=2.0)
+        alpha = torch.rand(n, generator=g, device=device)
+        compiled_naive = torch.compile(naive_loss)
         closures = {
-            "naive": lambda: _naive_loss(student, teacher, alpha, 1.0),
-            "fast": lambda: bidirectional_kl(student, teacher, alpha=alpha, chunk_size=chunk_size),
+            "naive": lambda: naive_loss(student, teacher, alpha),
+            "compiled_naive": lambda: compiled_naive(student, teacher, alpha),
+            "arkd_eager": lambda: bidirectional_kl(student, teacher, alpha=alpha, compiled=False),
+            "arkd": lambda: bidirectional_kl(student, teacher, alpha=alpha),
         }
-        return {v: closures[v] for v in variants}, [student]
-    h = (torch.randn(tokens, hidden, generator=g, device=device, dtype=torch.float32)).to(dtype).requires_grad_(True)
-    w = (torch.randn(vocab, hidden, generator=g, device=device, dtype=torch.float32) / hidden**0.5).to(dtype)
-    w.requires_grad_(True)
-    closures = {
-        "naive_linear": lambda: _naive_loss(h @ w.T, teacher, alpha, 1.0),
-        "fused_linear": lambda: fused_linear_bidirectional_kl(h, w, teacher, alpha=alpha, chunk_size=chunk_size),
-    }
-    return {v: closures[v] for v in variants}, [h, w]
+        out = torch.empty_like(student)
+
+        def floor():
+            torch.add(student.detach(), teacher, out=out)
+
+        return {k: closures[k] for k in variants}, [student], floor
+
+    n, v, h = args.linear_tokens, args.vocab, args.hidden
+    hidden = randn(n, h).requires_grad_(True)
+    weight = (randn(v, h) / h**0.5).requires_grad_(True)
+    t_hidden = randn(n, h)
+    t_weight = randn(v, h) / h**0.5
+    closures = {}
+    if "compiled_naive_linear" in variants:
+        compiled = torch.compile(naive_linear_fkl)
+        closures["compiled_naive_linear"] = lambda: compiled(hidden, weight, t_hidden, t_weight)
+    if "liger" in variants:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0)
+        labels = torch.zeros(n, dtype=torch.long, device=device)
+        closures["liger"] = lambda: liger(hidden, weight, t_hidden, t_weight, labels)
+    if "arkd_linear" in variants:
+        closures["arkd_linear"] = lambda: fused_linear_bidirectional_kl(
+            hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight, alpha=1.0
+        )
+    chunk = 1024
+    buffers = [torch.empty(min(chunk, n), v, device=device, dtype=dtype) for _ in range(2)]
+    g_h = torch.empty(min(chunk, n), h, device=device, dtype=dtype)
+    g_w = torch.zeros(v, h, device=device, dtype=dtype)
+
+    def floor():  # the four matrix products of a fused-linear loss, chunk by chunk
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                rows = slice(start, min(start + chunk, n))
+                c = rows.stop - rows.start
+                s_logits, t_logits = buffers[0][:c], buffers[1][:c]
+                torch.mm(hidden[rows], weight.T, out=s_logits)
+                torch.mm(t_hidden[rows], t_weight.T, out=t_logits)
+                torch.mm(s_logits, weight, out=g_h[:c])
+                g_w.addmm_(s_logits.T, hidden[rows])
+
+    return closures, [hidden, weight], floor
 
 
-def _pass(closure, leaves, cuda: bool) -> tuple[float, float]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _pass(closure, leaves, device: str) -> tuple[float, float]:
     """One forward + backward; returns (seconds, loss)."""
     for leaf in leaves:
         leaf.grad = None
-    if cuda:
-        torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     loss = closure()
     loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - start, float(loss.detach())
 
 
-def measure_memory(variant: str, tokens: int, vocab: int, hidden: int, dtype: str, device: str, chunk_size: int | None):
-    """Peak extra memory (MiB) of one forward + backward of ``variant``, in this (fresh) process."""
-    closures, leaves = _build((variant,), tokens, vocab, hidden, getattr(torch, dtype), device, chunk_size)
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_memory(group: str, variant: str, args, device: str, dtype: torch.dtype) -> dict:
+    """Peak extra memory (MiB) of one forward + backward of ``variant`` after an untimed first call."""
+    closures, leaves, _ = build(group, (variant,), args, device, dtype)
+    _pass(closures[variant], leaves, device)  # compilation / first-call set-up is not what we measure
+    for leaf in leaves:
+        leaf.grad = None
     cuda = device.startswith("cuda")
     if cuda:
-        _pass(closures[variant], leaves, cuda)  # first-call set-up is not what we measure
-        for leaf in leaves:
-            leaf.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         _reset_peak_rss()
         base = _status_kib("VmRSS") * 1024
-    _, loss = _pass(closures[variant], leaves, cuda)
+    _, loss = _pass(closures[variant], leaves, device)
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
-    return {"variant": variant, "tokens": tokens, "peak_extra_mib": (peak - base) / 2**20, "loss": loss}
+    return {"group": group, "variant": variant, "peak_extra_mib": (peak - base) / 2**20, "loss": loss}
 
 
-def measure_time(
-    variant: str, tokens: int, vocab: int, hidden: int, repeats: int, warmup: int, dtype: str, device: str, chunk_size
-):
-    """Alternate passes of ``variant`` and its reference on the same inputs (so both see the same machine load)."""
-    reference = REFERENCE[variant]
-    closures, leaves = _build((reference, variant), tokens, vocab, hidden, getattr(torch, dtype), device, chunk_size)
-    cuda = device.startswith("cuda")
-    warmup = max(warmup, 1) if cuda else warmup
-    times = {reference: [], variant: []}
-    losses = {}
-    for i in range(warmup + repeats):
-        for name in (reference, variant):
-            seconds, losses[name] = _pass(closures[name], leaves, cuda)
-            if i >= warmup:
-                times[name].append(seconds)
-    ratios = [r / f for r, f in zip(times[reference], times[variant])]
-    return {
-        "variant": variant,
-        "reference": reference,
-        "tokens": tokens,
-        "time_s": statistics.median(times[variant]),
-        "reference_time_s": statistics.median(times[reference]),
-        "speedup": statistics.median(ratios),
-        "loss": losses[variant],
-        "reference_loss": losses[reference],
-    }
+def measure_time(group: str, variants, args, device: str, dtype: torch.dtype) -> dict:
+    """First calls, then ``repeats`` interleaved rounds of every variant and the floor."""
+    closures, leaves, floor = build(group, variants, args, device, dtype)
+    first, losses = {}, {}
+    for name in variants:
+        first[name], losses[name] = _pass(closures[name], leaves, device)
+    floor()
+    times = {name: [] for name in (*variants, "floor")}
+    for _ in range(args.repeats):
+        for name in variants:
+            seconds, losses[name] = _pass(closures[name], leaves, device)
+            times[name].append(seconds)
+        times["floor"].append(_timed(floor, device))
+    return {"group": group, "first_call_s": first, "times": times, "losses": losses}
 
 
-def _spawn(args: argparse.Namespace, mode: str, variant: str, tokens: int, dtype: str, device: str) -> dict:
-    command = [sys.executable, __file__, "--worker", mode, "--variant", variant, "--tokens", str(tokens)]
-    command += ["--vocab", str(args.vocab), "--hidden", str(args.hidden), "--repeats", str(args.repeats)]
-    command += ["--warmup", str(args.warmup), "--dtype", dtype, "--device", device]
-    if args.chunk_size is not None:
-        command += ["--chunk-size", str(args.chunk_size)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
+# ----------------------------------------------------------------------------------------------------------- driver
+def _spawn(args: argparse.Namespace, mode: str, group: str, variants, device: str, dtype: str, env: dict) -> dict:
+    command = [sys.executable, __file__, "--worker", mode, "--group", group, "--variants", ",".join(variants)]
+    command += ["--tokens", str(args.tokens), "--linear-tokens", str(args.linear_tokens), "--vocab", str(args.vocab)]
+    command += ["--hidden", str(args.hidden), "--repeats", str(args.repeats), "--device", device, "--dtype", dtype]
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark worker {mode} {group} {variants} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _rows(memory: list[dict], timing: list[dict], device: str, dtype: str, vocab: int) -> list[dict]:
-    """One row per (variant, tokens): time (from the paired runs), memory, ratios."""
-    mem = {(m["variant"], m["tokens"]): m for m in memory}
+def summarise(group: str, timing: dict, memory: dict[str, float]) -> list[dict]:
+    """One row per variant: median time, ratio to arkd (median of per-round ratios), memory, floor multiple."""
+    arkd = ARKD[group]
+    times = timing["times"]
+    floor = statistics.median(times["floor"])
     rows = []
-    for m in memory:
-        row = {"device": device, "dtype": dtype, "vocab": vocab, **m, "time_s": None, "speedup": None}
-        row["memory_ratio"] = None
-        for t in timing:
-            if t["tokens"] == m["tokens"] and m["variant"] in (t["variant"], t["reference"]):
-                row["time_s"] = t["time_s"] if m["variant"] == t["variant"] else t["reference_time_s"]
-                row["speedup"] = t["speedup"] if m["variant"] == t["variant"] else None
-        ref = mem.get((REFERENCE.get(m["variant"], ""), m["tokens"]))
-        if ref is not None:
-            row["memory_ratio"] = m["peak_extra_mib"] / ref["peak_extra_mib"]
-        rows.append(row)
+    for name, values in times.items():
+        if name == "floor":
+            continue
+        ratios = [p / a for p, a in zip(values, times[arkd])]
+        rows.append(
+            {
+                "group": group,
+                "variant": name,
+                "time_s": statistics.median(values),
+                "arkd_speedup": statistics.median(ratios),
+                "peak_extra_mib": memory.get(name),
+                "memory_vs_arkd": None if memory.get(name) is None else memory[name] / memory[arkd],
+                "x_floor": statistics.median(values) / floor,
+                "first_call_s": timing["first_call_s"][name],
+                "loss": timing["losses"][name],
+            }
+        )
+    rows.append({"group": group, "variant": "floor", "time_s": floor})
     return rows
 
 
-def _table(rows: list[dict]) -> str:
+def table(rows: list[dict], header: str) -> str:
     lines = [
-        "| device, dtype | variant | tokens x V | fwd+bwd time (s) | peak extra memory (MiB) "
-        "| speed vs reference | memory vs reference |",
+        header,
+        "",
+        "| variant | fwd+bwd (s) | arkd faster by | peak extra (MiB) | memory / arkd | x floor | first call (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        is_ref = r["variant"] not in REFERENCE
-        time_s = "-" if r["time_s"] is None else f"{r['time_s']:.2f}"
-        speed = "reference" if is_ref else ("-" if r["speedup"] is None else f"{r['speedup']:.2f}x faster")
-        memory = "reference" if is_ref else ("-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x")
+        if r["variant"] == "floor":
+            lines.append(f"| floor ({'bytes' if r['group'] == 'logits' else 'matmuls'}) | {r['time_s']:.3f} | "
+                         "| | | 1.00 | |")  # fmt: skip
+            continue
+        arkd = r["variant"] == ARKD[r["group"]]
+        speed = "—" if arkd else f"{r['arkd_speedup']:.2f}x"
+        mem = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
+        mem_ratio = "—" if arkd or r["memory_vs_arkd"] is None else f"{r['memory_vs_arkd']:.2f}"
         lines.append(
-            f"| {r['device']}, {r['dtype']} | {r['variant']} | {r['tokens']} x {r['vocab']} | {time_s} | "
-            f"{r['peak_extra_mib']:.0f} | {speed} | {memory} |"
+            f"| {r['variant']} | {r['time_s']:.3f} | {speed} | {mem} | {mem_ratio} | {r['x_floor']:.2f} | "
+            f"{r['first_call_s']:.1f} |"
         )
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def label(r: dict) -> str:
-        return f"{r['device']} {r['variant'].replace('_', ' ')}\n{r['tokens']} tokens"
-
-    timed = [r for r in rows if r["time_s"] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.3), 4))
-    axes[0].bar([label(r) for r in timed], [r["time_s"] for r in timed], color="tab:blue")
-    axes[0].set_ylabel("forward + backward time (s)")
-    axes[1].bar([label(r) for r in rows], [r["peak_extra_mib"] for r in rows], color="tab:orange")
-    axes[1].set_ylabel("peak extra memory (MiB)")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
-    fig.suptitle(f"bidirectional KL, V = {rows[0]['vocab']}")
+    groups = [g for g in GROUPS if any(r["group"] == g for r in rows)]
+    fig, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 6), squeeze=False)
+    for col, group in enumerate(groups):
+        rs = [r for r in rows if r["group"] == group and r["variant"] != "floor"]
+        names = [r["variant"].replace("_", "\n") for r in rs]
+        colors = ["tab:green" if r["variant"] == ARKD[group] else "tab:gray" for r in rs]
+        axes[0][col].bar(names, [r["x_floor"] for r in rs], color=colors)
+        axes[0][col].set_ylabel("time / floor (lower is better)")
+        axes[0][col].set_title(f"{group}: time in floor units")
+        axes[1][col].bar(names, [r["peak_extra_mib"] or 0 for r in rs], color=colors)
+        axes[1][col].set_ylabel("peak extra memory (MiB)")
+        for ax in axes[:, col]:
+            ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of the logits group")
+    parser.add_argument("--linear-tokens", type=int, default=2048, help="tokens of the fused-linear group")
     parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the fused-linear variants")
-    parser.add_argument("--repeats", type=int, default=3, help="timed forward + backward passes per variant")
-    parser.add_argument("--warmup", type=int, default=0, help="untimed passes before them (CUDA: at least 1)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the library's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--scaling", action="store_true", help="fused-linear memory at 1/4 and 1/2 of the tokens")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size (student and teacher) of fused linear")
+    parser.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--groups", default="logits,linear", help="comma-separated: logits, linear")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    parser.add_argument("--warm-cache", action="store_true", help="reuse the on-disk inductor cache (first calls)")
+    parser.add_argument("--json", default=None, help="write the rows and raw timings here")
+    parser.add_argument("--markdown", default=None, help="write the tables here")
+    parser.add_argument("--plot", default=None, help="write a PNG of time / floor and memory per variant")
     parser.add_argument("--worker", choices=("memory", "time"), default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--group", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        device = "cpu" if args.device == "auto" else args.device
-        shape = (args.tokens, args.vocab, args.hidden)
+        dtype = getattr(torch, args.dtype)
+        variants = tuple(args.variants.split(","))
         if args.worker == "memory":
-            result = measure_memory(args.variant, *shape, args.dtype, device, args.chunk_size)
+            result = measure_memory(args.group, variants[0], args, args.device, dtype)
         else:
-            result = measure_time(args.variant, *shape, args.repeats, args.warmup, args.dtype, device, args.chunk_size)
+            result = measure_time(args.group, variants, args, args.device, dtype)
         print(json.dumps(result))
         return
 
-    from tqdm import tqdm
-
-    devices = []
-    if args.device in ("auto", "cpu"):
-        devices.append(("cpu", "float32"))
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        devices.append(("cuda", "bfloat16"))
-    jobs = []
-    for device, dtype in devices:
-        jobs += [("memory", v, args.tokens, dtype, device) for v in VARIANTS]
-        if args.scaling:
-            jobs += [("memory", "fused_linear", args.tokens // k, dtype, device) for k in (4, 2)]
-        jobs += [("time", v, args.tokens, dtype, device) for v in REFERENCE]
-    results = {d: {"memory": [], "time": []} for d, _ in devices}
-    for mode, variant, tokens, dtype, device in tqdm(jobs, desc="benchmark runs", unit="run"):
-        results[device][mode].append(_spawn(args, mode, variant, tokens, dtype, device))
-    rows = []
-    for device, dtype in devices:
-        rows += _rows(results[device]["memory"], results[device]["time"], device, dtype, args.vocab)
-    from arkd.losses.fused import default_chunk_size
-
-    chunks = ", ".join(f"{d}: {args.chunk_size or default_chunk_size(args.vocab, d)}" for d, _ in devices)
-    settings = f"chunk_size ({chunks}), hidden={args.hidden}, repeats={args.repeats}, warmup={args.warmup}"
-    print(f"\n{settings}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
-    print(_table(rows))
-    for device, _ in devices:
-        for t in results[device]["time"]:
-            if abs(t["loss"] - t["reference_loss"]) > 1e-3 * max(1.0, abs(t["reference_loss"])):
-                print(f"WARNING ({device}): {t['variant']} loss {t['loss']} != reference {t['reference_loss']}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    env = dict(os.environ)
+    cache = None
+    if not args.warm_cache:
+        cache = tempfile.TemporaryDirectory(prefix="arkd-bench-inductor-")
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache.name
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise SystemExit(f"--groups: unknown {unknown}; choose from {sorted(GROUPS)}")
+    notes = []
+    all_rows, raw = [], {}
+    out_text = []
+    for group in groups:
+        variants = list(GROUPS[group])
+        if group == "linear" and not liger_available():
+            variants.remove("liger")
+            notes.append("liger: skipped (liger-kernel is not installed; pip install '.[bench]')")
+            print(notes[-1], flush=True)
+        print(f"[{group}] timing {', '.join(variants)} ...", flush=True)
+        timing = _spawn(args, "time", group, variants, args.device, dtype, env)
+        memory = {}
+        if not args.no_memory:
+            for variant in variants:
+                print(f"[{group}] memory of {variant} ...", flush=True)
+                memory[variant] = _spawn(args, "memory", group, [variant], args.device, dtype, env)["peak_extra_mib"]
+        rows = summarise(group, timing, memory)
+        raw[group] = {"timing": timing, "memory": memory}
+        all_rows += rows
+        if group == "logits":
+            header = (
+                f"**Logits in**: {args.tokens} tokens x V = {args.vocab}, {dtype}, per-token alpha, mean "
+                f"({args.device}, {args.repeats} interleaved rounds)"
+            )
+        else:
+            header = (
+                f"**Fused linear, forward KL, teacher hidden states in**: {args.linear_tokens} tokens, hidden "
+                f"{args.hidden} -> V = {args.vocab}, {dtype} ({args.device}, {args.repeats} interleaved rounds)"
+            )
+        out_text.append(table(rows, header))
+        ref = timing["losses"][ARKD[group]]
+        for name, value in timing["losses"].items():
+            if abs(value - ref) > 1e-3 * max(1.0, abs(ref)):
+                notes.append(f"WARNING: {group} {name} loss {value} != arkd {ref}")
+    threads = torch.get_num_threads()
+    settings = f"torch {torch.__version__}, {threads} CPU threads, arkd compiled kernel: chunk default"
+    text = "\n\n".join([settings, *out_text, *notes])
+    print("\n" + text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "raw": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": all_rows, "raw": raw, "notes": notes}, indent=2))
     if args.plot:
-        _plot(rows, args.plot)
+        plot(all_rows, args.plot)
+    if cache is not None:
+        cache.cleanup()
 
 
 if __name__ == "__main__":

@@ -418,6 +418,8 @@ class _Kernel:
         self.compile_seconds = 0.0
 
     def __call__(self, *args):
+        # detached views: whether the caller's logits require grad must not make a second graph (guards)
+        args = tuple(None if arg is None else arg.detach() for arg in args)
         for arg in args:  # rows (and the index) are dynamic: no recompilation for another token count
             if arg is not None:
                 torch._dynamo.mark_dynamic(arg, 0)

@@ -63,3 +63,61 @@ def test_fused_linear_cuda_matches_logits_path():
     rh, rw = torch.autograd.grad(ref, (h32, w32))
     torch.testing.assert_close(gh.float(), rh, rtol=3e-2, atol=1e-6)
     torch.testing.assert_close(gw.float(), rw, rtol=3e-2, atol=1e-6)
+
+
+def test_compiled_kernel_cuda_bf16_matches_reference_and_propagates_nan():
+    from arkd.losses import fused
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    s_full = (torch.randn(4, 130, 50257, device="cuda", generator=g) * 2).bfloat16().requires_grad_(True)
+    t_full = (torch.randn(4, 130, 50257, device="cuda", generator=g) * 2).bfloat16()
+    s, t = s_full[:, :-1], t_full[:, :-1]  # the trainer's layout: read in place, never copied
+    mask = torch.rand(4, 129, device="cuda", generator=g) < 0.7
+    alpha = torch.rand(4, 1, device="cuda", generator=g)
+    got = L.bidirectional_kl(s, t, mask, alpha=alpha, compiled=True)
+    assert fused.compiled_kernels(), "the compiled kernel did not run on CUDA"
+    s32 = s.detach().float().requires_grad_(True)
+    ref = _naive(s32, t, alpha, mask)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    (gs,) = torch.autograd.grad(got, s_full)
+    (gr,) = torch.autograd.grad(ref, s32)
+    assert gs.dtype == torch.bfloat16
+    torch.testing.assert_close(gs[:, :-1].float(), gr, rtol=2e-2, atol=1e-9)
+    bad = s.detach().clone()
+    bad[1, 3, 7] = float("nan")
+    for reduction in ("sum", "mean"):
+        assert torch.isnan(L.bidirectional_kl(bad, t, mask | True, alpha=alpha, reduction=reduction, compiled=True))
+
+
+def test_compiled_loss_in_accelerate_bf16_training_does_not_recompile():
+    """A tiny GPT-2 student distilled with accelerate (bf16 autocast) over batches of varying sequence lengths:
+    the compiled kernels are built at the first step and never again."""
+    import torch._dynamo.utils as dynamo_utils
+    from accelerate import Accelerator
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from arkd.losses import fused
+
+    vocab = 50257
+    config = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    student, teacher = GPT2LMHeadModel(config), GPT2LMHeadModel(config).eval()
+    accelerator = Accelerator(mixed_precision="bf16")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    student, teacher, optimizer = accelerator.prepare(student, teacher, optimizer)
+    seen = []
+    for length in (48, 33, 61, 48, 40):
+        ids = torch.randint(0, vocab, (4, length), device=accelerator.device)
+        mask = torch.ones(4, length - 1, dtype=torch.bool, device=accelerator.device)
+        mask[:, : length // 3] = False  # a prompt that does not count
+        with torch.no_grad():
+            t = teacher(input_ids=ids).logits[:, :-1]
+        s = student(input_ids=ids).logits[:, :-1]
+        loss = L.bidirectional_kl(s, t, mask, alpha=torch.rand(4, device=accelerator.device), compiled=True)
+        assert torch.isfinite(loss)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen.append((len(fused.compiled_kernels()), dynamo_utils.counters["stats"]["unique_graphs"]))
+    assert seen[0][0] >= 2  # forward and backward kernels exist
+    assert all(entry == seen[0] for entry in seen), seen  # nothing compiled after the first step

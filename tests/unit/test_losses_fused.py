@@ -507,6 +507,11 @@ def test_compiled_path_equals_naive_and_never_recompiles():
             g_got = torch.autograd.grad(got, (s_full,), upstream)[0]
             g_ref = torch.autograd.grad(ref, (s_full,), upstream)[0]
             torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=1e-12)
+            with torch.no_grad():  # values only (the reward, validation): the same forward kernel
+                again = L.bidirectional_kl(
+                    s.detach(), t, m, alpha=alpha, temperature=1.7, reduction="none", compiled=True
+                )
+            torch.testing.assert_close(again, got.detach(), rtol=0, atol=0)
         graphs.append((len(fused.compiled_kernels()), dynamo_utils.counters["stats"]["unique_graphs"]))
     assert graphs[0] == graphs[1] == graphs[2], graphs  # nothing compiled after the first token count
 
