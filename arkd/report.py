@@ -28,7 +28,7 @@ LABELS = {
 def _evaluate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], cfg: DictConfig, label: str):
     from arkd.evaluation import DecodingConfig, evaluate_model
 
-    final = cfg.eval.final
+    final = cfg.report
     decoding = DecodingConfig(
         do_sample=bool(final.do_sample),
         max_new_tokens=int(final.max_new_tokens),
@@ -61,7 +61,7 @@ def final_report(
     """Evaluate the three models on the test split (main process) and write the report files.
 
     Args:
-        cfg: the run's config (``eval.final``: subset, seeds, do_sample, max_new_tokens, batch_size, student).
+        cfg: the run's config (``report``: subset, seeds, do_sample, max_new_tokens, batch_size, student).
         run_dir: the run directory (``best/``, ``final/`` and ``metrics.jsonl`` are read from it).
         tokenizer: the tokenizer.
         test_examples: the test split.
@@ -78,8 +78,8 @@ def final_report(
     report = None
     if accelerator.is_main_process:
         if not test_examples:
-            raise ValueError("eval.final.enabled is true but data.splits gave no 'test' rows: expected a test split.")
-        final = cfg.eval.final
+            raise ValueError("report.enabled is true but data.splits gave no 'test' rows: expected a test split.")
+        final = cfg.report
         examples = list(test_examples)[: final.subset] if final.subset else list(test_examples)
         after_dir = run_dir / "best" if final.student == "best" and (run_dir / "best").is_dir() else run_dir / "final"
         device = accelerator.device
@@ -105,7 +105,7 @@ def final_report(
             "experiment": str(cfg.name),
             "run_dir": str(run_dir),
             "test_rows": len(examples),
-            "seeds": [int(s) for s in cfg.eval.final.seeds],
+            "seeds": [int(s) for s in cfg.report.seeds],
             "decoding": decoding,
             "student_after": after_dir.name,
             "student_after_step": summary.get("best_step") if after_dir.name == "best" else summary.get("steps"),

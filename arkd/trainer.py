@@ -1045,7 +1045,7 @@ class Trainer:
             raise ValueError(
                 f"the step preview (greedy search, the alpha-signal probe, the paired reward) needs full parameters "
                 f"and gradients on every process, which {acc.distributed_type.value} shards: use DDP "
-                f"(configs/accelerate/multi_gpu_ddp.yaml), or probe=off with reward=same_batch."
+                f"(launch/accelerate/multi_gpu_ddp.yaml), or probe=off with reward=same_batch."
             )
 
     def _lr(self) -> float:

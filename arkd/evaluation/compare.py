@@ -81,7 +81,7 @@ def find_run_dirs(roots: Iterable[str | os.PathLike]) -> tuple[list[Path], list[
 
     Returns:
         ``(complete, incomplete)``, each sorted; incomplete runs have a ``config.yaml`` but no ``report.json`` yet
-        (still running, crashed, or run with ``eval.final.enabled=false``).
+        (still running, crashed, or run with ``report.enabled=false``).
 
     Raises:
         FileNotFoundError: a root does not exist.

@@ -8,7 +8,7 @@ The stages, in order (each only when configured):
    "before distillation" means the SFT'd student as in the papers) comes from the SFT cache
    (:func:`arkd.recipes.sft_cache.sft_cached`: trained once, reused while its config is unchanged);
 3. distillation (or SFT) with :class:`arkd.trainer.Trainer`: ``metrics.jsonl``, checkpoints, ``best/``, ``final/``;
-4. ``eval.final``: teacher, student before and student after on the test split, ``report.json``,
+4. ``report``: teacher, student before and student after on the test split, ``report.json``,
    ``report.md`` and ``alpha_trajectory.png``.
 """
 
@@ -48,7 +48,7 @@ def _validation_batches(examples: Sequence[Any], tokenizer: Any, cfg: DictConfig
         max_length=int(cfg.data.max_length),
         overlong_prompt="truncate",
     )
-    size = int(cfg.eval.validation.batch_size)
+    size = int(cfg.validation.batch_size)
     items = [dataset[i] for i in range(len(dataset))]
     return [collate(items[i : i + size]) for i in range(0, len(items), size)]
 
@@ -75,8 +75,10 @@ def trainer_config(cfg: DictConfig, *, output_dir: str | Path, distils: bool = T
     """The loop's options from the config: every :class:`TrainerConfig` field the ``trainer`` group sets, and the
     run directory.
 
-    The ``trainer`` group also holds the run's own keys (``precision``, ``cpu``, ``num_threads``, ``lr_schedule``,
-    ``warmup_steps``, ``resume``), which the recipe reads and the loop does not.
+    The temperature is the loss's (``loss.temperature``; 1 without a KD loss): one temperature for the loss, the
+    features, the reward and the logged FKL / RKL. The ``trainer`` group also holds the run's own keys
+    (``precision``, ``cpu``, ``num_threads``, ``lr_schedule``, ``warmup_steps``, ``resume``, ...), which the recipe
+    reads and the loop does not.
 
     Args:
         cfg: the composed ``train.yaml`` config.
@@ -86,7 +88,12 @@ def trainer_config(cfg: DictConfig, *, output_dir: str | Path, distils: bool = T
     names = {f.name for f in dataclasses.fields(TrainerConfig)}
     group = OmegaConf.to_container(cfg.trainer, resolve=True)
     options = {key: value for key, value in group.items() if key in names}
-    options.update(output_dir=str(output_dir), progress_desc="distil" if distils else "sft")
+    loss = cfg.get("loss")
+    options.update(
+        temperature=float(loss.get("temperature", 1.0)) if loss is not None else 1.0,
+        output_dir=str(output_dir),
+        progress_desc="distil" if distils else "sft",
+    )
     if not distils:
         options["kd_weight"] = 0.0
     return TrainerConfig(**options)
@@ -140,7 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         A summary: ``run_dir``, ``steps``, ``skipped_steps``, ``best_val_rougeL``, ``train_seconds`` and, with
-        ``eval.final.enabled``, the ``report`` dict.
+        ``report.enabled``, the ``report`` dict.
     """
     from accelerate.utils import set_seed
     from hydra.utils import instantiate
@@ -214,18 +221,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # Validation: loss on (a subset of) the validation split, Rouge-L of generations on a subset.
     validation = list(splits["validation"])
-    loss_subset = cfg.eval.validation.loss_subset
-    rouge_subset = cfg.eval.validation.subset
+    loss_subset = cfg.validation.loss_subset
+    rouge_subset = cfg.validation.subset
     decoding = DecodingConfig(
-        do_sample=bool(cfg.eval.validation.do_sample),
-        max_new_tokens=int(cfg.eval.validation.max_new_tokens),
+        do_sample=bool(cfg.validation.do_sample),
+        max_new_tokens=int(cfg.validation.max_new_tokens),
         max_prompt_tokens=int(cfg.data.max_prompt_length),
     )
     predict_fn = partial(
         _predict,
         tokenizer=tokenizer,
-        seed=int(cfg.eval.validation.seed),
-        batch_size=int(cfg.eval.validation.batch_size),
+        seed=int(cfg.validation.seed),
+        batch_size=int(cfg.validation.batch_size),
         decoding=decoding,
     )
 
@@ -276,7 +283,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
 
     # Final evaluation on the test split: teacher, student before and after; report files.
-    if cfg.eval.final.enabled:
+    if cfg.report.enabled:
         from arkd.report import final_report
 
         del trainer

@@ -28,8 +28,8 @@ SMALL = [
     "trainer.log_interval=1",
     "trainer.eval_interval=0",
     "trainer.save_interval=4",
-    "eval.validation.max_new_tokens=4",
-    "eval.final.enabled=false",
+    "validation.max_new_tokens=4",
+    "report.enabled=false",
 ]
 
 

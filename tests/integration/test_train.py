@@ -37,9 +37,9 @@ SMALL = [
     "trainer.eval_interval=3",
     "trainer.save_interval=3",
     "reward.interval=2",
-    "eval.validation.max_new_tokens=6",
-    "eval.final.max_new_tokens=6",
-    "eval.final.subset=8",
+    "validation.max_new_tokens=6",
+    "report.max_new_tokens=6",
+    "report.subset=8",
 ]
 REQUIRED_KEYS = {"step", "loss", "fkl", "rkl", "alpha_mean", "alpha_std", "reward", "policy_entropy", "lr"}
 REQUIRED_KEYS |= {"tokens_per_sec"}
@@ -167,8 +167,8 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch, 
         "trainer.log_interval=1",
         "trainer.progress=false",
         "reward.interval=1",
-        "eval.validation.max_new_tokens=2",
-        "eval.final.enabled=false",
+        "validation.max_new_tokens=2",
+        "report.enabled=false",
     ]
     straight = run(_compose(*common, f"output_dir={tmp_path / 'a'}"))
     assert straight["steps"] == 6

@@ -33,7 +33,7 @@ from arkd.errors import ConfigError
         ("~trainer.max_steps", "trainer.max_steps was removed; expected the key (its default: 240)."),
         ("policy=nope", "unknown policy 'nope'; expected one of: akl, constant, cosine, entropy_gated, fkl, greedy,"),
         ("loss=nope", "unknown loss 'nope'; expected one of: adaptive_kl, alpha_beta, bidirectional_kl,"),
-        ("eval.final.student=last", "eval.final.student: got 'last', expected one of best, final."),
+        ("report.student=last", "report.student: got 'last', expected one of best, final."),
     ],
 )
 def test_bad_values_are_one_sentence_naming_the_key(overrides, message):

@@ -70,6 +70,26 @@ def test_experiment_opens_with_its_description(name):
     assert "expected" in text and "hardware" in text.replace("sized for", "hardware")
 
 
+CONFIG_FILES = sorted(CONFIG_DIR.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_config_lines_fit_120_columns(path):
+    long = [n for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+    assert not long, f"{path.relative_to(CONFIG_DIR)}: lines {long} are longer than 120 columns"
+
+
+def test_size_experiments_share_a_base():
+    # The GPT-2 KD and SFT experiments hold only their deltas; the rest is configs/base/dolly_{kd,sft}.yaml.
+    for name in EXPERIMENTS:
+        if not name.startswith("gpt2_"):
+            continue
+        text = (CONFIG_DIR / "config" / f"{name}.yaml").read_text()
+        base = "dolly_sft" if name.endswith("_sft") else "dolly_kd"
+        assert f"- /base/{base}" in text
+        assert len([line for line in text.splitlines() if line and not line.startswith("#")]) <= 25
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(name, local_gpt2, dolly_like):
     overrides = [f"config={name}", "output_dir=unused"]
@@ -185,7 +205,17 @@ def test_resolved_config_is_json_serialisable():
     json.dumps(OmegaConf.to_container(cfg, resolve=True))
 
 
-@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch" / "accelerate"
+
+
+def test_accelerate_launch_files_are_not_hydra_options():
+    # `accelerate launch --config_file` files live outside the Hydra tree: they must not compose as a config group.
+    assert not (CONFIG_DIR / "accelerate").exists()
+    message = check_overrides(["config=tiny", "+accelerate=fsdp"])
+    assert message is not None and "accelerate" in message
+
+
+@pytest.mark.parametrize("path", sorted(LAUNCH_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_accelerate_launch_files_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -202,4 +232,4 @@ def test_accelerate_launch_files_load(path):
     assert str(config.distributed_type).endswith(expected[path.stem])
     if path.stem.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
-    assert f"--config_file configs/accelerate/{path.name}" in path.read_text()  # the launch command is documented
+    assert f"--config_file launch/accelerate/{path.name}" in path.read_text()  # the launch command is documented
