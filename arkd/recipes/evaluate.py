@@ -122,6 +122,12 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str):
         raise EvalError(
             f"{_first_line(err)} (set model_path=PATH, and tokenizer_path=PATH if it lives elsewhere)."
         ) from err
+    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
+    if bad:  # a diverged model would only fail deep inside sampling, after hours of generation
+        raise EvalError(
+            f"model_path={cfg.model_path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); expected a "
+            "model of a run that did not diverge."
+        )
     return model.to(device).eval(), tokenizer
 
 

@@ -166,3 +166,40 @@ def test_stale_temporaries_are_cleaned_when_training_starts(tiny, tmp_path):
     _trainer(tiny, tmp_path, steps=1).fit()
     assert not (tmp_path / "checkpoints" / ".tmp_step_0000002_999").exists()
     assert not (tmp_path / ".tmp_best").exists()
+
+
+def test_a_second_signal_stops_at_once(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, steps=6)
+    original = trainer.train_step
+
+    def signalled_twice():
+        if trainer.state.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original()
+
+    trainer.train_step = signalled_twice
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.state.step == 1 and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_failing_final_write_keeps_the_previous_final(tiny, tmp_path, monkeypatch):
+    import errno
+
+    from arkd.errors import OutputError
+
+    trainer = _trainer(tiny, tmp_path, steps=1)
+    trainer.fit()
+    before = ckpt.load_weights(tmp_path / "final" / "model.safetensors")
+    model = trainer.accelerator.unwrap_model(trainer.student)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", full)
+    with pytest.raises(OutputError, match=r"cannot write .*final: no space left on the device; the previous final/"):
+        trainer._save_model("final")
+    after = ckpt.load_weights(tmp_path / "final" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / ".tmp_final").exists()

@@ -1,0 +1,77 @@
+"""The fault-injection suite: every fault and bad input of docs/reliability.md, through the real entry points
+(``arkd.cli.train.main`` / ``arkd.cli.eval.main`` / ``arkd.cli.compare.main`` in this process, and one
+``arkd-train`` subprocess for signals). Every test here is marked ``faults``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# A tiny distillation run in about a second: untrained tiny teacher and student (no SFT), a few steps, short
+# validation generations, no final report.
+SMALL = [
+    "config=tiny",
+    "init_sft.teacher=null",
+    "init_sft.student=null",
+    "data.splits.n_train=64",
+    "data.splits.n_validation=4",
+    "data.splits.n_test=4",
+    "data.batch_size=8",
+    "trainer.max_steps=6",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=3",
+    "trainer.save_interval=2",
+    "trainer.keep_last=2",
+    "trainer.progress=false",
+    "eval.validation.max_new_tokens=2",
+    "eval.final.enabled=false",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.faults)
+
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def last_line(self) -> str:
+        lines = [line for line in self.err.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+
+def _code(err: SystemExit) -> int:
+    return 0 if err.code is None else int(err.code)
+
+
+@pytest.fixture
+def arkd_train(tmp_path, monkeypatch, capsys, one_torch_thread):
+    """``arkd_train(*overrides, run_dir=...) -> Outcome``: arkd-train's console entry point in this process."""
+    from arkd.cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def call(*overrides: str, run_dir: Path | None = None, small: bool = True) -> Outcome:
+        argv = [*(SMALL if small else []), f"cache_dir={tmp_path / 'cache'}", *overrides]
+        argv += [f"hydra.run.dir={run_dir or tmp_path / 'run'}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["arkd-train"])
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as err:
+            code = _code(err)
+        captured = capsys.readouterr()
+        return Outcome(code, captured.out, captured.err)
+
+    return call

@@ -1,0 +1,117 @@
+"""arkd-eval and arkd-compare under faults: outputs of an earlier run, unwritable output folders, a diverged (NaN)
+model, and a data file with an invalid UTF-8 byte. Each is one sentence, exit 2, before the slow work starts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from arkd.data.template import format_prompt
+from arkd.models import build_tiny_model, build_tiny_tokenizer, save_pretrained
+
+ROWS = [("Name a primary colour.", "", "Red."), ("Translate to French: hello", "", "bonjour")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    tokenizer = build_tiny_tokenizer([format_prompt(i, x) + y for i, x, y in ROWS] * 4, vocab_size=300)
+    model = build_tiny_model(len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=256, seed=0)
+    path = tmp_path_factory.mktemp("tiny_lm")
+    save_pretrained(model, tokenizer, path)
+    nan = tmp_path_factory.mktemp("nan_lm")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_pretrained(model, tokenizer, nan)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    rows = [{"instruction": i, "input": x, "output": y, "prompt": format_prompt(i, x)} for i, x, y in ROWS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _arkd_eval(argv, tmp_path, monkeypatch, capsys) -> tuple[int, str]:
+    from arkd.cli.eval import main
+
+    monkeypatch.chdir(tmp_path)
+    hydra = [f"hydra.run.dir={tmp_path / 'hydra'}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    monkeypatch.setattr(sys, "argv", ["arkd-eval", *argv, "bertscore.enabled=false", "progress=false", *hydra])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert len(lines) == 1, err  # (transformers' own weight-loading bar aside)
+    return info.value.code, lines[0]
+
+
+def test_arkd_eval_refuses_the_outputs_of_an_earlier_evaluation(
+    tiny_model_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    argv = [f"model_path={tiny_model_dir}", f"datasets=[{data_file}]", f"output_dir={out}"]
+    code, err = _arkd_eval(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err == (
+        f"arkd-eval: the output directory {out} already holds results.json; expected a new directory, or "
+        "overwrite=true to replace them."
+    )
+    assert (out / "results.json").read_text() == '{"earlier": true}'
+
+
+def test_arkd_eval_checks_its_output_directory_before_generating(
+    tiny_model_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = [f"model_path={tiny_model_dir}", f"datasets=[{data_file}]", f"output_dir={blocker / 'out'}"]
+    code, err = _arkd_eval(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err == f"arkd-eval: cannot write to the output directory {blocker / 'out'}: a part of the path is a file."
+
+
+def test_arkd_eval_refuses_a_nan_model_before_generating(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    nan_dir = next(tiny_model_dir.parent.glob("nan_lm*"))
+    argv = [f"model_path={nan_dir}", f"datasets=[{data_file}]", f"output_dir={tmp_path / 'out'}"]
+    code, err = _arkd_eval(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith(f"arkd-eval: model_path={nan_dir}: 1 weight tensor(s) hold NaN or inf (first: ")
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_arkd_eval_names_file_and_line_of_an_invalid_utf8_byte(
+    tiny_model_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    bad = tmp_path / "bad.jsonl"
+    lines = data_file.read_bytes().splitlines(keepends=True)
+    bad.write_bytes(lines[0] + lines[1].replace(b"bonjour", b"bonj\xc3our"))
+    argv = [f"model_path={tiny_model_dir}", f"datasets=[{bad}]", f"output_dir={tmp_path / 'out'}"]
+    code, err = _arkd_eval(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith(f"arkd-eval: dataset 'bad' ({bad}): {bad}, line 2: invalid UTF-8 byte 0xc3 at byte ")
+    assert err.endswith("of the line; expected a UTF-8 text file")
+
+
+def test_arkd_compare_refuses_an_earlier_comparison(tmp_path, capsys):
+    from arkd.cli.compare import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "comparison.md").write_text("earlier")
+    assert main([str(tmp_path / "runs"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"arkd-compare: the output directory {out} already holds comparison.md; expected a new directory, or "
+        "--overwrite to replace them."
+    )
+    assert (out / "comparison.md").read_text() == "earlier"

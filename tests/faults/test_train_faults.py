@@ -1,0 +1,344 @@
+"""arkd-train under faults: divergence, failing runs, corrupt and interrupted checkpoints, signals, changed configs on
+resume, reused run directories, full and unwritable disks, and bad values. Each case goes through the console entry
+point; the expected behaviour is the row of docs/reliability.md that names the test."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from arkd import checkpoint as ckpt
+from arkd.metrics import read_metrics
+
+BIN = Path(sys.executable).parent
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") != "validation"]
+
+
+def _finite_model(path: Path) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ckpt.load_weights(path / "model.safetensors").values())
+
+
+def _one_sentence(outcome, prefix: str = "arkd-train: ") -> str:
+    assert "Traceback" not in outcome.err, outcome.err[-2000:]
+    line = outcome.last_line
+    assert line.startswith(prefix), outcome.err[-2000:]
+    return line
+
+
+# -- Divergence and failing runs ------------------------------------------------------------------------------------
+
+
+def test_diverged_run_without_clipping_fails_and_writes_no_nan_model(arkd_train, tmp_path):
+    outcome = arkd_train("optimizer.lr=1e6", "trainer.max_grad_norm=null")
+    line = _one_sentence(outcome)
+    assert outcome.code == 1 and "arkd-train: done" not in outcome.out
+    assert line.startswith("arkd-train: the run failed: the student's weights are not finite after step 6")
+    assert "final/ was not written" in line
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    assert not (run / "best").exists() or _finite_model(run / "best")
+    healthy = [p for _, p in ckpt.list_checkpoints(run / "checkpoints") if ckpt.is_healthy(p)]
+    assert healthy and _finite_model(healthy[-1]) and f"the last healthy checkpoint is {healthy[-1]}" in line
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="needs the fused bidirectional KL to propagate NaN (issue 15) and the trainer's non-finite detection "
+    "without clipping (issue 13 item 1, the lead's part); until then the diverged steps log loss 0.0",
+)
+def test_diverged_run_without_clipping_shows_the_nan_in_its_metrics(arkd_train, tmp_path):
+    outcome = arkd_train("optimizer.lr=1e6", "trainer.max_grad_norm=null")
+    assert outcome.code == 1
+    rows = _train_rows(tmp_path / "run")
+    assert rows[-1]["skipped_steps"] > 0 or any(r["loss"] is None for r in rows)
+    assert not any(r["loss"] == 0.0 for r in rows)
+    validation = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "validation"]
+    assert not any(r.get("val_fkl") == 0.0 or r.get("val_rkl") == 0.0 for r in validation)
+
+
+def test_mostly_skipped_run_with_clipping_fails_with_the_share(arkd_train, tmp_path):
+    outcome = arkd_train("optimizer.lr=1e6")
+    line = _one_sentence(outcome)
+    assert outcome.code == 1
+    rows = _train_rows(tmp_path / "run")
+    skipped = rows[-1]["skipped_steps"]
+    assert skipped >= 2
+    assert line.startswith(f"arkd-train: the run failed: {skipped} of 6 steps ({100 * skipped / 6:.0f}%) were skipped")
+    assert "more than trainer.max_skipped_fraction=0.1; final/ was not written" in line
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    assert not (run / "best").exists() or _finite_model(run / "best")
+    # keep_last=2, but the newest healthy checkpoint survives rotation
+    assert any(ckpt.is_healthy(p) for _, p in ckpt.list_checkpoints(run / "checkpoints"))
+
+
+def test_the_skipped_share_threshold_is_a_trainer_key(arkd_train, tmp_path):
+    outcome = arkd_train("optimizer.lr=1e6", "trainer.max_skipped_fraction=1.0")
+    assert outcome.code == 0 and "arkd-train: done" in outcome.out
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+# -- Checkpoints ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(arkd_train, tmp_path, damage):
+    run = tmp_path / "run"
+    assert arkd_train().code == 0
+    straight = ckpt.load_weights(run / "final" / "model.safetensors")
+    newest = run / "checkpoints" / "step_0000006"
+    if damage == "truncate":  # a torn write that still got its COMPLETE marker
+        target = newest / "model.safetensors"
+        size = target.stat().st_size
+        target.write_bytes(target.read_bytes()[: size // 3])
+        problem = f"model.safetensors has {size // 3} bytes, expected {size}"
+    else:  # silent corruption: one flipped bit, same size
+        target = newest / "state.pt"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        target.write_bytes(bytes(data))
+        problem = "state.pt fails its SHA-256 checksum"
+    assert (newest / "COMPLETE").is_file()
+
+    outcome = arkd_train("trainer.resume=auto")
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert (
+        f"arkd: checkpoint {newest} is corrupt ({problem}); using the previous good one, step_0000004." in outcome.out
+    )
+    assert f"resuming from {run / 'checkpoints' / 'step_0000004'}" in outcome.out
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
+    resumed = ckpt.load_weights(run / "final" / "model.safetensors")
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+    assert ckpt.verify_checkpoint(newest) is None  # step 6 was written again, whole
+
+
+def test_explicit_resume_from_a_corrupt_checkpoint_is_refused(arkd_train, tmp_path):
+    run = tmp_path / "run"
+    assert arkd_train().code == 0
+    path = run / "checkpoints" / "step_0000006"
+    (path / "rng_rank0.pt").unlink()
+    outcome = arkd_train(f"trainer.resume={path}")
+    assert outcome.code == 2
+    assert _one_sentence(outcome) == (
+        f"arkd-train: trainer.resume={path}: rng_rank0.pt is missing; expected 'auto' or a complete, intact checkpoint."
+    )
+
+
+def test_temporaries_of_an_interrupted_save_are_cleaned_on_start(arkd_train, tmp_path):
+    run = tmp_path / "run"
+    assert arkd_train("trainer.max_steps=2").code == 0
+    stale = run / "checkpoints" / ".tmp_step_0000004_4242"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    (run / ".tmp_best").mkdir()
+    assert arkd_train("trainer.max_steps=2", "trainer.resume=auto").code == 0
+    assert not stale.exists() and not (run / ".tmp_best").exists()
+
+
+def test_sigint_finishes_the_step_checkpoints_and_exits_with_one_line(arkd_train, tmp_path, monkeypatch):
+    from arkd.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def interrupted(self):
+        if self.state.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 3
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    outcome = arkd_train()
+    run = tmp_path / "run"
+    assert outcome.code == 130
+    assert _one_sentence(outcome) == (
+        f"arkd-train: stopped by SIGINT after step 3 of 6; checkpoint {run / 'checkpoints' / 'step_0000003'} written; "
+        "run the same command with trainer.resume=auto to continue."
+    )
+    assert len(outcome.err.strip().splitlines()) <= 2  # the notice when the signal arrived, and the last line
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_0000003") is None
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert arkd_train("trainer.resume=auto").code == 0
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_of_a_real_process_checkpoints_and_exits_143(arkd_train, tmp_path):
+    """A preemptible cluster job: SIGTERM to the arkd-train process, which finishes its step and checkpoints."""
+    from conftest import SMALL
+
+    run = tmp_path / "run"
+    options = [*SMALL, "trainer.eval_interval=0", "trainer.save_interval=0", f"cache_dir={tmp_path / 'cache'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    proc = subprocess.Popen(
+        [str(BIN / "arkd-train"), *options, "trainer.max_steps=400", f"hydra.run.dir={run}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    step = int(last.split("after step ")[1].split(" ")[0])
+    path = run / "checkpoints" / f"step_{step:07d}"
+    assert last == (
+        f"arkd-train: stopped by SIGTERM after step {step} of 400; checkpoint {path} written; "
+        "run the same command with trainer.resume=auto to continue."
+    )
+    assert ckpt.verify_checkpoint(path) is None and 2 <= step < 400
+
+    # Continue it (here one step further, accepting the shorter max_steps).
+    outcome = arkd_train(
+        "trainer.eval_interval=0",
+        "trainer.save_interval=0",
+        "trainer.resume=auto",
+        f"trainer.max_steps={step + 1}",
+        "trainer.resume_accept_changes=true",
+    )
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert f"accepted config change(s): trainer.max_steps: 400 -> {step + 1}" in outcome.out
+    assert [r["step"] for r in _train_rows(run)] == list(range(1, step + 2))
+
+
+# -- Resume compatibility and run directories -----------------------------------------------------------------------
+
+
+def test_resume_with_another_policy_or_lr_is_refused_with_the_differences(arkd_train, tmp_path):
+    run = tmp_path / "run"
+    assert arkd_train("trainer.max_steps=2").code == 0
+    before = (run / "config.yaml").read_text()
+    outcome = arkd_train("trainer.max_steps=2", "trainer.resume=auto", "policy=fkl", "optimizer.lr=0.01")
+    line = _one_sentence(outcome)
+    assert outcome.code == 2
+    assert line.startswith(
+        f"arkd-train: trainer.resume=auto: this config differs from the one {run / 'checkpoints' / 'step_0000002'} "
+        "was written with ("
+    )
+    assert "optimizer.lr: 0.001 -> 0.01" in line and "policy._target_: 'arkd.policy.LearnedPolicy' -> " in line
+    assert line.endswith("or trainer.resume_accept_changes=true to continue with the new values.")
+    assert (run / "config.yaml").read_text() == before  # the record of the run is untouched
+    accepted = arkd_train("trainer.max_steps=3", "trainer.resume=auto", "trainer.resume_accept_changes=true")
+    assert accepted.code == 0 and "trainer.max_steps: 2 -> 3" in accepted.out
+
+
+def test_a_run_directory_holding_another_run_is_refused(arkd_train, tmp_path):
+    run = tmp_path / "run"
+    assert arkd_train("trainer.max_steps=2").code == 0
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    outcome = arkd_train("trainer.max_steps=2", "seed=1")
+    assert outcome.code == 2
+    assert _one_sentence(outcome) == (
+        f"arkd-train: the run directory {run} already holds a run (config.yaml, metrics.jsonl, checkpoints, best, "
+        "final, summary.json); expected a new directory, trainer.resume=auto to continue that run, or "
+        "trainer.overwrite=true to replace it."
+    )
+    for name, data in files.items():  # nothing of the earlier run was touched
+        if name != "train.log":
+            assert (run / name).read_bytes() == data, name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    replaced = arkd_train("trainer.max_steps=2", "seed=1", "trainer.overwrite=true")
+    assert replaced.code == 0
+    assert "seed: 1" in (run / "config.yaml").read_text()
+
+
+# -- File systems ---------------------------------------------------------------------------------------------------
+
+
+def test_an_unwritable_run_directory_is_refused_before_anything_is_built(arkd_train, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    outcome = arkd_train(f"output_dir={blocker / 'run'}")
+    assert outcome.code == 1
+    assert _one_sentence(outcome) == (
+        f"arkd-train: cannot write to the run directory {blocker / 'run'}: a part of the path is a file."
+    )
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_run_directory_is_refused(arkd_train, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        outcome = arkd_train(f"output_dir={locked}")
+    finally:
+        locked.chmod(0o755)
+    assert outcome.code == 1
+    assert _one_sentence(outcome) == f"arkd-train: cannot write to the run directory {locked}: permission denied."
+
+
+def test_a_full_disk_while_checkpointing_is_one_sentence_and_keeps_the_earlier_checkpoint(
+    arkd_train, tmp_path, monkeypatch
+):
+    calls = []
+    original = ckpt.save_weights
+
+    def fills_up(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(state, path)
+
+    monkeypatch.setattr(ckpt, "save_weights", fills_up)
+    outcome = arkd_train()
+    run = tmp_path / "run"
+    assert outcome.code == 1
+    assert _one_sentence(outcome) == (
+        f"arkd-train: cannot write the checkpoint {run / 'checkpoints' / 'step_0000004'}: no space left on the "
+        "device; the earlier checkpoints are untouched."
+    )
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000002"]
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_0000002") is None
+
+
+# -- Bad values, found before any work ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps: got 'abc', expected an integer >= 1."),
+        ("trainer.max_steps=0", "trainer.max_steps: got 0, expected an integer >= 1."),
+        ("trainer.max_steps=3.5", "trainer.max_steps: got 3.5, expected an integer >= 1."),
+        ("optimizer.lr=abc", "optimizer.lr: got 'abc', expected a number >= 0."),
+        ("trainer.on_nonfinite=bogus", "trainer.on_nonfinite: got 'bogus', expected one of skip, stop."),
+        ("+trainer.unknown_key=1", "trainer.unknown_key: nothing reads this key (a `+` override?); expected one of"),
+        ("policy=nope", "unknown policy 'nope'; expected one of: akl, constant, cosine, entropy_gated, fkl, greedy,"),
+    ],
+)
+def test_bad_values_exit_2_with_one_sentence_before_any_work(arkd_train, tmp_path, override, message):
+    outcome = arkd_train(override)
+    assert outcome.code == 2
+    assert _one_sentence(outcome).startswith(f"arkd-train: {message}")
+    assert len(outcome.err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # not even the run directory
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_the_teacher_is_trained(arkd_train, tmp_path):
+    # The tiny config's own SFT stages (teacher 450 steps): refused before they start.
+    outcome = arkd_train(
+        "config=tiny", "data.splits.n_train=64", "data.batch_size=100", "trainer.progress=false", small=False
+    )
+    assert outcome.code == 2
+    line = _one_sentence(outcome)
+    assert line.startswith("arkd-train: data.batch_size: got 100, expected at most ")
+    assert "(the training split has " in line and "every batch must be full)." in line
+    assert not list((tmp_path / "cache").glob("teacher-sft-*")) and "training the teacher" not in outcome.out
