@@ -32,6 +32,12 @@ def _task(cfg: DictConfig) -> None:
     except EvalError as err:
         print(f"arkd-eval: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            "arkd-eval: interrupted; nothing was written (results are written once every dataset is done).",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 def main() -> None:

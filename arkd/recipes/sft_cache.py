@@ -75,6 +75,10 @@ def sft_cached(
     root = Path(str(cfg.cache_dir)).expanduser()
     path = root / f"{role}-sft-{key}"
     if not (path / "model.safetensors").is_file():
+        from arkd.run_dir import check_writable
+
+        if accelerator.is_main_process:  # before the training, not after it
+            check_writable(root, "cache directory (cache_dir)")
         accelerator.print(f"arkd: training the {role} by SFT ({int(options.max_steps)} steps); cached at {path}")
         model = build_model(node, tokenizer)
         max_steps = int(options.max_steps)

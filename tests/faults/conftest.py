@@ -62,7 +62,8 @@ def arkd_train(tmp_path, monkeypatch, capsys, one_torch_thread):
     monkeypatch.chdir(tmp_path)
 
     def call(*overrides: str, run_dir: Path | None = None, small: bool = True) -> Outcome:
-        argv = [*(SMALL if small else []), f"cache_dir={tmp_path / 'cache'}", *overrides]
+        cache = [] if any(o.startswith("cache_dir=") for o in overrides) else [f"cache_dir={tmp_path / 'cache'}"]
+        argv = [*(SMALL if small else []), *cache, *overrides]
         argv += [f"hydra.run.dir={run_dir or tmp_path / 'run'}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
         capsys.readouterr()
         monkeypatch.setattr(sys, "argv", ["arkd-train"])

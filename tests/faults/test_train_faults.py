@@ -272,6 +272,18 @@ def test_an_unwritable_run_directory_is_refused_before_anything_is_built(arkd_tr
     )
 
 
+def test_an_unwritable_cache_is_refused_before_the_sft_trains(arkd_train, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    outcome = arkd_train("config=tiny", "data.splits.n_train=64", f"cache_dir={blocker / 'cache'}", small=False)
+    assert outcome.code == 1
+    assert _one_sentence(outcome) == (
+        f"arkd-train: cannot write to the cache directory (cache_dir) {blocker / 'cache'}: "
+        "a part of the path is a file."
+    )
+    assert "training the teacher" not in outcome.out
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_run_directory_is_refused(arkd_train, tmp_path):
     locked = tmp_path / "locked"
