@@ -43,8 +43,9 @@ def test_diverged_run_without_clipping_fails_and_writes_no_nan_model(arkd_train,
     outcome = arkd_train("optimizer.lr=1e6", "trainer.max_grad_norm=null")
     line = _one_sentence(outcome)
     assert outcome.code == 1 and "arkd-train: done" not in outcome.out
-    assert line.startswith("arkd-train: the run failed: the student's weights are not finite after step 6")
-    assert "final/ was not written" in line
+    # Either reason, both true of this run: its weights are no longer finite, or (the trainer's guard measures the
+    # gradient norm also without clipping) its non-finite steps were skipped, more than the threshold allows.
+    assert line.startswith("arkd-train: the run failed: ") and "final/ was not written" in line
     run = tmp_path / "run"
     assert not (run / "final").exists()
     assert not (run / "best").exists() or _finite_model(run / "best")
@@ -52,11 +53,6 @@ def test_diverged_run_without_clipping_fails_and_writes_no_nan_model(arkd_train,
     assert healthy and _finite_model(healthy[-1]) and f"the last healthy checkpoint is {healthy[-1]}" in line
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs the fused bidirectional KL to propagate NaN (issue 15) and the trainer's non-finite detection "
-    "without clipping (issue 13 item 1, the lead's part); until then the diverged steps log loss 0.0",
-)
 def test_diverged_run_without_clipping_shows_the_nan_in_its_metrics(arkd_train, tmp_path):
     outcome = arkd_train("optimizer.lr=1e6", "trainer.max_grad_norm=null")
     assert outcome.code == 1
@@ -65,6 +61,33 @@ def test_diverged_run_without_clipping_shows_the_nan_in_its_metrics(arkd_train, 
     assert not any(r["loss"] == 0.0 for r in rows)
     validation = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "validation"]
     assert not any(r.get("val_fkl") == 0.0 or r.get("val_rkl") == 0.0 for r in validation)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="needs the fused bidirectional KL (the default loss) to propagate a NaN logit instead of turning it into "
+    "a 0.0 token loss (issue 15): the step is already skipped, but its loss is logged as 0.0",
+)
+def test_a_nan_logit_is_never_hidden_by_the_default_loss(arkd_train, tmp_path, monkeypatch):
+    from transformers import GPT2LMHeadModel
+
+    forward, calls = GPT2LMHeadModel.forward, []
+
+    def nan_once(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training and torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 3:  # the student's forward of step 3: one NaN logit at every position
+                out.logits = out.logits.clone().index_fill_(-1, torch.tensor([7]), float("nan"))  # one vocab entry
+        return out
+
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", nan_once)
+    outcome = arkd_train("trainer.max_skipped_fraction=1.0")
+    assert outcome.code == 0
+    rows = _train_rows(tmp_path / "run")
+    # The step is skipped (the trainer's guard sees the NaN gradient) and its loss is logged as NaN (null), not 0.0.
+    assert rows[2]["skipped_steps"] == 1 and rows[-1]["skipped_steps"] == 1
+    assert rows[2]["loss"] is None
 
 
 def test_mostly_skipped_run_with_clipping_fails_with_the_share(arkd_train, tmp_path):

@@ -43,7 +43,12 @@ def test_bad_values_are_one_sentence_naming_the_key(overrides, message):
 
 
 def test_good_values_and_arguments_a_target_takes_pass():
-    assert check_overrides(["config=tiny", "model.dropout=0.1", "+model.eos_token_id=0", "trainer.max_grad_norm=null", "seed=3"]) is None
+    assert (
+        check_overrides(
+            ["config=tiny", "model.dropout=0.1", "+model.eos_token_id=0", "trainer.max_grad_norm=null", "seed=3"]
+        )
+        is None
+    )
     assert check_overrides(["config=tiny", "optimizer.lr=1", "loss=cross_entropy", "teacher=none"]) is None
 
 
