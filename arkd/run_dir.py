@@ -42,7 +42,7 @@ RESUME_IGNORED = (
     "trainer.keep_last",
     "logger",
     "data.num_workers",
-    "*.final",
+    "report",
 )
 
 

@@ -26,8 +26,8 @@ SMALL = [
     "trainer.save_interval=2",
     "trainer.keep_last=2",
     "trainer.progress=false",
-    "eval.validation.max_new_tokens=2",
-    "eval.final.enabled=false",
+    "validation.max_new_tokens=2",
+    "report.enabled=false",
 ]
 
 

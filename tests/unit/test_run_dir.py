@@ -70,8 +70,8 @@ def test_resume_refuses_a_changed_config_with_the_differences(tmp_path):
 
 
 def test_config_differences_lists_added_removed_and_changed_leaves():
-    old = {"a": {"b": 1, "c": 2}, "output_dir": "x", "eval": {"final": {"subset": 1}}}
-    new = {"a": {"b": 1, "d": 3}, "output_dir": "y", "eval": {"final": {"subset": 2}}}
+    old = {"a": {"b": 1, "c": 2}, "output_dir": "x", "report": {"subset": 1}}
+    new = {"a": {"b": 1, "d": 3}, "output_dir": "y", "report": {"subset": 2}}
     assert config_differences(old, new) == ["a.c: 2 -> '<absent>'", "a.d: '<absent>' -> 3"]
 
 
