@@ -94,6 +94,10 @@ def _resume(v: Any) -> bool:
     return v is None or (isinstance(v, str) and v != "")
 
 
+# The direction of each validation metric trainer.best_metric may name (TrainerConfig's default best_mode, too).
+BEST_MODES = {"val_rougeL": "max", "val_loss": "min", "val_fkl": "min", "val_rkl": "min"}
+
+
 # Ranges and choices of the keys the recipe reads (path -> rule); `*` matches any one key.
 RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable[[Any], bool], str]]] = {
     "seed": _int(0),
@@ -120,7 +124,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "trainer.max_skipped": _int(0),
     "trainer.max_skipped_fraction": _number(0, 1),
     "trainer.progress": _bool(),
-    "trainer.best_metric": _choice("val_rougeL", "val_loss", "val_fkl", "val_rkl"),
+    "trainer.best_metric": _choice(*BEST_MODES),
+    "trainer.best_mode": _choice("max", "min"),
     "data.batch_size": _int(1),
     "data.max_prompt_length": _int(1),
     "data.max_length": _int(2),
@@ -276,6 +281,13 @@ def check_train_config(cfg: Any, reference: Any | None = None, *, build: bool = 
         _walk_rules(plain, "")
     else:
         _walk(plain, ref, "")
+    trainer = plain.get("trainer") or {}
+    metric, mode = trainer.get("best_metric"), trainer.get("best_mode")
+    if mode in ("max", "min") and metric in BEST_MODES and mode != BEST_MODES[metric]:
+        raise ConfigError(
+            f"trainer.best_mode: got {mode!r} for trainer.best_metric={metric}, expected {BEST_MODES[metric]!r} "
+            f"({'higher' if BEST_MODES[metric] == 'max' else 'lower'} is better)."
+        )
     data = plain.get("data") or {}
     if _is_int(data.get("max_length")) and _is_int(data.get("max_prompt_length")):
         if data["max_length"] <= data["max_prompt_length"]:

@@ -103,6 +103,7 @@ def final_report(
         report = {
             "arkd_version": arkd.__version__,
             "experiment": str(cfg.name),
+            "strategy": summary.get("strategy"),
             "run_dir": str(run_dir),
             "test_rows": len(examples),
             "seeds": [int(s) for s in cfg.report.seeds],
@@ -110,7 +111,7 @@ def final_report(
             "student_after": after_dir.name,
             "student_after_step": summary.get("best_step") if after_dir.name == "best" else summary.get("steps"),
             "results": results,
-            "training": {k: v for k, v in summary.items() if k != "report"},
+            "training": {k: v for k, v in summary.items() if k not in ("report", "strategy")},
             "eval_seconds": round(time.perf_counter() - started, 1),
             "examples": [
                 {

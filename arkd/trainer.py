@@ -69,8 +69,9 @@ class TrainerConfig:
         eval_interval: validate every this many steps (0: only at the end).
         save_interval: checkpoint every this many steps (0: only at the end).
         keep_last: checkpoints to keep (0: all).
-        best_metric: the validation metric that picks ``best/``: ``val_rougeL`` (higher is better) or a loss such
-            as ``val_loss`` (lower is better).
+        best_metric: the validation metric that picks ``best/`` (``val_rougeL``, ``val_loss``, ``val_fkl``, ...).
+        best_mode: ``max`` (higher ``best_metric`` is better, e.g. Rouge-L) or ``min`` (lower, e.g. a loss); None
+            takes the known direction of ``val_rougeL`` (max), ``val_loss``, ``val_fkl`` and ``val_rkl`` (min).
         on_nonfinite: "skip" (skip the step and count it) or "stop" (raise with the step and statistics).
         max_skipped: stop anyway after this many skipped steps in a row.
         max_skipped_fraction: a run that ends with more than this share of its steps skipped fails
@@ -92,6 +93,7 @@ class TrainerConfig:
     save_interval: int = 0
     keep_last: int = 2
     best_metric: str = "val_rougeL"
+    best_mode: str | None = None
     on_nonfinite: str = "skip"
     max_skipped: int = 100
     max_skipped_fraction: float = 0.1
@@ -106,6 +108,16 @@ class TrainerConfig:
             raise ValueError(f"trainer.grad_accum must be >= 1, got {self.grad_accum}.")
         if self.on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"trainer.on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}.")
+        if self.best_mode is None:
+            from arkd.config_check import BEST_MODES
+
+            if self.best_metric not in BEST_MODES:
+                raise ValueError(
+                    f"trainer.best_mode is needed for best_metric={self.best_metric!r}: expected 'max' or 'min'."
+                )
+            self.best_mode = BEST_MODES[self.best_metric]
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(f"trainer.best_mode must be 'max' or 'min', got {self.best_mode!r}.")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ValueError(f"trainer.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}.")
 
@@ -1169,9 +1181,8 @@ class Trainer:
         score = row.get(self.cfg.best_metric)
         if score is None or not math.isfinite(score):
             return
-        higher_is_better = "rouge" in self.cfg.best_metric.lower()
         best = self.state.best_value
-        if best is None or (score > best if higher_is_better else score < best):
+        if best is None or (score > best if self.cfg.best_mode == "max" else score < best):
             if self._save_model("best"):
                 self.state.best_value, self.state.best_step = score, step
 

@@ -42,6 +42,7 @@ __all__ = [
     "paired_differences",
     "plot_alpha_runs",
     "strategy_label",
+    "strategy_name",
     "summary_table",
 ]
 
@@ -55,20 +56,6 @@ _METRIC_TITLES = {
     "bertscore_precision": "BERTScore P",
     "bertscore_recall": "BERTScore R",
 }
-# Class names of arkd.policy -> the names of their configs/policy presets.
-_POLICY_NAMES = {
-    "LearnedPolicy": "learned",
-    "LinearSchedule": "linear",
-    "CosineSchedule": "cosine",
-    "AKLHeuristic": "akl",
-    "ToDiHeuristic": "todi",
-    "EntropyGated": "entropy_gated",
-    "GreedySearch": "greedy",
-}
-# Losses that weigh FKL and RKL by a strategy's alpha (the others ignore the policy group).
-_ALPHA_LOSSES = {"arkd.losses.BidirectionalKLLoss", "arkd.losses.modules.BidirectionalKLLoss"}
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Reading run directories
 
@@ -129,43 +116,88 @@ def _hydra_choices(run_dir: Path) -> dict[str, Any]:
     return dict(choices) if isinstance(choices, dict) else {}
 
 
-def _short(value: float) -> str:
-    return f"{float(value):g}"
+def _hydra_overrides(run_dir: Path) -> list[str]:
+    """The run's command-line overrides (``.hydra/overrides.yaml``), or [] when absent."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())}).") from err
+    return [str(o) for o in data] if isinstance(data, list) else []
 
 
-def strategy_label(config: dict[str, Any], choices: dict[str, Any] | None = None) -> str:
-    """The name of a run's alpha strategy, from its resolved config (and Hydra's group choices when known).
+def strategy_name(
+    preset: str | None,
+    overrides: Sequence[str] = (),
+    *,
+    loss: str | None = None,
+    takes_alpha: bool = True,
+    label: str | None = None,
+) -> str:
+    """The name of a run's alpha strategy in arkd-compare's tables, from what the run recorded.
 
-    The run's ``label`` (``arkd-train ... label=NAME``), when set, is the name. Otherwise a constant alpha is named by
-    its value whatever preset chose it: 1 -> ``fkl``, 0 -> ``rkl``, 0.5 ->
-    ``constant``, any other value ``constant_<alpha>``. Other strategies take their ``policy`` preset's name (or,
-    without Hydra's record, the name of their class's preset). A loss that does not weigh FKL and RKL by alpha
-    (``loss=generalized_jsd``, ...) names the run instead: ``loss=<name>``.
+    ``label`` (``arkd-train ... label=NAME``) when set; ``loss=<loss>`` for a loss that does not take alpha (no
+    strategy is built with it); otherwise the ``policy`` preset (Hydra's choice, e.g. ``fkl``, ``learned``) followed
+    by the run's own ``policy.*`` overrides in brackets (``constant[alpha=0.25]``), so that two variants of one preset
+    never share a name.
 
     Args:
-        config: the run's resolved config (``report.json["config"]`` or ``config.yaml``).
-        choices: Hydra's ``runtime.choices`` of the run (may be empty).
+        preset: the ``policy`` group choice.
+        overrides: the run's command-line overrides (only ``policy.KEY=VALUE`` ones enter the name).
+        loss: the ``loss`` group choice (or the loss class), named when the loss ignores alpha.
+        takes_alpha: whether the run's loss takes alpha (its ``takes_alpha`` declaration).
+        label: the run's ``label``.
+    """
+    if label:
+        return str(label)
+    if not takes_alpha:
+        return f"loss={loss}"
+    own = [o.split(".", 1)[1] for o in overrides if o.startswith("policy.") and "=" in o]
+    name = str(preset or "policy")
+    return f"{name}[{','.join(own)}]" if own else name
+
+
+def strategy_label(config: dict[str, Any], choices: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> str:
+    """The name of a run's alpha strategy for a run without a recorded ``strategy`` block (runs of arkd before the
+    block existed): :func:`strategy_name` from the resolved config, Hydra's group choices and the run's overrides.
+
+    Without Hydra's record the preset is named by the policy's class and its options (``ConstantAlpha(alpha=1.0)``).
+    Whether the loss takes alpha is read from the loss class's own declaration (:func:`arkd.losses.loss_capabilities`).
 
     Raises:
         ValueError: the config has no ``policy`` node with a ``_target_``.
     """
     choices = choices or {}
-    if config.get("label"):
-        return str(config["label"])
     loss = config.get("loss") or {}
     loss_target = str(loss.get("_target_", "")) if isinstance(loss, dict) else ""
-    if loss_target and loss_target not in _ALPHA_LOSSES:
-        name = choices.get("loss") or loss_target.rsplit(".", 1)[-1]
-        return f"loss={name}"
+    takes_alpha = True
+    if loss_target and not config.get("label"):
+        takes_alpha = _loss_takes_alpha(loss_target)
+    if not takes_alpha:
+        return strategy_name(None, loss=choices.get("loss") or loss_target.rsplit(".", 1)[-1], takes_alpha=False)
     policy = config.get("policy")
-    if not isinstance(policy, dict) or "_target_" not in policy:
+    if not config.get("label") and (not isinstance(policy, dict) or "_target_" not in policy):
         raise ValueError("the run's config has no 'policy' node with a '_target_'; expected an arkd-train config.")
-    cls = str(policy["_target_"]).rsplit(".", 1)[-1]
-    if cls == "ConstantAlpha":
-        alpha = float(policy.get("alpha", 0.5))
-        return {1.0: "fkl", 0.0: "rkl", 0.5: "constant"}.get(alpha, f"constant_{_short(alpha)}")
-    choice = choices.get("policy")
-    return str(choice) if choice else _POLICY_NAMES.get(cls, cls)
+    preset = choices.get("policy")
+    if not preset and isinstance(policy, dict):
+        options = ", ".join(f"{k}={v}" for k, v in policy.items() if k != "_target_")
+        preset = f"{str(policy['_target_']).rsplit('.', 1)[-1]}({options})"
+    return strategy_name(preset, overrides, label=config.get("label"))
+
+
+def _loss_takes_alpha(target: str) -> bool:
+    from hydra.utils import get_class
+
+    from arkd.losses import loss_capabilities
+
+    try:
+        return loss_capabilities(get_class(target)).takes_alpha
+    except Exception:  # not importable, or not a declared arkd loss: named as a loss, not as a strategy
+        return False
 
 
 def _dataset_name(config: dict[str, Any], choices: dict[str, Any]) -> str:
@@ -194,7 +226,11 @@ def _run_records(run_dir: Path) -> list[dict[str, Any]]:
     if "seed" not in config:
         raise ValueError(f"{run_dir / 'config.yaml'}: missing key 'seed'; expected an arkd-train config.")
     seed = int(config["seed"])
-    strategy = strategy_label(config, choices)
+    recorded = report.get("strategy")
+    if isinstance(recorded, dict) and recorded.get("name"):
+        strategy = str(recorded["name"])  # what the run recorded (arkd.recipes.distill)
+    else:
+        strategy = strategy_label(config, choices, _hydra_overrides(run_dir))
     base = {"run": str(run_dir), "strategy": strategy, "seed": seed}
     records: list[dict[str, Any]] = []
     results = report.get("results")

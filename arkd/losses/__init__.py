@@ -33,12 +33,15 @@ from .modules import (
     FusedLinearBidirectionalKLLoss,
     GeneralizedJSDLoss,
     JSDivergenceLoss,
+    KDLoss,
+    LossCapabilities,
     ReverseKLLoss,
     SkewForwardKLLoss,
     SkewReverseKLLoss,
     TAIDLoss,
     TokenWiseKLLoss,
     TotalVariationLoss,
+    loss_capabilities,
 )
 
 __all__ = [
@@ -54,6 +57,8 @@ __all__ = [
     "FusedLinearBidirectionalKLLoss",
     "GeneralizedJSDLoss",
     "JSDivergenceLoss",
+    "KDLoss",
+    "LossCapabilities",
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",
@@ -69,6 +74,7 @@ __all__ = [
     "fused_linear_bidirectional_kl",
     "generalized_jsd",
     "js_divergence",
+    "loss_capabilities",
     "masked_reduce",
     "reverse_kl",
     "skew_forward_kl",

@@ -1,18 +1,26 @@
 """Thin ``nn.Module`` wrappers of :mod:`arkd.losses.functional`.
 
 Each wrapper validates and stores its hyper-parameters (a clear ``ValueError`` on bad ones), ``temperature`` and
-``reduction``, and calls its function: ``loss(student_logits, teacher_logits, mask=None)``. Two class attributes let
-a trainer drive every wrapper without branching on names:
+``reduction``, and calls its function: ``loss(student_logits, teacher_logits, mask=None)``. Every wrapper declares
+what a trainer needs to know in three class attributes, the :class:`KDLoss` protocol, so that a trainer drives every
+loss without branching on names or probing for methods:
 
 * ``takes_alpha``: True only for :class:`BidirectionalKLLoss`, whose ``forward`` accepts ``alpha=`` per call
   (overriding the stored one), so an alpha strategy can feed it every step.
 * ``needs_target_ids``: True only for :class:`DiversityAwareRKLLoss`, whose ``forward`` needs ``target_ids=``.
+* ``has_schedule``: True only for :class:`TAIDLoss`, whose ``update(kd_mean)`` advances its own schedule once per
+  optimizer step (its state is in ``state_dict``).
+
+A loss of your own declares the same three attributes (subclass :class:`DivergenceLoss`, or set them on any
+``nn.Module``); :func:`loss_capabilities` reads them and names what is missing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -31,12 +39,15 @@ __all__ = [
     "FusedLinearBidirectionalKLLoss",
     "GeneralizedJSDLoss",
     "JSDivergenceLoss",
+    "KDLoss",
+    "LossCapabilities",
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",
     "TAIDLoss",
     "TokenWiseKLLoss",
     "TotalVariationLoss",
+    "loss_capabilities",
 ]
 
 
@@ -52,12 +63,64 @@ def _check_positive_int(name: str, value: int) -> int:
     return value
 
 
+@runtime_checkable
+class KDLoss(Protocol):
+    """What a trainer may rely on in a KD loss: a call on logits and three declared capabilities.
+
+    ``loss(student_logits, teacher_logits, mask, **extra)`` returns the loss (``reduction="sum"`` in arkd's trainer),
+    where ``extra`` holds ``alpha=`` when ``takes_alpha`` and ``target_ids=`` when ``needs_target_ids``; a loss with
+    ``has_schedule`` also has ``update(kd_mean)``, called once per optimizer step.
+    """
+
+    takes_alpha: bool
+    needs_target_ids: bool
+    has_schedule: bool
+
+    def __call__(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = ..., **extra: Any
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class LossCapabilities:
+    """The three declarations of a :class:`KDLoss`, read once."""
+
+    takes_alpha: bool
+    needs_target_ids: bool
+    has_schedule: bool
+
+
+def loss_capabilities(loss: Any) -> LossCapabilities:
+    """Read the declared capabilities (the :class:`KDLoss` attributes) of a loss module or class.
+
+    Raises:
+        TypeError: the loss does not declare all three (one sentence naming the missing ones), or declares
+            ``has_schedule`` without an ``update`` method.
+    """
+    names = ("takes_alpha", "needs_target_ids", "has_schedule")
+    what = loss.__name__ if isinstance(loss, type) else type(loss).__name__
+    missing = [name for name in names if not isinstance(getattr(loss, name, None), bool)]
+    if missing:
+        raise TypeError(
+            f"{what} does not declare {', '.join(missing)}: expected the boolean class attributes of "
+            "arkd.losses.KDLoss (subclass arkd.losses.DivergenceLoss, or set them on the module)."
+        )
+    caps = LossCapabilities(*(bool(getattr(loss, name)) for name in names))
+    if caps.has_schedule and not callable(getattr(loss, "update", None)):
+        raise TypeError(f"{what} declares has_schedule but has no update(kd_mean) method.")
+    return caps
+
+
 class DivergenceLoss(nn.Module):
-    """Base of the wrappers: stores ``temperature`` and ``reduction`` and calls ``function`` with ``hyper()``."""
+    """Base of the wrappers: stores ``temperature`` and ``reduction`` and calls ``function`` with ``hyper()``.
+
+    Declares the :class:`KDLoss` capabilities as class attributes (all False here; a subclass sets its own).
+    """
 
     function: Callable[..., torch.Tensor]
     takes_alpha: bool = False
     needs_target_ids: bool = False
+    has_schedule: bool = False
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean") -> None:
         super().__init__()
@@ -297,7 +360,7 @@ class TAIDLoss(DivergenceLoss):
     The new ``t`` weighs the next step's loss. With ``adaptive=False`` ``t = t_linear(k - 1)`` (also from ``k = 2``).
     One difference: the reference calls its update on every forward, so with gradient accumulation it advances once
     per micro-batch; here it advances once per optimizer step, and skipped (non-finite) steps do not advance it.
-    ``t`` and the schedule's state are in ``state_dict``.
+    ``t`` and the schedule's state are in ``state_dict``; ``has_schedule`` declares :meth:`update` to the trainer.
 
     Args:
         t_start: the initial ``t`` (0.4 in the paper).
@@ -307,6 +370,8 @@ class TAIDLoss(DivergenceLoss):
         step_size: the adaptive step size (5e-4).
         adaptive: use the momentum-adaptive step on top of the linear floor.
     """
+
+    has_schedule = True
 
     function = staticmethod(functional.taid_kl)
 
@@ -374,11 +439,13 @@ class FusedLinearBidirectionalKLLoss(nn.Module):
 
     ``forward(student_hidden, student_weight, teacher_logits=None, mask=None, *, alpha=None, **teacher)`` where
     ``teacher`` is ``teacher_hidden``/``teacher_weight``/``teacher_bias``/``student_bias``; ``reduction`` is
-    ``"sum"`` or ``"mean"``.
+    ``"sum"`` or ``"mean"``. Its inputs are hidden states and output weights, not logits, so it is not a
+    :class:`KDLoss` for a logits trainer; its declarations say what it takes.
     """
 
     takes_alpha = True
     needs_target_ids = False
+    has_schedule = False
 
     def __init__(
         self,

@@ -99,6 +99,40 @@ def trainer_config(cfg: DictConfig, *, output_dir: str | Path, distils: bool = T
     return TrainerConfig(**options)
 
 
+def _strategy_record(cfg: DictConfig, takes_alpha: bool) -> dict[str, Any]:
+    """What names the run's strategy in report.json (``strategy``): Hydra's ``policy`` / ``loss`` choices, the run's
+    ``policy.*`` overrides, whether the loss takes alpha, and the name arkd-compare uses for it."""
+    from arkd.evaluation.compare import strategy_label, strategy_name
+
+    choices: dict[str, Any] = {}
+    overrides: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+        choices = dict(hydra.runtime.choices)
+        overrides = [str(o) for o in hydra.overrides.task]
+    except (ImportError, ValueError):  # run(cfg) outside arkd-train: no Hydra record
+        pass
+    preset, loss = choices.get("policy"), choices.get("loss")
+    label = cfg.get("label")
+    if preset:
+        name = strategy_name(preset, overrides, loss=loss, takes_alpha=takes_alpha, label=label)
+    else:
+        name = strategy_label(OmegaConf.to_container(cfg, resolve=True))
+    own = [o for o in overrides if o.startswith("policy.")]
+    return {"name": name, "preset": preset, "overrides": own, "loss": loss, "takes_alpha": takes_alpha, "label": label}
+
+
+def _capabilities(loss: Any) -> Any:
+    from arkd.losses import loss_capabilities
+
+    try:
+        return loss_capabilities(loss)
+    except TypeError as err:
+        raise ConfigError(f"loss: {err}") from None
+
+
 def _check(cfg: DictConfig) -> None:
     kd = cfg.loss is not None and float(cfg.trainer.kd_weight) != 0
     if kd and cfg.teacher is None:
@@ -212,7 +246,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # Strategy, loss, optimizer, schedule.
     loss = instantiate(cfg.loss) if cfg.loss is not None else None
-    strategy = instantiate(cfg.policy) if loss is not None and getattr(loss, "takes_alpha", False) else None
+    # The loss declares what it takes (arkd.losses.KDLoss); only a loss that takes alpha gets a strategy.
+    takes_alpha = loss is not None and _capabilities(loss).takes_alpha
+    strategy = instantiate(cfg.policy) if takes_alpha else None
     max_steps = int(cfg.trainer.max_steps)
     optimizer = instantiate(cfg.optimizer)(params=[p for p in student.parameters() if p.requires_grad])
     scheduler = make_scheduler(optimizer, str(cfg.trainer.lr_schedule), int(cfg.trainer.warmup_steps), max_steps)
@@ -276,7 +312,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
+        "strategy": _strategy_record(cfg, takes_alpha),
         "best_metric": trainer_cfg.best_metric,
+        "best_mode": trainer_cfg.best_mode,
         "best_value": state.best_value,
         "best_step": state.best_step if state.best_step >= 0 else None,
         "train_seconds": train_seconds,

@@ -16,6 +16,7 @@ from arkd.evaluation.compare import (
     load_run_records,
     paired_differences,
     strategy_label,
+    strategy_name,
     summary_table,
 )
 
@@ -69,7 +70,7 @@ def make_run(
         "data": {"splits": {"_target_": "arkd.data.synthetic.synthetic_splits", "seed": 0}},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    choice = "constant" if strategy in ("fkl", "rkl") and not hydra_choice else strategy
+    choice = strategy
     hydra = {"hydra": {"runtime": {"choices": {"policy": choice, "data": "synthetic", "loss": "bidirectional_kl"}}}}
     if hydra_choice:
         (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
@@ -167,15 +168,17 @@ def test_paired_differences_use_only_shared_seeds(tmp_path):
 
 
 def test_strategy_label_from_config_and_hydra_choices():
+    # Runs without a recorded strategy block: the preset (Hydra's choice) and the run's own policy.* overrides.
     constant = {"_target_": "arkd.policy.ConstantAlpha"}
-    assert strategy_label({"policy": {**constant, "alpha": 1.0}}, {"policy": "constant"}) == "fkl"
-    assert strategy_label({"policy": {**constant, "alpha": 0.0}}, {"policy": "rkl"}) == "rkl"
-    assert strategy_label({"policy": {**constant, "alpha": 0.5}}) == "constant"
-    assert strategy_label({"policy": {**constant, "alpha": 0.25}}, {"policy": "constant"}) == "constant_0.25"
-    assert strategy_label({"policy": {"_target_": "arkd.policy.ToDiHeuristic"}}) == "todi"
+    assert strategy_label({"policy": {**constant, "alpha": 1.0}}, {"policy": "fkl"}) == "fkl"
+    assert strategy_label({"policy": {**constant, "alpha": 0.25}}, {"policy": "constant"}, ["policy.alpha=0.25"]) == (
+        "constant[alpha=0.25]"
+    )
     assert strategy_label({"policy": {"_target_": "arkd.policy.GreedySearch"}}, {"policy": "greedy"}) == "greedy"
     assert strategy_label({"policy": {"_target_": "arkd.policy.LearnedPolicy"}}, {"policy": "my_arkd"}) == "my_arkd"
-    # a loss that ignores alpha names the run
+    # without Hydra's record: the class and its options, never a table of class names
+    assert strategy_label({"policy": {**constant, "alpha": 1.0}}) == "ConstantAlpha(alpha=1.0)"
+    # a loss that ignores alpha (by the loss class's own declaration) names the run
     jsd = {"policy": {**constant, "alpha": 0.5}, "loss": {"_target_": "arkd.losses.GeneralizedJSDLoss"}}
     assert strategy_label(jsd, {"loss": "generalized_jsd"}) == "loss=generalized_jsd"
     with pytest.raises(ValueError, match="no 'policy' node"):
@@ -185,6 +188,22 @@ def test_strategy_label_from_config_and_hydra_choices():
     assert strategy_label(frozen, {"policy": "learned"}) == "learned_frozen"
     assert strategy_label({**jsd, "label": "gkd"}, {"loss": "generalized_jsd"}) == "gkd"
     assert strategy_label({**frozen, "label": None}, {"policy": "learned"}) == "learned"
+
+
+def test_strategy_name_rule():
+    assert strategy_name("learned") == "learned"
+    assert strategy_name("learned", ["policy.lr=0", "seed=3", "optimizer.lr=1e-3"]) == "learned[lr=0]"
+    assert strategy_name("learned", ["policy.lr=0"], label="frozen") == "frozen"
+    assert strategy_name("learned", loss="forward_kl", takes_alpha=False) == "loss=forward_kl"
+
+
+def test_a_recorded_strategy_block_names_the_run(tmp_path):
+    run = make_run(tmp_path / "runs", "0", "learned", 0, 30.0)
+    report = json.loads((run / "report.json").read_text())
+    report["strategy"] = {"name": "learned[lr=0]", "preset": "learned", "overrides": ["policy.lr=0"]}
+    (run / "report.json").write_text(json.dumps(report))
+    records, _ = load_run_records([tmp_path / "runs"])
+    assert {r["strategy"] for r in records} == {"learned[lr=0]"}
 
 
 def test_policy_presets_compose_to_constant_alpha():
@@ -208,12 +227,13 @@ def test_policy_presets_compose_to_constant_alpha():
 
 def test_labels_without_hydra_record_and_duplicate_runs_are_an_error(tmp_path):
     root = tmp_path / "runs"
-    make_run(root, "a", "fkl", 0, 29.0, hydra_choice=False)  # no .hydra/: named from the config (alpha 1 -> fkl)
+    make_run(root, "a", "fkl", 0, 29.0, hydra_choice=False)  # no .hydra/: named by the policy's class and options
     records, _ = load_run_records([root])
-    assert {r["strategy"] for r in records} == {"fkl"}
+    assert {r["strategy"] for r in records} == {"ConstantAlpha(alpha=1.0)"}
     assert {r["dataset"] for r in records} == {"synthetic"}  # from data.splits._target_
     make_run(root, "b", "fkl", 0, 30.0)
-    with pytest.raises(ValueError, match=r"two runs have strategy 'fkl' and seed 0 \(.*a and .*b\)"):
+    make_run(root, "c", "fkl", 0, 31.0)
+    with pytest.raises(ValueError, match=r"two runs have strategy 'fkl' and seed 0 \(.*b and .*c\)"):
         load_run_records([root])
 
 

@@ -153,3 +153,34 @@ def test_taid_adaptive_schedule_by_hand():
     torch.testing.assert_close(taid(s, t), L.taid_kl(s, t, t=float(taid.t)))
     with pytest.raises(ValueError, match="finite"):
         taid.update(float("nan"))
+
+
+def test_every_wrapper_declares_its_capabilities():
+    # Declared, not sniffed: each module class states the three KDLoss attributes; exactly one of each kind is True.
+    classes = [
+        getattr(L, name) for name in L.__all__ if name.endswith("Loss") and name not in ("DivergenceLoss", "KDLoss")
+    ]
+    logits = [c for c in classes if c is not L.FusedLinearBidirectionalKLLoss]
+    caps = {c: L.loss_capabilities(c) for c in logits}
+    assert {c for c, k in caps.items() if k.takes_alpha} == {L.BidirectionalKLLoss}
+    assert {c for c, k in caps.items() if k.needs_target_ids} == {L.DiversityAwareRKLLoss}
+    assert {c for c, k in caps.items() if k.has_schedule} == {L.TAIDLoss}
+    assert isinstance(L.ForwardKLLoss(), L.KDLoss) and isinstance(L.TAIDLoss(total_steps=10), L.KDLoss)
+
+
+def test_an_undeclared_loss_is_named():
+    class MyLoss(torch.nn.Module):
+        takes_alpha = False
+
+        def forward(self, s, t, mask=None):
+            return (s - t).pow(2).sum()
+
+    with pytest.raises(TypeError, match=r"MyLoss does not declare needs_target_ids, has_schedule"):
+        L.loss_capabilities(MyLoss())
+
+    class Scheduled(MyLoss):
+        needs_target_ids = False
+        has_schedule = True
+
+    with pytest.raises(TypeError, match="has_schedule but has no update"):
+        L.loss_capabilities(Scheduled())
