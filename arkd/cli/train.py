@@ -193,7 +193,8 @@ def _task(cfg) -> None:
         summary = run(cfg)
     except TrainingInterrupted as err:
         # A preemption (SIGTERM) or Ctrl-C: the step was finished and checkpointed; 128 + the signal, as a shell does.
-        _say(f"arkd-train: {err}; run the same command with trainer.resume=auto to continue.")
+        then = "; run the same command with trainer.resume=auto to continue." if err.checkpoint else "."
+        _say(f"arkd-train: {err}{then}")
         sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         _say("arkd-train: interrupted; the run directory keeps its newest complete checkpoint (trainer.resume=auto).")

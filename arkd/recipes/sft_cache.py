@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import arkd
 from arkd.recipes.build import build_model, make_loader, make_scheduler
-from arkd.trainer import Trainer, TrainerConfig
+from arkd.trainer import Trainer, TrainerConfig, TrainingInterrupted
 
 __all__ = ["sft_cached"]
 
@@ -116,7 +117,16 @@ def sft_cached(
                 progress_desc=f"sft {role}",
             ),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except TrainingInterrupted as err:  # its work directory is not resumed: say so instead of offering a resume
+            name = signal.Signals(err.signum).name
+            raise TrainingInterrupted(
+                f"stopped by {name} during the {role}'s SFT, after step {trainer.state.step} of {max_steps}; the SFT "
+                "is not checkpointed for resuming and starts again on the next run",
+                err.signum,
+                None,
+            ) from None
         if accelerator.is_main_process:
             shutil.rmtree(path, ignore_errors=True)
             (work / "final").rename(path)

@@ -191,6 +191,29 @@ def test_sigint_finishes_the_step_checkpoints_and_exits_with_one_line(arkd_train
     assert [r["step"] for r in _train_rows(run)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_sigint_during_a_cached_sft_says_it_starts_again(arkd_train, tmp_path, monkeypatch):
+    from arkd.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def interrupted(self):
+        if self.teacher is None and self.state.step == 1:  # the teacher's SFT stage (no teacher of its own)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    outcome = arkd_train(
+        "config=tiny", "data.splits.n_train=64", "init_sft.teacher.max_steps=20", "init_sft.teacher.batch_size=8",
+        "trainer.progress=false", small=False,
+    )  # fmt: skip
+    assert outcome.code == 130
+    assert _one_sentence(outcome) == (
+        "arkd-train: stopped by SIGINT during the teacher's SFT, after step 2 of 20; the SFT is not checkpointed for "
+        "resuming and starts again on the next run."
+    )
+    assert not list((tmp_path / "cache").glob("teacher-sft-*"))  # no half-trained model in the cache
+
+
 def test_sigterm_of_a_real_process_checkpoints_and_exits_143(arkd_train, tmp_path):
     """A preemptible cluster job: SIGTERM to the arkd-train process, which finishes its step and checkpoints."""
     from conftest import SMALL
