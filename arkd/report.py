@@ -16,8 +16,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import arkd
+from arkd.evaluation.results import REPORT_MODELS, SCHEMA_VERSION, summary_cell
 
-MODELS = ("teacher", "student_before", "student_after")
+MODELS = REPORT_MODELS
 LABELS = {
     "teacher": "teacher",
     "student_before": "student before distillation",
@@ -101,6 +102,7 @@ def final_report(
             if name != "teacher":
                 del model
         report = {
+            "schema_version": SCHEMA_VERSION,  # the schema shared with arkd-eval's results.json
             "arkd_version": arkd.__version__,
             "experiment": str(cfg.name),
             "strategy": summary.get("strategy"),
@@ -132,9 +134,10 @@ def final_report(
 
 
 def _alpha_plot(run_dir: Path) -> Path | None:
-    from arkd.evaluation.plots import plot_alpha_trajectory, read_metrics_jsonl
+    from arkd.evaluation.plots import plot_alpha_trajectory
+    from arkd.run_log import read_metrics
 
-    rows = read_metrics_jsonl(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / "metrics.jsonl")
     if not any(isinstance(r.get("alpha_mean"), (int, float)) for r in rows):
         return None
     return plot_alpha_trajectory(rows, run_dir / "alpha_trajectory.png", title="alpha (weight of FKL) over training")
@@ -142,21 +145,15 @@ def _alpha_plot(run_dir: Path) -> Path | None:
 
 def _alpha_signal(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     """The ``alpha_signal`` block: the alpha-signal probe's summary over the run (None without probes)."""
-    from arkd.evaluation.plots import read_metrics_jsonl
     from arkd.policy.probe import summarize
+    from arkd.run_log import read_metrics
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
     probe = cfg.get("probe")
     window = int(probe.get("window", 6)) if probe is not None and probe.get("window") is not None else 6
-    return summarize(read_metrics_jsonl(path), window)
-
-
-def _cell(summary: dict[str, Any]) -> str:
-    if summary.get("std") is None:
-        return f"{summary['mean']:.2f}"
-    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+    return summarize(read_metrics(path), window)
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -181,7 +178,7 @@ def report_markdown(report: dict[str, Any], plot: Path | None = None) -> str:
     for name in MODELS:
         if name in report["results"]:
             row = report["results"][name]
-            lines.append(f"| {LABELS[name]} | {_cell(row['rougeL'])} | {_cell(row['exact_match'])} |")
+            lines.append(f"| {LABELS[name]} | {summary_cell(row['rougeL'])} | {summary_cell(row['exact_match'])} |")
     results = report["results"]
     if "student_before" in results and "student_after" in results:
         gain = results["student_after"]["rougeL"]["mean"] - results["student_before"]["rougeL"]["mean"]

@@ -41,13 +41,13 @@ import torch.nn.functional as F
 from arkd import checkpoint as ckpt
 from arkd.data.collate import shift_for_next_token
 from arkd.losses.functional import bidirectional_kl
-from arkd.metrics import MetricsLogger
 from arkd.policy import distributed as pdist
 from arkd.policy.features import Features, compute_features
 from arkd.policy.lookahead import BatchScorer, StepPreview, as_params, global_norm, step_preview_for
 from arkd.policy.strategies import StepContext
 from arkd.progress import progress_bar
 from arkd.reward import reduce_tokens, token_alignment
+from arkd.run_log import MetricsLogger
 
 # --------------------------------------------------------------------------------------------------------------------
 # Options and small helpers

@@ -15,7 +15,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from arkd.evaluation.plots import plot_alpha_trajectory, plot_dynamics, read_metrics_jsonl
+    from arkd.evaluation.plots import plot_alpha_trajectory, plot_dynamics
+    from arkd.run_log import read_metrics
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory holding metrics.jsonl, or the metrics.jsonl file")
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.run)
     path = path / "metrics.jsonl" if path.is_dir() else path
     try:
-        rows = read_metrics_jsonl(path)
+        rows = read_metrics(path)
     except (FileNotFoundError, ValueError) as err:
         print(f"plot_training: {err}", file=sys.stderr)
         return 2

@@ -31,15 +31,14 @@ _EXPORTS = {
     "validate_results": "reports",
     "write_run_outputs": "reports",
     "results_markdown": "reports",
-    "load_result_records": "reports",
-    "records_table": "reports",
-    "table_markdown": "reports",
+    "validate_report": "results",
+    "summary_cell": "results",
+    "METRIC_TITLES": "results",
     "package_versions": "reports",
     "model_identity": "reports",
     "plot_alpha_trajectory": "plots",
     "plot_dynamics": "plots",
     "plot_heatmap": "plots",
-    "read_metrics_jsonl": "plots",
 }
 
 __all__ = sorted(_EXPORTS)

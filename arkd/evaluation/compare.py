@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from arkd.evaluation.results import METRIC_TITLES, summary_cell, validate_report
 from arkd.evaluation.stats import mean_std, paired_difference
 
 __all__ = [
@@ -48,14 +49,10 @@ __all__ = [
 
 # The three models a training run's report.json scores; strategies are compared on the student after distillation.
 MODELS = ("student_after", "student_before", "teacher")
+# Report order of the metrics (the protocol's, then BERTScore's precision and recall).
 _METRIC_ORDER = ("rougeL", "bertscore_f1", "exact_match", "bertscore_precision", "bertscore_recall")
-_METRIC_TITLES = {
-    "rougeL": "Rouge-L",
-    "exact_match": "Exact match",
-    "bertscore_f1": "BERTScore F1",
-    "bertscore_precision": "BERTScore P",
-    "bertscore_recall": "BERTScore R",
-}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Reading run directories
 
@@ -63,8 +60,9 @@ _METRIC_TITLES = {
 def find_run_dirs(roots: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
     """The run directories below ``roots``: complete ones (with ``report.json``) and incomplete ones.
 
-    A run directory is one holding ``config.yaml`` (written by ``arkd-train`` at the start of a run). Directories inside
-    a run (checkpoints, ``best/``, ``final/``) are not searched.
+    A run directory is one holding ``config.yaml`` (written by ``arkd-train`` at the start of a run), or an arkd-eval
+    run directory (``results.json``) outside any training run. Directories inside a run (checkpoints, ``best/``,
+    ``final/``, an arkd-eval run of its student) are not searched for further runs.
 
     Returns:
         ``(complete, incomplete)``, each sorted; incomplete runs have a ``config.yaml`` but no ``report.json`` yet
@@ -84,6 +82,9 @@ def find_run_dirs(roots: Iterable[str | os.PathLike]) -> tuple[list[Path], list[
             folder = stack.pop()
             if (folder / "config.yaml").is_file():
                 (complete if (folder / "report.json").is_file() else incomplete).append(folder)
+                continue
+            if (folder / "results.json").is_file():  # an arkd-eval run of its own (no training run around it)
+                complete.append(folder)
                 continue
             stack.extend(
                 sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
@@ -214,9 +215,34 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
+def _results_json_records(path: Path, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Records of one arkd-eval ``results.json``: its student's score per dataset and metric."""
+    from arkd.evaluation.reports import validate_results
+
+    results = _read_json(path)
+    validate_results(results, str(path))
+    base = {"strategy": str(results["label"]), "seed": 0, **base}  # an arkd-eval run alone: its label, one seed
+    return [
+        {
+            **base,
+            "model": "student_after",
+            "dataset": name,
+            "metric": metric,
+            "value": _number(entry[metric]["mean"], f"{path} datasets.{name}.{metric}.mean"),
+            "source": str(path),
+        }
+        for name, entry in results["datasets"].items()
+        for metric in _METRIC_ORDER
+        if metric in entry
+    ]
+
+
 def _run_records(run_dir: Path) -> list[dict[str, Any]]:
+    if not (run_dir / "config.yaml").is_file():  # an arkd-eval run of its own
+        return _results_json_records(run_dir / "results.json", {"run": str(run_dir)})
     report_path = run_dir / "report.json"
     report = _read_json(report_path)
+    validate_report(report, str(report_path))
     config = report.get("config")
     if not isinstance(config, dict):
         from omegaconf import OmegaConf
@@ -233,9 +259,7 @@ def _run_records(run_dir: Path) -> list[dict[str, Any]]:
         strategy = strategy_label(config, choices, _hydra_overrides(run_dir))
     base = {"run": str(run_dir), "strategy": strategy, "seed": seed}
     records: list[dict[str, Any]] = []
-    results = report.get("results")
-    if not isinstance(results, dict) or "student_after" not in results:
-        raise ValueError(f"{report_path}: missing key 'results.student_after'; expected an arkd-train report.")
+    results = report["results"]
     dataset = _dataset_name(config, choices)
     for model in MODELS:
         for metric, summary in (results.get(model) or {}).items():
@@ -252,26 +276,8 @@ def _run_records(run_dir: Path) -> list[dict[str, Any]]:
                 )
     # arkd-eval results of this run's student (any results.json below the run directory).
     for path in sorted(run_dir.rglob("results.json")):
-        if "checkpoints" in path.relative_to(run_dir).parts:
-            continue
-        from arkd.evaluation.reports import validate_results
-
-        results_json = _read_json(path)
-        validate_results(results_json, str(path))
-        for name, entry in results_json["datasets"].items():
-            for metric in _METRIC_ORDER:
-                if metric in entry:
-                    where = f"{path} datasets.{name}.{metric}.mean"
-                    records.append(
-                        {
-                            **base,
-                            "model": "student_after",
-                            "dataset": name,
-                            "metric": metric,
-                            "value": _number(entry[metric]["mean"], where),
-                            "source": str(path),
-                        }
-                    )
+        if "checkpoints" not in path.relative_to(run_dir).parts:
+            records += _results_json_records(path, base)
     return records
 
 
@@ -400,10 +406,10 @@ def paired_differences(
 
 
 def _train_alpha(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
-    from arkd.evaluation.plots import read_metrics_jsonl
+    from arkd.run_log import read_metrics
 
     steps, means, stds = [], [], []
-    for row in read_metrics_jsonl(run_dir / "metrics.jsonl"):
+    for row in read_metrics(run_dir / "metrics.jsonl"):
         value = row.get("alpha_mean")
         if row.get("split", "train") != "train" or not isinstance(value, int | float) or not math.isfinite(value):
             continue
@@ -429,10 +435,11 @@ def plot_alpha_runs(
     Raises:
         ValueError: no run logged a numeric ``alpha_mean``.
     """
-    from arkd.evaluation.plots import _pyplot, _save, plot_alpha_trajectory, read_metrics_jsonl
+    from arkd.evaluation.plots import _pyplot, _save, plot_alpha_trajectory
+    from arkd.run_log import read_metrics
 
     if len(runs) == 1:
-        return plot_alpha_trajectory(read_metrics_jsonl(Path(runs[0][1]) / "metrics.jsonl"), path, title=title)
+        return plot_alpha_trajectory(read_metrics(Path(runs[0][1]) / "metrics.jsonl"), path, title=title)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 3.8))
     drawn = 0
@@ -469,10 +476,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def _cell(cell: dict[str, Any] | None) -> str:
     if cell is None:
-        return "–"
-    if cell["n"] == 1:
-        return f"{cell['mean']:.2f}"
-    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+        return summary_cell(None)
+    return summary_cell({"mean": cell["mean"], "std": cell["std"] if cell["n"] > 1 else None})
 
 
 def comparison_markdown(result: dict[str, Any]) -> str:
@@ -500,7 +505,7 @@ def comparison_markdown(result: dict[str, Any]) -> str:
     for metric in result["metrics"]:
         table = result["tables"][metric]
         datasets = result["datasets"][metric]
-        title = _METRIC_TITLES.get(metric, metric)
+        title = METRIC_TITLES.get(metric, metric)
         lines += [
             "",
             f"## {title}",
@@ -650,7 +655,7 @@ def compare(
         rows = sorted(table, key=lambda s: -_mean_over_datasets(table[s]))
         cols = datasets[metric]
         values = [[table[s][d]["mean"] if d in table[s] else None for d in cols] for s in rows]
-        title = f"{_METRIC_TITLES.get(metric, metric)} (mean over {len(result['seeds'])} seeds)"
+        title = f"{METRIC_TITLES.get(metric, metric)} (mean over {len(result['seeds'])} seeds)"
         result["figures"]["heatmap"] = str(plot_heatmap(rows, cols, values, out / "heatmap.png", title=title))
     by_strategy: dict[str, dict[int, str]] = {}
     for r in records:

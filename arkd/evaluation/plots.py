@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -19,30 +18,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a run's ``metrics.jsonl`` (one JSON object per line; blank lines skipped).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line that is not a JSON object (names the file and the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such metrics file; expected a run's metrics.jsonl.")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {number}: a {type(row).__name__}; expected a JSON object.")
-        rows.append(row)
-    return rows
 
 
 def _training_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,4 +1,7 @@
-"""What an evaluation run writes (``generations.jsonl``, ``results.json``, ``results.md``) and how runs are read back.
+"""What an evaluation run writes (``generations.jsonl``, ``results.json``, ``results.md``).
+
+The schema it shares with the training report, the cell renderer and the metric names are in
+:mod:`arkd.evaluation.results`; arkd-compare reads and aggregates both kinds of file.
 
 ``results.json`` (``SCHEMA_VERSION`` 1) records everything a number depends on::
 
@@ -36,15 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-METRICS = ("rougeL", "exact_match", "bertscore_f1")
-METRIC_TITLES = {
-    "rougeL": "Rouge-L",
-    "exact_match": "Exact match",
-    "bertscore_f1": "BERTScore F1",
-    "bertscore_precision": "BERTScore P",
-    "bertscore_recall": "BERTScore R",
-}
+from arkd.evaluation.results import METRIC_TITLES, METRICS, SCHEMA_VERSION, _require, check_block, summary_cell
+
 _PACKAGES = (
     "arkd",
     "torch",
@@ -208,26 +204,6 @@ def build_results(
     return results
 
 
-def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(obj, dict) or key not in obj:
-        raise ValueError(f"{where}: missing key '{key}'.")
-    value = obj[key]
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ValueError(f"{where}: key '{key}' is {type(value).__name__}; expected {names}.")
-    return value
-
-
-def _check_summary(summary: Any, where: str) -> None:
-    mean = _require(summary, "mean", (int, float), where)
-    std = _require(summary, "std", (int, float, type(None)), where)
-    per_seed = _require(summary, "per_seed", dict, where)
-    if not per_seed:
-        raise ValueError(f"{where}: 'per_seed' is empty; expected one value per seed.")
-    if not 0 <= mean <= 100 or (std is not None and std < 0):
-        raise ValueError(f"{where}: mean {mean} / std {std} out of range; expected 0 <= mean <= 100 and std >= 0.")
-
-
 def validate_results(results: Any, where: str = "results.json") -> None:
     """Check a ``results.json`` object against schema version 1; raise ValueError naming the first bad key."""
     version = _require(results, "schema_version", int, where)
@@ -253,7 +229,7 @@ def validate_results(results: Any, where: str = "results.json") -> None:
         _require(entry, "source", str, at)
         _require(entry, "n_rows", int, at)
         for metric in METRICS if enabled else METRICS[:2]:
-            _check_summary(_require(entry, metric, dict, at), f"{at}.{metric}")
+            check_block(_require(entry, metric, dict, at), f"{at}.{metric}")
             if sorted(entry[metric]["per_seed"]) != sorted(str(s) for s in seeds):
                 raise ValueError(f"{at}.{metric}: per_seed keys differ from settings.seeds {seeds}.")
 
@@ -293,14 +269,6 @@ def write_run_outputs(run_dir: str | os.PathLike, results: dict[str, Any], recor
     return paths
 
 
-def _cell(summary: dict[str, Any] | None) -> str:
-    if summary is None:
-        return "–"
-    if summary.get("std") is None:
-        return f"{summary['mean']:.2f}"
-    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
-
-
 def results_markdown(results: dict[str, Any]) -> str:
     """A markdown table of one run: a row per dataset, mean ± std over seeds of every metric."""
     settings = results["settings"]
@@ -331,94 +299,6 @@ def results_markdown(results: dict[str, Any]) -> str:
         "|---|---:|" + "---:|" * len(metrics),
     ]
     for name, entry in results["datasets"].items():
-        cells = " | ".join(_cell(entry.get(m)) for m in metrics)
+        cells = " | ".join(summary_cell(entry.get(m)) for m in metrics)
         lines.append(f"| {name} | {entry['n_rows']} | {cells} |")
-    return "\n".join(lines) + "\n"
-
-
-def load_result_records(run_dirs: Iterable[str | os.PathLike], *, labels: Sequence[str] | None = None) -> list[dict]:
-    """Read ``results.json`` of several runs into a tidy list: one record per (run, dataset, metric).
-
-    Args:
-        run_dirs: run directories (each holding ``results.json``) or ``results.json`` files.
-        labels: names for the runs (default: each file's ``label``).
-
-    Returns:
-        Records ``{"run", "label", "dataset", "metric", "mean", "std", "per_seed", "n_rows", "seeds"}``; a later
-        analysis (paired differences between strategies) works on ``per_seed``.
-    """
-    run_dirs = list(run_dirs)
-    if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs; expected one label per run.")
-    records: list[dict] = []
-    for i, run in enumerate(run_dirs):
-        path = Path(run)
-        path = path / "results.json" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no results.json here; expected an arkd-eval run directory.")
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}.") from err
-        validate_results(results, str(path))
-        label = labels[i] if labels is not None else results["label"]
-        for dataset, entry in results["datasets"].items():
-            for metric in (*METRICS, "bertscore_precision", "bertscore_recall"):
-                if metric in entry:
-                    summary = entry[metric]
-                    records.append(
-                        {
-                            "run": str(path.parent),
-                            "label": label,
-                            "dataset": dataset,
-                            "metric": metric,
-                            "mean": summary["mean"],
-                            "std": summary["std"],
-                            "per_seed": summary["per_seed"],
-                            "n_rows": entry["n_rows"],
-                            "seeds": results["settings"]["seeds"],
-                        }
-                    )
-    return records
-
-
-def records_table(
-    records: Sequence[dict], metric: str = "rougeL"
-) -> tuple[list[str], list[str], list[list[dict | None]]]:
-    """Pivot tidy records of one metric into a label x dataset grid (cells: the record, or None when missing).
-
-    Rows and columns keep the order in which they first appear. Two records for the same cell are an error.
-    """
-    rows: list[str] = []
-    cols: list[str] = []
-    cells: dict[tuple[str, str], dict] = {}
-    for record in records:
-        if record["metric"] != metric:
-            continue
-        key = (record["label"], record["dataset"])
-        if key in cells:
-            raise ValueError(
-                f"two runs are labelled {key[0]!r} for dataset {key[1]!r} ({cells[key]['run']} and {record['run']}); "
-                "expected one run per label and dataset: give distinct labels."
-            )
-        cells[key] = record
-        if key[0] not in rows:
-            rows.append(key[0])
-        if key[1] not in cols:
-            cols.append(key[1])
-    grid = [[cells.get((r, c)) for c in cols] for r in rows]
-    return rows, cols, grid
-
-
-def table_markdown(rows: Sequence[str], cols: Sequence[str], grid: Sequence[Sequence[dict | None]], metric: str) -> str:
-    """Markdown table of a ``records_table`` grid: mean ± std per cell, and the mean over datasets per row."""
-    title = METRIC_TITLES.get(metric, metric)
-    lines = [
-        f"| {title} | " + " | ".join(cols) + " | average |",
-        "|---|" + "---:|" * (len(cols) + 1),
-    ]
-    for label, cells in zip(rows, grid):
-        means = [c["mean"] for c in cells if c is not None]
-        average = f"{sum(means) / len(means):.2f}" if len(means) == len(cols) else "–"
-        lines.append(f"| {label} | " + " | ".join(_cell(c) for c in cells) + f" | {average} |")
     return "\n".join(lines) + "\n"

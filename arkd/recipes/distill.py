@@ -189,8 +189,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from arkd.config_check import check_train_config
     from arkd.data import TokenizedDataset, TrainingCollator
     from arkd.evaluation import DecodingConfig, rouge_l
-    from arkd.metrics import MetricsLogger
     from arkd.run_dir import prepare_run_dir
+    from arkd.run_log import MetricsLogger
 
     check_train_config(cfg, build=False)  # arkd-train checked more (types, unknown keys) before composing the job
     _check(cfg)

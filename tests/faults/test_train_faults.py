@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from arkd import checkpoint as ckpt
-from arkd.metrics import read_metrics
+from arkd.run_log import read_metrics
 
 BIN = Path(sys.executable).parent
 

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from arkd.checkpoint import latest_checkpoint, load_weights, read_state
 from arkd.config_paths import config_dir
-from arkd.metrics import read_metrics
+from arkd.run_log import read_metrics
 
 BIN = Path(sys.executable).parent
 WORKER = Path(__file__).with_name("_train_worker.py")

@@ -1,4 +1,4 @@
-"""arkd.evaluation.compare and scripts/compare_strategies.py on fabricated run directories with known numbers."""
+"""arkd.evaluation.compare and arkd-compare on fabricated run directories with known numbers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""results.json schema, the markdown report, aggregation of runs, and the training / heatmap plots."""
+"""results.json schema, the markdown report, aggregation of arkd-eval runs by arkd-compare, and the plots."""
 
 from __future__ import annotations
 
@@ -12,20 +12,17 @@ import pytest
 
 from arkd.evaluation import (
     build_results,
-    load_result_records,
     plot_alpha_trajectory,
     plot_dynamics,
     plot_heatmap,
-    read_metrics_jsonl,
-    records_table,
     results_markdown,
     summarize,
-    table_markdown,
     validate_results,
     write_run_outputs,
 )
 from arkd.evaluation.generation import DecodingConfig
 from arkd.evaluation.reports import generation_records
+from arkd.run_log import read_metrics
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -144,30 +141,28 @@ def test_validate_results_rejects_bad_values():
     assert "skipped" in results_markdown(no_bert)
 
 
-def test_aggregate_records_table_and_script(tmp_path):
-    runs = []
-    for label, base in (("FKL", 20.0), ("RKL", 21.0), ("ARKD", 22.5)):
-        run = tmp_path / label
-        write_run_outputs(run, _results(label, base), [])
-        runs.append(run)
-    records = load_result_records(runs)
-    assert len(records) == 3 * 2 * 3  # runs x datasets x (rougeL, exact_match, bertscore_f1)
-    rows, cols, grid = records_table(records, "rougeL")
-    assert rows == ["FKL", "RKL", "ARKD"] and cols == ["dolly", "sni"]
-    assert grid[2][1]["mean"] == pytest.approx(23.55) and grid[2][1]["per_seed"] == {"10": 23.5, "20": 23.6}
-    table = table_markdown(rows, cols, grid, "rougeL")
-    assert "| ARKD | 22.55 ± 0.07 | 23.55 ± 0.07 | 23.05 |" in table
-    with pytest.raises(ValueError, match="two runs are labelled 'FKL'"):
-        records_table(load_result_records([runs[0], runs[0]]), "rougeL")
+def test_arkd_compare_aggregates_eval_runs(tmp_path, capsys):
+    # arkd-eval runs given on their own (no training run around them): one row per label, one column per dataset.
+    from arkd.cli.compare import main as compare_main
+    from arkd.evaluation.compare import load_run_records
 
+    root = tmp_path / "eval"
+    for label, base in (("FKL", 20.0), ("RKL", 21.0), ("ARKD", 22.5)):
+        write_run_outputs(root / label, _results(label, base), [])
+    records, incomplete = load_run_records([root])
+    assert not incomplete and len(records) == 3 * 2 * 3  # runs x datasets x (rougeL, bertscore_f1, exact_match)
+    arkd = {(r["dataset"], r["metric"]): r["value"] for r in records if r["strategy"] == "ARKD"}
+    assert arkd[("sni", "rougeL")] == pytest.approx(23.55)
     out = tmp_path / "aggregate"
-    script = _script("aggregate_results")
-    assert script.main([*map(str, runs), "--metrics", "rougeL", "bertscore_f1", "--out", str(out)]) == 0
-    assert (out / "heatmap_rougeL.png").read_bytes()[:8] == PNG_MAGIC
-    assert (out / "heatmap_bertscore_f1.png").read_bytes()[:8] == PNG_MAGIC
-    assert "## Rouge-L" in (out / "aggregate.md").read_text()
-    assert len(json.loads((out / "records.json").read_text())) == 18
-    assert script.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert compare_main([str(root), "--out", str(out), "--reference", "ARKD"]) == 0
+    markdown = (out / "comparison.md").read_text()
+    assert "| ARKD | **22.55** | **23.55** | 1 |" in markdown and "| FKL | dolly | 1 | +2.50 |" in markdown and "## BERTScore F1" in markdown
+    assert (out / "heatmap.png").read_bytes()[:8] == PNG_MAGIC
+    write_run_outputs(tmp_path / "twice" / "a", _results("FKL", 20.0), [])
+    write_run_outputs(tmp_path / "twice" / "b", _results("FKL", 21.0), [])
+    with pytest.raises(ValueError, match="two runs have strategy 'FKL'"):
+        load_run_records([tmp_path / "twice"])
+    capsys.readouterr()
 
 
 def test_heatmap_checks_its_shape(tmp_path):
@@ -201,7 +196,7 @@ def _fabricated_metrics(path: Path, *, with_alpha: bool = True) -> Path:
 
 def test_training_plots_and_script(tmp_path):
     metrics = _fabricated_metrics(tmp_path / "metrics.jsonl")
-    rows = read_metrics_jsonl(metrics)
+    rows = read_metrics(metrics)
     assert len(rows) == 12 + 3
     assert plot_alpha_trajectory(rows, tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC
     assert plot_dynamics(rows, tmp_path / "d.png").read_bytes()[:8] == PNG_MAGIC
@@ -212,7 +207,7 @@ def test_training_plots_and_script(tmp_path):
 
 
 def test_training_plots_reject_runs_without_the_data(tmp_path):
-    rows = read_metrics_jsonl(_fabricated_metrics(tmp_path / "m.jsonl", with_alpha=False))
+    rows = read_metrics(_fabricated_metrics(tmp_path / "m.jsonl", with_alpha=False))
     with pytest.raises(ValueError, match="alpha_mean"):
         plot_alpha_trajectory(rows, tmp_path / "a.png")
     plot_dynamics(rows, tmp_path / "d.png")  # reward/FKL/RKL are there
@@ -221,4 +216,4 @@ def test_training_plots_reject_runs_without_the_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1}\n{"step": 2,\n')
     with pytest.raises(ValueError, match="bad.jsonl, line 2"):
-        read_metrics_jsonl(bad)
+        read_metrics(bad)

@@ -1,4 +1,6 @@
-"""Where training metrics go: ``metrics.jsonl`` always, Weights & Biases when configured.
+"""The training run's log: ``metrics.jsonl`` always, Weights & Biases when configured, and its one reader.
+
+(:mod:`arkd.evaluation.metrics` holds the evaluation scores; this module only logs and reads training rows.)
 
 Only the main process writes; other processes get a logger whose methods do nothing.
 """
@@ -95,5 +97,24 @@ def _step_of(line: str) -> int:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All rows of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Rows of a run's ``metrics.jsonl`` (one JSON object per line; blank lines skipped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is not a JSON object (names the file and the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such metrics file; expected a run's metrics.jsonl.")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: a {type(row).__name__}; expected a JSON object.")
+        rows.append(row)
+    return rows

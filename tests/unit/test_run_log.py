@@ -1,4 +1,4 @@
-"""arkd.metrics.MetricsLogger: metrics.jsonl rows, resume truncation, and the wandb mirror in offline mode."""
+"""arkd.run_log.MetricsLogger: metrics.jsonl rows, resume truncation, and the wandb mirror in offline mode."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from arkd.metrics import MetricsLogger, read_metrics
+from arkd.run_log import MetricsLogger, read_metrics
 
 
 def test_rows_resume_and_disabled(tmp_path):
