@@ -198,7 +198,7 @@ def test_arkd_train_job_exports_before_training(monkeypatch, tmp_path, capsys):
         seen.update({key: os.environ.get(key) for key in EXPORTED})
         return {"run_dir": str(tmp_path)}
 
-    monkeypatch.setattr(train_cli, "run", fake_run)
+    monkeypatch.setattr("arkd.recipes.distill.run", fake_run)  # _task imports the recipe at call time
     train_cli._task(OmegaConf.create({"output_dir": str(tmp_path)}))
     assert seen["RANK"] == "9" and seen["WORLD_SIZE"] == "16" and seen["MASTER_ADDR"] == "gpu07"
     assert "done" not in capsys.readouterr().out  # rank 9 does not print
@@ -206,7 +206,7 @@ def test_arkd_train_job_exports_before_training(monkeypatch, tmp_path, capsys):
 
 def test_arkd_train_job_reports_a_bad_slurm_environment(monkeypatch, tmp_path, capsys):
     _fake_environment(monkeypatch, dict(SLURM_TASK_9, SLURM_JOB_NODELIST="gpu[1-"))
-    monkeypatch.setattr(train_cli, "run", lambda cfg: pytest.fail("trained despite a bad Slurm environment"))
+    monkeypatch.setattr("arkd.recipes.distill.run", lambda cfg: pytest.fail("trained despite a bad Slurm environment"))
     with pytest.raises(SystemExit) as err:
         train_cli._task(OmegaConf.create({"output_dir": str(tmp_path)}))
     assert err.value.code == 1
