@@ -41,6 +41,7 @@ RESUME_IGNORED = (
     "trainer.eval_interval",
     "trainer.keep_last",
     "logger",
+    "data.num_workers",
     "report",
 )
 

@@ -6,6 +6,7 @@ Trainers share the teacher, the student's initial weights and the data:
 - ``learned``: ``LearnedPolicy`` with the shipped paired reward (``reward.interval`` 8, 2 candidates: one extra
   backward for dg/dalpha and 3 student forwards on the next batch every 8 steps, whose teacher logits the next step
   reuses), no probe;
+- ``learned@16``: the same with a reward every 16 steps (half the updates, half the cost);
 - ``learned+probe``: the shipped defaults of ``policy=learned`` (the probe every 8 steps: 3 forwards on the next
   batch, 2 on the window);
 - ``constant+probe``: the probe's own cost on a strategy that does not learn;
@@ -77,16 +78,18 @@ def make_trainer(args, parts, strategy, reward, probe, out: Path):
     )
 
 
-def timed(trainer, steps: int, device: str) -> float:
-    """Seconds per optimizer step over ``steps`` steps."""
+def timed(trainer, steps: int, device: str, clock: str = "wall") -> float:
+    """Seconds per optimizer step over ``steps`` steps (``clock="process"``: this process's CPU time, which a busy
+    shared machine disturbs far less than the wall clock when torch runs one thread)."""
+    now = time.process_time if clock == "process" else time.perf_counter
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = now()
     for _ in range(steps):
         trainer.train_step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return (now() - start) / steps
 
 
 def main() -> None:
@@ -104,7 +107,15 @@ def main() -> None:
     parser.add_argument("--student-width", type=int, default=64)
     parser.add_argument("--granularity", default="batch", choices=["batch", "sequence", "token"])
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--clock",
+        default=None,
+        choices=["wall", "process"],
+        help="wall clock, or this process's CPU time (default: process on the CPU with one thread, wall otherwise)",
+    )
     args = parser.parse_args()
+    if args.clock is None:
+        args.clock = "process" if args.device == "cpu" and args.threads == 1 else "wall"
     torch.set_num_threads(args.threads)
 
     import tempfile
@@ -121,6 +132,7 @@ def main() -> None:
         specs = {
             "constant": (ConstantAlpha(alpha=0.5), None, None),
             "learned": (learned(), PairedReward(), None),
+            "learned@16": (learned(), PairedReward(interval=16), None),
             "learned+probe": (learned(), PairedReward(), AlphaSignalProbe()),
             "constant+probe": (ConstantAlpha(alpha=0.5), None, AlphaSignalProbe()),
             "learned/same_batch": (learned(), SameBatchReward(), None),
@@ -130,11 +142,11 @@ def main() -> None:
             for i, (name, (strategy, reward, probe)) in enumerate(specs.items())
         }
         for trainer in variants.values():
-            timed(trainer, args.warmup, args.device)
+            timed(trainer, args.warmup, args.device, args.clock)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, trainer in variants.items():
-                times[name].append(timed(trainer, args.steps, args.device))
+                times[name].append(timed(trainer, args.steps, args.device, args.clock))
     median = {name: statistics.median(values) for name, values in times.items()}
     ratios = {name: round(value / median["constant"], 3) for name, value in median.items()}
     result = {
@@ -144,6 +156,7 @@ def main() -> None:
         "teacher": f"{args.teacher_layers}x{args.teacher_width}",
         "student": f"{args.student_layers}x{args.student_width}",
         "granularity": args.granularity,
+        "clock": args.clock,
         "ms_per_step": {name: round(1000 * value, 2) for name, value in median.items()},
         "ratio_to_constant": ratios,
         "target_learned": 1.10,
@@ -151,7 +164,7 @@ def main() -> None:
     for name, value in median.items():
         print(
             f"{name:>20}: {1000 * value:8.2f} ms/step  x{ratios[name]:.3f} of constant "
-            f"(median of {args.rounds} rounds x {args.steps} steps)"
+            f"(median of {args.rounds} rounds x {args.steps} steps, {args.clock} clock)"
         )
     print(f"learned (paired reward) / constant: {ratios['learned']:.3f} (target <= 1.10, aim 1.05)")
     print(f"probe's own cost: constant+probe / constant = {ratios['constant+probe']:.3f}")

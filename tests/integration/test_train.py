@@ -92,6 +92,25 @@ def test_tiny_job_end_to_end_through_arkd_train(tmp_path):
     )
 
 
+def test_no_reward_the_action_did_not_cause_dropout_on_lr_zero(tmp_path):
+    """GPT-2's dropout 0.1 and a learning rate of 0: a step changes nothing, so every logged reward and every probe
+    slope is 0 (|r| <= 1e-6), and report.json carries the alpha_signal block."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "arkd-train"), "config=tiny", f"hydra.run.dir={run_dir}", *SMALL]
+    cmd += ["model.dropout=0.1", "optimizer.lr=0", "probe.interval=2"]
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") != "validation"]
+    rewards = [r["reward"] for r in train if r["reward"] is not None]
+    slopes = [r[k] for r in train for k in ("alpha_signal_slope", "alpha_signal_slope_same") if r.get(k) is not None]
+    assert len(rewards) == 3 and all(abs(r) <= 1e-6 for r in rewards), rewards
+    assert len(slopes) == 6 and all(abs(s) <= 1e-6 for s in slopes), slopes
+    signal = json.loads((run_dir / "report.json").read_text())["alpha_signal"]
+    assert signal["probes"] == 3 and abs(signal["mean_slope"]) <= 1e-6
+    assert set(signal) >= {"probes", "windows", "significant_windows", "mean_slope", "sign_agreement"}
+    assert "policy_alpha_drift" in signal and "Alpha signal" in (run_dir / "report.md").read_text()
+
+
 def test_multirun_matrix_of_two_strategies_then_arkd_compare(tmp_path):
     """The research loop in small: a Hydra multirun of two strategies x one seed, aggregated by arkd-compare."""
     sweep = tmp_path / "sweep"

@@ -496,3 +496,19 @@ def test_greedy_lookahead_predicts_the_step_the_trainer_takes(tiny, tmp_path):
         chosen = row["alpha_mean"]
         assert strategy.rewards[chosen] == max(strategy.rewards.values())
         assert strategy.rewards[chosen] == pytest.approx(float(gain), rel=1e-3, abs=1e-6)
+
+
+def test_probe_works_for_every_kind_of_strategy(tiny, tmp_path):
+    """The probe is available to any strategy: per-token alphas (AKL) are shifted by +-delta, greedy chooses from
+    the same previews."""
+    from arkd.policy import AKLHeuristic, AlphaSignalProbe, GreedySearch
+
+    for name, strategy in (("akl", AKLHeuristic()), ("greedy", GreedySearch(candidates=(0.0, 1.0)))):
+        trainer = _trainer(tiny, tmp_path / name, batch_size=4, grad_accum=2, steps=2, strategy=strategy,
+                           optimizer="adamw", probe=AlphaSignalProbe(interval=1, window=3))  # fmt: skip
+        rows = [trainer.train_step() for _ in range(2)]
+        for row in rows:
+            assert math.isfinite(row["alpha_signal_slope"]) and math.isfinite(row["alpha_signal_slope_same"])
+            assert row["reward"] is None  # nothing learns here
+        if name == "greedy":
+            assert all(r["alpha_mean"] in (0.0, 1.0) for r in rows)
