@@ -75,8 +75,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = _plain(row)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except OSError as err:  # a full or read-only disk: name the file; the rows already written stay
+            from arkd.errors import OutputError, describe_os_error
+
+            raise OutputError(
+                f"cannot append to {self.path}: {describe_os_error(err)}; the rows already written are kept."
+            ) from None
         if self._wandb_run is not None:
             numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
             prefix = "validation/" if row.get("split") == "validation" else "train/"

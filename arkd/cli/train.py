@@ -203,10 +203,20 @@ def _task(cfg) -> None:
         print(f"arkd-train: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except failures as err:
-        print(f"arkd-train: {_one_line(err)}", file=sys.stderr)
+        print(f"arkd-train: {_describe(err)}", file=sys.stderr)
         sys.exit(1)
     if _rank() == 0:
         print(f"arkd-train: done; run directory {summary['run_dir']}")
+
+
+def _describe(err: BaseException) -> str:
+    """One line for a failure; a bare file-system error gets its path and a plain description."""
+    from arkd.errors import OutputError, describe_os_error
+
+    if isinstance(err, OSError) and not isinstance(err, OutputError) and err.errno is not None:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{describe_os_error(err)}."
+    return _one_line(err)
 
 
 def _one_line(err: BaseException) -> str:

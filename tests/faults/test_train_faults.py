@@ -366,6 +366,40 @@ def test_a_full_disk_while_checkpointing_is_one_sentence_and_keeps_the_earlier_c
     assert ckpt.verify_checkpoint(run / "checkpoints" / "step_0000002") is None
 
 
+def test_a_full_disk_while_logging_is_one_sentence_naming_the_file(arkd_train, tmp_path, monkeypatch):
+    opened = Path.open
+    appends = []
+
+    class Full:  # what a full disk does to a write(): an OSError without a file name
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and mode == "a":
+            appends.append(self)
+            if len(appends) == 4:
+                return Full()
+        return opened(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    outcome = arkd_train()
+    run = tmp_path / "run"
+    assert outcome.code == 1
+    assert _one_sentence(outcome) == (
+        f"arkd-train: cannot append to {run / 'metrics.jsonl'}: no space left on the device; the rows already "
+        "written are kept."
+    )
+    monkeypatch.setattr(Path, "open", opened)
+    assert [r["step"] for r in _train_rows(run)] == [1, 2, 3]
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_0000002") is None
+
+
 # -- Bad values, found before any work ------------------------------------------------------------------------------
 
 

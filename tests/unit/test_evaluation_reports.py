@@ -156,7 +156,11 @@ def test_arkd_compare_aggregates_eval_runs(tmp_path, capsys):
     out = tmp_path / "aggregate"
     assert compare_main([str(root), "--out", str(out), "--reference", "ARKD"]) == 0
     markdown = (out / "comparison.md").read_text()
-    assert "| ARKD | **22.55** | **23.55** | 1 |" in markdown and "| FKL | dolly | 1 | +2.50 |" in markdown and "## BERTScore F1" in markdown
+    assert (
+        "| ARKD | **22.55** | **23.55** | 1 |" in markdown
+        and "| FKL | dolly | 1 | +2.50 |" in markdown
+        and "## BERTScore F1" in markdown
+    )
     assert (out / "heatmap.png").read_bytes()[:8] == PNG_MAGIC
     write_run_outputs(tmp_path / "twice" / "a", _results("FKL", 20.0), [])
     write_run_outputs(tmp_path / "twice" / "b", _results("FKL", 21.0), [])
