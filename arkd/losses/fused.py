@@ -879,7 +879,10 @@ class FusedLinearBidirectionalKLFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
-        grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        if bool(grad_total == 1):  # loss.backward() itself: the saved gradients as they are, no pass over them
+            grads = list(ctx.saved_tensors)
+        else:
+            grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
         return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None, None
 
 
