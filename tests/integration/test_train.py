@@ -58,6 +58,9 @@ def test_tiny_job_end_to_end_through_arkd_train(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "arkd-train: done" in proc.stdout
     assert "distil" in proc.stderr  # the progress bar
+    # stderr is a pipe, not a terminal: each bar writes whole lines (every 5 %), never carriage-return redraws
+    assert "\r" not in proc.stderr
+    assert 1 <= sum(line.startswith("distil:") for line in proc.stderr.splitlines()) <= 20
 
     for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md", "alpha_trajectory.png"):
         assert (run_dir / name).is_file(), name
@@ -78,6 +81,9 @@ def test_tiny_job_end_to_end_through_arkd_train(tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["results"]) == {"teacher", "student_before", "student_after"}
     assert report["test_rows"] == 8
+    assert report["schema_version"] == 1 and report["strategy"]["name"] == "learned"
+    assert report["strategy"]["preset"] == "learned" and report["strategy"]["takes_alpha"] is True
+    assert report["training"]["best_mode"] == "max"
     for result in report["results"].values():
         assert 0 <= result["rougeL"]["mean"] <= 100
     assert "student before distillation" in (run_dir / "report.md").read_text()

@@ -233,3 +233,24 @@ def test_accelerate_launch_files_load(path):
     if path.stem.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
     assert f"--config_file launch/accelerate/{path.name}" in path.read_text()  # the launch command is documented
+
+
+def test_best_mode_is_explicit_and_checked_against_the_metric():
+    assert _compose("config=tiny").trainer.best_mode == "max"
+    sft = _compose("config=gpt2_120m_sft")
+    assert (sft.trainer.best_metric, sft.trainer.best_mode) == ("val_loss", "min")
+    message = check_overrides(["config=tiny", "trainer.best_metric=val_loss"])
+    assert message == (
+        "trainer.best_mode: got 'max' for trainer.best_metric=val_loss, expected 'min' (lower is better)."
+    )
+    assert check_overrides(["config=tiny", "trainer.best_metric=val_loss", "trainer.best_mode=min"]) is None
+    assert "one of max, min" in check_overrides(["config=tiny", "trainer.best_mode=up"])
+
+
+def test_one_temperature_from_the_loss():
+    from arkd.recipes.distill import trainer_config
+
+    cfg = _compose("config=tiny", "loss.temperature=2.0", "output_dir=unused")
+    assert trainer_config(cfg, output_dir="x").temperature == 2.0
+    assert "temperature" not in _compose("config=tiny").trainer
+    assert "nothing reads this key" in check_overrides(["config=tiny", "+trainer.temperature=2.0"])

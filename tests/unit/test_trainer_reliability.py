@@ -203,3 +203,12 @@ def test_a_failing_final_write_keeps_the_previous_final(tiny, tmp_path, monkeypa
     after = ckpt.load_weights(tmp_path / "final" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not (tmp_path / ".tmp_final").exists()
+
+
+def test_best_mode_follows_the_known_metric_or_must_be_given():
+    assert TrainerConfig(max_steps=1, best_metric="val_loss").best_mode == "min"
+    assert TrainerConfig(max_steps=1).best_mode == "max"
+    with pytest.raises(ValueError, match="trainer.best_mode is needed for best_metric='val_bleu'"):
+        TrainerConfig(max_steps=1, best_metric="val_bleu")
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        TrainerConfig(max_steps=1, best_mode="down")
