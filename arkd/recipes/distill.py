@@ -99,21 +99,23 @@ def trainer_config(cfg: DictConfig, *, output_dir: str | Path, distils: bool = T
     return TrainerConfig(**options)
 
 
+def _hydra_record() -> tuple[dict[str, Any], list[str]]:
+    """Hydra's group choices and the run's command-line overrides ({} and [] outside arkd-train)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+        return dict(hydra.runtime.choices), [str(o) for o in hydra.overrides.task]
+    except (ImportError, ValueError):  # run(cfg) outside arkd-train: no Hydra record
+        return {}, []
+
+
 def _strategy_record(cfg: DictConfig, takes_alpha: bool) -> dict[str, Any]:
     """What names the run's strategy in report.json (``strategy``): Hydra's ``policy`` / ``loss`` choices, the run's
     ``policy.*`` overrides, whether the loss takes alpha, and the name arkd-compare uses for it."""
     from arkd.evaluation.compare import strategy_label, strategy_name
 
-    choices: dict[str, Any] = {}
-    overrides: list[str] = []
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra = HydraConfig.get()
-        choices = dict(hydra.runtime.choices)
-        overrides = [str(o) for o in hydra.overrides.task]
-    except (ImportError, ValueError):  # run(cfg) outside arkd-train: no Hydra record
-        pass
+    choices, overrides = _hydra_record()
     preset, loss = choices.get("policy"), choices.get("loss")
     label = cfg.get("label")
     if preset:
@@ -122,6 +124,19 @@ def _strategy_record(cfg: DictConfig, takes_alpha: bool) -> dict[str, Any]:
         name = strategy_label(OmegaConf.to_container(cfg, resolve=True))
     own = [o for o in overrides if o.startswith("policy.")]
     return {"name": name, "preset": preset, "overrides": own, "loss": loss, "takes_alpha": takes_alpha, "label": label}
+
+
+def _unused_policy_note(cfg: DictConfig) -> str | None:
+    """One sentence when the command line chose a policy that the run's loss will not use (it takes no alpha)."""
+    choices, overrides = _hydra_record()
+    asked = [o for o in overrides if o.lstrip("+").split("=", 1)[0].split(".", 1)[0] == "policy"]
+    if not asked or cfg.get("loss") is None:
+        return None
+    loss = choices.get("loss") or str(cfg.loss.get("_target_"))
+    return (
+        f"arkd: loss={loss} does not take alpha, so {' '.join(asked)} is not used (the strategy comparison runs "
+        "through loss=bidirectional_kl; docs/configs.md)."
+    )
 
 
 def _capabilities(loss: Any) -> Any:
@@ -249,6 +264,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # The loss declares what it takes (arkd.losses.KDLoss); only a loss that takes alpha gets a strategy.
     takes_alpha = loss is not None and _capabilities(loss).takes_alpha
     strategy = instantiate(cfg.policy) if takes_alpha else None
+    if not takes_alpha and (note := _unused_policy_note(cfg)) is not None:
+        accelerator.print(note)
     max_steps = int(cfg.trainer.max_steps)
     optimizer = instantiate(cfg.optimizer)(params=[p for p in student.parameters() if p.requires_grad])
     scheduler = make_scheduler(optimizer, str(cfg.trainer.lr_schedule), int(cfg.trainer.warmup_steps), max_steps)

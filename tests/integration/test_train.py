@@ -260,3 +260,14 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
     # Rank 0 alone wrote the run directory; the report covers the three models.
     assert (run_dir / "report.json").is_file() and (run_dir / "metrics.jsonl").is_file()
     assert not any(p.name.startswith("rank1") for p in run_dir.iterdir())
+
+
+def test_a_policy_with_a_loss_that_ignores_alpha_is_said_and_recorded(tmp_path):
+    run_dir = tmp_path / "run"
+    small = [o for o in SMALL if not o.startswith(("reward.", "report."))] + ["report.enabled=false"]
+    cmd = [str(BIN / "arkd-train"), "config=tiny", "loss=forward_kl", "policy=akl", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd + small, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "arkd: loss=forward_kl does not take alpha, so policy=akl is not used" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["strategy"]["name"] == "loss=forward_kl" and summary["strategy"]["takes_alpha"] is False
