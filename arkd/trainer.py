@@ -295,12 +295,13 @@ class StepOutput:
     batch: dict[str, torch.Tensor] | None = None
     rng: Any = None
 
-    def detached(self, *, keep_logits: bool) -> StepOutput:
-        """A copy without autograd history (and without the logits unless ``keep_logits``), to keep past backward."""
+    def detached(self, *, keep_student: bool, keep_teacher: bool) -> StepOutput:
+        """A copy without autograd history, holding the student's / teacher's logits only where asked (a preview
+        scores with the teacher's; the legacy reward compares the student's before and after)."""
         return StepOutput(
             loss=self.loss.detach(),
-            student_logits=self.student_logits.detach() if keep_logits else None,
-            teacher_logits=self.teacher_logits if keep_logits else None,
+            student_logits=self.student_logits.detach() if keep_student else None,
+            teacher_logits=self.teacher_logits if keep_teacher else None,
             mask=self.mask,
             targets=self.targets,
             kd=None if self.kd is None else self.kd.detach(),
@@ -860,7 +861,7 @@ class Trainer:
                             offsets.append({})
                         _accumulate(offsets[k], params, cfg.kd_weight * per_token * diff)
                 acc.backward(out.loss * scale)
-                kept.append(out.detached(keep_logits=plan.needs_preview or plan.legacy))
+                kept.append(out.detached(keep_student=plan.legacy, keep_teacher=plan.needs_preview or plan.legacy))
 
         # 3. The window's gradient (unclipped), and a strategy that chooses after seeing it (greedy).
         for part in (direction, *offsets):
@@ -901,11 +902,16 @@ class Trainer:
             )
             applied = [torch.tensor([chosen])]
 
-        # 4. Non-finite loss or gradients: skip the step (and count it) or stop with the statistics.
+        # 4. Clip (previews keep their unclipped copy) and measure the gradient norm with or without clipping
+        # (accelerate's clip_grad_norm_ knows FSDP and DeepSpeed; an infinite threshold only measures); a non-finite
+        # loss or norm skips the step (counted) or stops with the statistics.
         totals = sums.reduced(acc)
         loss_value = totals["loss"] / max(global_tokens, 1)
-        grad_norm = global_norm(grads) if grads else torch.zeros(())
-        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
+        grad_norm = acc.clip_grad_norm_(self.student.parameters(), clip)
+        if grad_norm is None and grads:  # an engine that clips by itself (DeepSpeed): the local norm, for the check
+            grad_norm = global_norm(grads)
+        finite = math.isfinite(loss_value) and (grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
         alpha_all = torch.cat(applied) if applied else None
         has_kl = self.loss is not None and (log_now or self.strategy is not None)
         row: dict[str, Any] = {
@@ -917,7 +923,7 @@ class Trainer:
             "rkl": totals["rkl"] / max(global_tokens, 1) if has_kl else None,
             "alpha_mean": alpha_all.mean().item() if alpha_all is not None and alpha_all.numel() else None,
             "alpha_std": alpha_all.std(unbiased=False).item() if alpha_all is not None and alpha_all.numel() else None,
-            "grad_norm": float(grad_norm) if grads else None,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
         }
         if not finite:
             return self._skip(row, loss_value, global_tokens)
@@ -935,9 +941,7 @@ class Trainer:
             if plan.probe:
                 extra.update(self.probe.measure(preview, held_out, same))
 
-        # 6. Clip, optimizer and scheduler step.
-        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+        # 6. Optimizer and scheduler step (the gradients were clipped in 4).
         self.optimizer.step()
         if self.scheduler is not None and not acc.optimizer_step_was_skipped:
             self.scheduler.step()
