@@ -513,7 +513,12 @@ def test_compiled_path_equals_naive_and_never_recompiles():
                 )
             torch.testing.assert_close(again, got.detach(), rtol=0, atol=0)
         graphs.append((len(fused.compiled_kernels()), dynamo_utils.counters["stats"]["unique_graphs"]))
-    assert graphs[0] == graphs[1] == graphs[2], graphs  # nothing compiled after the first token count
+    s_full, t_full = _compiled_case((1, 29), seed=7)
+    for m in (torch.ones(1, 29, dtype=torch.bool), torch.arange(29).view(1, 29) % 3 > 0):  # all counted, then not
+        got = L.bidirectional_kl(s_full[:, :-1], t_full[:, :-1], m, alpha=0.4, temperature=1.7, compiled=True)
+        got.backward()
+    graphs.append((len(fused.compiled_kernels()), dynamo_utils.counters["stats"]["unique_graphs"]))
+    assert graphs[0] == graphs[1] == graphs[2] == graphs[3], graphs  # nothing compiled after the first token count
 
 
 @pytest.mark.slow
