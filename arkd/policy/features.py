@@ -138,6 +138,10 @@ def _check_inputs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ma
         )
 
 
+#: Logit entries per chunk of rows (fp32: 16 MiB per copy; a chunk's statistics hold about eight copies).
+CHUNK_ELEMENTS = 1 << 22
+
+
 @torch.no_grad()
 def compute_features(
     student_logits: torch.Tensor,
@@ -146,13 +150,16 @@ def compute_features(
     *,
     temperature: float = 1.0,
     mu: float = 0.5,
+    chunk_size: int | None = None,
 ) -> Features:
     """Per-token teacher-student statistics from logits the step already has.
 
-    Only the counted rows are processed (prompt and padding positions cost nothing), in fp32, without autograd, in
-    one pass over the vocabulary plus one sort of the teacher's probabilities (AKL's head). Peak extra memory is a
-    few (about eight) fp32 copies of the counted rows' logits ``[N, V]``, freed on return. ``-inf`` logits (padded
-    vocabulary, banned tokens) contribute 0 where the probability is 0.
+    Only the counted rows are processed (prompt and padding positions cost nothing), in fp32, without autograd, a
+    chunk of rows at a time, so the transient memory is bounded by one chunk (about eight fp32 copies of
+    ``chunk_size x V``), not by the number of tokens. AKL's head needs the teacher's probabilities in descending order
+    only up to the mass ``mu``: a top-k (k = 64, doubled for the rows whose head reaches past it) replaces the
+    full-vocabulary sort, with the same head and tail gaps. ``-inf`` logits (padded vocabulary, banned tokens)
+    contribute 0 where the probability is 0.
 
     Args:
         student_logits: ``[B, T, V]`` student logits (any float dtype; detached here).
@@ -160,6 +167,7 @@ def compute_features(
         mask: ``[B, T]`` bool, True = counted; None counts every position.
         temperature: softmax temperature of both distributions (> 0).
         mu: AKL's head mass threshold in (0, 1].
+        chunk_size: rows per chunk (None: ``CHUNK_ELEMENTS // V``, at least 1).
 
     Returns:
         A ``Features`` with ``[B, T]`` statistics (0 where not counted).
@@ -169,21 +177,49 @@ def compute_features(
         raise ValueError(f"compute_features: temperature must be > 0, got {temperature}")
     if not 0 < mu <= 1:
         raise ValueError(f"compute_features: mu must be in (0, 1], got {mu}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"compute_features: chunk_size must be >= 1, got {chunk_size}")
     b, t, v = student_logits.shape
     device = student_logits.device
     mask = torch.ones(b, t, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
-    flat_mask = mask.reshape(-1)
-    rows = flat_mask.nonzero().squeeze(-1)
-    s = student_logits.detach().reshape(-1, v).index_select(0, rows).float()
-    te = teacher_logits.detach().reshape(-1, v).index_select(0, rows).float()
-    stats = _token_statistics(s, te, temperature=temperature, mu=mu)
-    del s, te
-    out = {}
-    for name, value in stats.items():
-        full = torch.zeros(b * t, dtype=torch.float32, device=device)
-        full[rows] = value
-        out[name] = full.view(b, t)
-    return Features(**out, mask=mask, temperature=float(temperature), mu=float(mu))
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    s_flat = student_logits.detach().reshape(-1, v)
+    t_flat = teacher_logits.detach().reshape(-1, v)
+    step = chunk_size or max(1, CHUNK_ELEMENTS // max(v, 1))
+    out = {name: torch.zeros(b * t, dtype=torch.float32, device=device) for name in _STATISTICS}
+    for start in range(0, rows.numel(), step):
+        chunk = rows[start : start + step]
+        stats = _token_statistics(
+            s_flat.index_select(0, chunk).float(), t_flat.index_select(0, chunk).float(), temperature=temperature, mu=mu
+        )
+        for name, value in stats.items():
+            out[name][chunk] = value
+    views = {name: value.view(b, t) for name, value in out.items()}
+    return Features(**views, mask=mask, temperature=float(temperature), mu=float(mu))
+
+
+_STATISTICS = (*FEATURE_NAMES, "todi_alpha")
+
+
+def _head_gap(p: torch.Tensor, q: torch.Tensor, mu: float, k: int = 64) -> torch.Tensor:
+    """AKL's g_head per row: sum of |p - q| over the teacher's top tokens with cumulative mass <= mu (top-1 always),
+    from a top-k; rows whose head may reach past rank k are redone with 2k, ... up to the full vocabulary."""
+    n, v = p.shape
+    g_head = p.new_zeros(n)
+    todo = torch.arange(n, device=p.device)
+    while todo.numel():
+        k = min(k, v)
+        top_p, index = p[todo].topk(k, dim=-1)  # descending
+        cum = top_p.cumsum(-1)
+        head = cum <= mu
+        head[:, 0] = True
+        gap = (top_p - q[todo].gather(-1, index)).abs_()
+        # the head ends inside the top-k when the mass passes mu there (cumulative sums only grow); k = V is exact
+        done = (cum[:, -1] > mu) | (k == v)
+        g_head[todo[done]] = torch.where(head[done], gap[done], 0.0).sum(-1)
+        todo = todo[~done]
+        k *= 2
+    return g_head
 
 
 def _token_statistics(s: torch.Tensor, t: torch.Tensor, *, temperature: float, mu: float) -> dict[str, torch.Tensor]:
@@ -206,20 +242,15 @@ def _token_statistics(s: torch.Tensor, t: torch.Tensor, *, temperature: float, m
     top1 = (log_p.argmax(-1) == log_q.argmax(-1)).float()
     conf = p.amax(-1)
     del log_p, log_q
-    sorted_p, order = p.sort(dim=-1, descending=True)
-    gap = (sorted_p - q.gather(-1, order)).abs_()
-    del order, q, p
-    head = sorted_p.cumsum(-1) <= mu
-    head[:, 0] = True
-    g_head = torch.where(head, gap, zero).sum(-1)
-    g_tail = torch.where(head, zero, gap).sum(-1)
+    total_gap = (p - q).abs_().sum(-1)
+    g_head = _head_gap(p, q, mu)
     return {
         "fkl": fkl,
         "rkl": rkl,
         "teacher_entropy": h_p,
         "student_entropy": h_q,
         "head_gap": g_head,
-        "tail_gap": g_tail,
+        "tail_gap": (total_gap - g_head).clamp_min_(0.0),
         "top1_agreement": top1,
         "teacher_confidence": conf,
         "todi_alpha": todi,

@@ -163,3 +163,35 @@ def test_running_norm_pools_exact_moments_then_tracks():
     const = RunningNorm(2)
     const.update(torch.ones(4, 2))
     assert torch.equal(const(torch.ones(1, 2)), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_chunked_rows_give_the_same_statistics(chunk_size):
+    g = torch.Generator().manual_seed(5)
+    s, t = 2 * torch.randn(3, 6, 11, generator=g), 2 * torch.randn(3, 6, 11, generator=g)
+    mask = torch.rand(3, 6, generator=g) > 0.3
+    whole = compute_features(s, t, mask, chunk_size=10_000)
+    parts = compute_features(s, t, mask, chunk_size=chunk_size)
+    for name in (*FEATURE_NAMES, "todi_alpha"):
+        torch.testing.assert_close(getattr(parts, name), getattr(whole, name), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="chunk_size"):
+        compute_features(s, t, mask, chunk_size=0)
+
+
+@pytest.mark.parametrize("flatness", [0.05, 1.0, 4.0])
+def test_head_and_tail_gaps_from_top_k_equal_a_full_sort(flatness):
+    """V = 1000: a flat teacher's head (mass 0.5) spans hundreds of tokens, past the first top-64, so the top-k is
+    widened; a peaked one ends within it. Both equal AKL's gaps from a full descending sort."""
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(2, 4, 1000, generator=g) * flatness
+    s = torch.randn(2, 4, 1000, generator=g)
+    f = compute_features(s, t, mu=0.5)
+    p, q = torch.softmax(t, -1).reshape(-1, 1000), torch.softmax(s, -1).reshape(-1, 1000)
+    sorted_p, order = p.sort(-1, descending=True)
+    gap = (sorted_p - q.gather(-1, order)).abs()
+    head = sorted_p.cumsum(-1) <= 0.5
+    head[:, 0] = True
+    torch.testing.assert_close(f.head_gap.reshape(-1), (gap * head).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f.tail_gap.reshape(-1), (gap * ~head).sum(-1), rtol=1e-4, atol=1e-5)
+    if flatness == 0.05:
+        assert int(head.sum(-1).min()) > 64  # the widened path was exercised
