@@ -130,6 +130,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "data.max_prompt_length": _int(1),
     "data.max_length": _int(2),
     "data.num_workers": _int(0),
+    "data.group_by_length": _nullable(_int(1)),
     "optimizer.lr": _number(0),
     "optimizer.weight_decay": _number(0),
     "optimizer.eps": _number(0, open_low=True),

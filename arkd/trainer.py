@@ -824,7 +824,14 @@ class Trainer:
         # 1. The window, and its counted tokens over all micro-batches and processes.
         window = self._draw_window()
         local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b, _ in window)
+        # the share of the window's positions that are padding (length-grouped batches keep it low)
+        padding = torch.tensor(
+            [sum(int(b["attention_mask"].numel() - b["attention_mask"].sum()) for b, _ in window),
+             sum(int(b["attention_mask"].numel()) for b, _ in window)],
+            device=acc.device,
+        )  # fmt: skip
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum").item())
+        padding = acc.reduce(padding, reduction="sum")
         # Each process backpropagates sum / N_global; DDP averages gradients over processes and accelerate divides
         # by grad_accum, so both are multiplied back here: the result is the exact token mean of the global window.
         scale = acc.num_processes * cfg.grad_accum / max(global_tokens, 1)
@@ -924,6 +931,7 @@ class Trainer:
             "alpha_mean": alpha_all.mean().item() if alpha_all is not None and alpha_all.numel() else None,
             "alpha_std": alpha_all.std(unbiased=False).item() if alpha_all is not None and alpha_all.numel() else None,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "padding_share": float(padding[0]) / max(float(padding[1]), 1.0),
         }
         if not finite:
             return self._skip(row, loss_value, global_tokens)

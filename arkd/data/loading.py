@@ -89,6 +89,11 @@ class TokenizedDataset(Dataset):
         }
 
     @property
+    def lengths(self) -> list[int]:
+        """Tokens per sample (prompt + response + end-of-text), for length-grouped batching."""
+        return [len(item.prompt_ids) + len(item.response_ids) for item in self.items]
+
+    @property
     def num_response_tokens(self) -> int:
         """Tokens counted by the loss over the whole dataset (responses plus end-of-text tokens)."""
         return sum(len(item.response_ids) for item in self.items)
@@ -105,6 +110,12 @@ class ResumableSampler(Sampler[int]):
         world_size: the number of processes; each gets ``ceil(n / world_size)`` indices per epoch
             (``floor`` with ``drop_last``).
         drop_last: drop the tail that does not divide evenly instead of wrapping around.
+        lengths: per-sample lengths (tokens); with ``group_size``, batches of similar length (below).
+        group_size: with ``lengths``: this rank's shuffled order is cut into groups of ``group_size`` samples
+            (a multiple of the batch size, e.g. 50 batches), each group sorted by length, longest first, so that
+            consecutive batches hold samples of similar length and little padding (HF's length-grouped sampling).
+            The groups stay in random order and the epoch is still a permutation of the rank's samples, so the
+            position and resume work as without grouping.
     """
 
     def __init__(
@@ -116,6 +127,8 @@ class ResumableSampler(Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        lengths: Sequence[int] | None = None,
+        group_size: int | None = None,
     ) -> None:
         n = num_samples if isinstance(num_samples, int) else len(num_samples)
         if n < 1:
@@ -132,6 +145,14 @@ class ResumableSampler(Sampler[int]):
         self.drop_last = drop_last
         self.epoch = 0
         self.start = 0  # samples of this epoch to skip on the next iteration (set when resuming)
+        if (lengths is None) != (group_size is None):
+            raise ValueError("length grouping needs both lengths (one per sample) and group_size")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"lengths holds {len(lengths)} values; expected one per sample ({n})")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.lengths = None if lengths is None else [int(x) for x in lengths]
+        self.group_size = group_size
 
     @property
     def per_rank(self) -> int:
@@ -151,7 +172,14 @@ class ResumableSampler(Sampler[int]):
         total = self.per_rank * self.world_size
         if total > len(order):
             order = (order * -(-total // len(order)))[:total]
-        return order[:total][self.rank :: self.world_size]
+        mine = order[:total][self.rank :: self.world_size]
+        if self.lengths is None or not self.shuffle:
+            return mine
+        grouped: list[int] = []
+        for start in range(0, len(mine), self.group_size):
+            group = mine[start : start + self.group_size]
+            grouped += sorted(group, key=lambda i: -self.lengths[i])  # stable: ties keep the random order
+        return grouped
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices(self.epoch)[self.start :])
@@ -251,6 +279,7 @@ def build_dataloader(
     drop_last: bool = False,
     num_workers: int = 0,
     pin_memory: bool = False,
+    group_by_length: int | None = None,
 ) -> ResumableDataLoader:
     """A data loader with deterministic shuffling from ``seed`` and a resumable position.
 
@@ -265,16 +294,27 @@ def build_dataloader(
         drop_last: drop an incomplete last batch (and the uneven tail across ranks).
         num_workers: loader worker processes.
         pin_memory: pin batches in page-locked memory (GPU runs).
+        group_by_length: batches of similar length: each rank's shuffled order is cut into groups of this many
+            batches, each sorted by length (``ResumableSampler``'s ``group_size``); the dataset must have
+            ``lengths`` (:class:`TokenizedDataset` does). None: plain shuffling.
 
     Returns:
         A :class:`ResumableDataLoader`; its ``state_dict()`` goes into checkpoints.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    grouping: dict = {}
+    if group_by_length is not None:
+        if group_by_length < 1:
+            raise ValueError(f"data.group_by_length must be null or >= 1 (batches per group), got {group_by_length}")
+        if not hasattr(dataset, "lengths"):
+            name = type(dataset).__name__
+            raise ValueError(f"group_by_length needs a dataset with per-sample lengths; {name} has none")
+        grouping = {"lengths": dataset.lengths, "group_size": group_by_length * batch_size}
     rank = _default_rank() if rank is None else rank
     world_size = _default_world_size() if world_size is None else world_size
     sampler = ResumableSampler(
-        len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last
+        len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, **grouping
     )
     return ResumableDataLoader(
         dataset,

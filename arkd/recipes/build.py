@@ -38,8 +38,11 @@ def build_model(node: DictConfig, tokenizer: Any) -> torch.nn.Module:
     return instantiate(node)
 
 
-def make_loader(dataset: Any, collate: Any, batch_size: int, seed: int, accelerator: Any) -> BatchStream:
-    """An endless, seeded, resumable stream of training batches sharded over the accelerator's processes."""
+def make_loader(
+    dataset: Any, collate: Any, batch_size: int, seed: int, accelerator: Any, group_by_length: int | None = None
+) -> BatchStream:
+    """An endless, seeded, resumable stream of training batches sharded over the accelerator's processes
+    (``group_by_length``: batches per length-sorted group, see ``arkd.data.build_dataloader``)."""
     from arkd.data import build_dataloader
 
     loader = build_dataloader(
@@ -51,6 +54,7 @@ def make_loader(dataset: Any, collate: Any, batch_size: int, seed: int, accelera
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         drop_last=True,
+        group_by_length=group_by_length,
     )
     return BatchStream(loader)
 
