@@ -10,7 +10,7 @@ on its name. Rooms:
 - ``rl.py``: advantages and policy-gradient losses as pure functions;
 - ``lookahead.py``: the one preview of the trainer's real step for another alpha (greedy, probe, paired reward);
 - ``probe.py``: the alpha-signal probe (does alpha matter right now, and which way?);
-- ``features.py``, ``network.py``, ``distributed.py``: statistics, the MLP, torch.distributed helpers.
+- ``features.py``, ``network.py``: statistics, the MLP (the torch.distributed helpers are :mod:`arkd.distributed`).
 """
 
 from arkd.policy.features import FEATURE_NAMES, Features, RunningNorm, compute_features
