@@ -129,7 +129,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "data.batch_size": _int(1),
     "data.max_prompt_length": _int(1),
     "data.max_length": _int(2),
-    "data.num_workers": _int(0),
     "data.group_by_length": _nullable(_int(1)),
     "optimizer.lr": _number(0),
     "optimizer.weight_decay": _number(0),

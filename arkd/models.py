@@ -133,13 +133,6 @@ def load_model(
         ) from err
 
 
-def load_teacher(name_or_path: str | os.PathLike, **kwargs):
-    """:func:`load_model`, then frozen (no gradients) and in eval mode, as a teacher is used."""
-    model = load_model(name_or_path, **kwargs)
-    model.requires_grad_(False)
-    return model.eval()
-
-
 def build_tiny_tokenizer(
     texts: Iterable[str] | None = None,
     *,

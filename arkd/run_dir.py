@@ -41,7 +41,6 @@ RESUME_IGNORED = (
     "trainer.eval_interval",
     "trainer.keep_last",
     "logger",
-    "data.num_workers",
     "report",
 )
 

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from arkd import checkpoint as ckpt
+from arkd import distributed as pdist
 from arkd.data.collate import shift_for_next_token
 from arkd.losses.functional import bidirectional_kl
-from arkd.policy import distributed as pdist
 from arkd.policy.features import Features, compute_features
 from arkd.policy.lookahead import BatchScorer, StepPreview, as_params, global_norm, step_preview_for
 from arkd.policy.strategies import StepContext
@@ -527,7 +527,7 @@ class Trainer:
         acc.wait_for_everyone()
         healthy = self.weights_finite() and self._skipped_share() <= self.cfg.max_skipped_fraction
         model_state = acc.get_state_dict(self.student)
-        rng_states = _gather_objects(acc, ckpt.capture_rng_state())
+        rng_states = pdist.gather_objects(ckpt.capture_rng_state())
         path = None
         if self.is_main:
             config_file = self.run_dir / "config.yaml"
@@ -673,7 +673,7 @@ class Trainer:
         if self.validation_examples and self.predict_fn is not None and self.score_fn is not None:
             shard = self.validation_examples[acc.process_index :: acc.num_processes]
             predictions = self.predict_fn(acc.unwrap_model(self.student), shard)
-            predictions = _unshard(_gather_objects(acc, predictions), len(self.validation_examples))
+            predictions = pdist.unshard(pdist.gather_objects(predictions), len(self.validation_examples))
             references = [list(example.references) for example in self.validation_examples]
             row["val_rougeL"] = float(self.score_fn(predictions, references))
         self.student.train()
@@ -1229,7 +1229,7 @@ def prepare_teacher(accelerator: Any, teacher: torch.nn.Module) -> torch.nn.Modu
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Distributed helpers
+# Small helpers (the distributed ones are in arkd.distributed)
 
 
 def _masked_alpha_values(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1240,24 +1240,3 @@ def _masked_alpha_values(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     if alpha.dim() == 1:
         return alpha[mask.any(dim=-1)] if alpha.shape[0] == mask.shape[0] else alpha
     return alpha[mask] if alpha.shape == mask.shape else alpha.reshape(-1)
-
-
-def _gather_objects(accelerator: Any, obj: Any) -> list[Any]:
-    """``obj`` from every process, in rank order (a one-element list in a single process)."""
-    if accelerator.num_processes == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * accelerator.num_processes
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _unshard(shards: list[list[Any]], n: int) -> list[Any]:
-    """Undo ``items[rank::world]`` sharding: interleave the per-rank lists back into the original order."""
-    out: list[Any] = [None] * n
-    world = len(shards)
-    for rank, shard in enumerate(shards):
-        for j, item in enumerate(shard):
-            out[rank + j * world] = item
-    return out

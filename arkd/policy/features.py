@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from arkd.policy import distributed as pdist
+from arkd import distributed as pdist
 
 #: Per-token statistics fed to the policy network, in this order.
 FEATURE_NAMES: tuple[str, ...] = (

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from arkd.policy import distributed as pdist
+from arkd import distributed as pdist
 from arkd.policy import rl
 from arkd.policy.features import FEATURE_NAMES, Features, RunningNorm
 from arkd.policy.network import PolicyNetwork

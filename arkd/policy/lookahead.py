@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from arkd.policy import distributed as pdist
+from arkd import distributed as pdist
 
 Params = dict[str, torch.Tensor]
 UpdateFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Params]

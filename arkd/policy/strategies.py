@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from arkd.policy import distributed as pdist
+from arkd import distributed as pdist
 from arkd.policy.features import Features
 
 GRANULARITIES = ("batch", "sequence", "token")

@@ -164,14 +164,11 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError("output_dir is not set: expected the run directory (arkd-train sets it from hydra.run.dir).")
 
 
-def _run_dir(cfg: DictConfig, accelerator: Any) -> Path:
+def _run_dir(cfg: DictConfig) -> Path:
     """Rank 0's run directory, on every process (ranks may resolve ``${now:...}`` a second apart)."""
-    path = [str(Path(str(cfg.output_dir)).resolve())]
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
+    from arkd.distributed import broadcast_object
 
-        dist.broadcast_object_list(path, src=0)
-    return Path(path[0])
+    return Path(broadcast_object(str(Path(str(cfg.output_dir)).resolve())))
 
 
 def _check_batch_sizes(cfg: DictConfig, rows: int, processes: int) -> None:
@@ -213,7 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     accelerator = make_accelerator(cfg)
-    run_dir = _run_dir(cfg, accelerator)
+    run_dir = _run_dir(cfg)
     # Before anything is built: the directory is writable and holds no other run (or this run, continued with a
     # compatible config); the checkpoint to resume from is the newest that passes its checksums.
     resume_from = prepare_run_dir(

@@ -10,7 +10,6 @@ from arkd.models import (
     build_tiny_tokenizer,
     check_vocab,
     load_model,
-    load_teacher,
     load_tokenizer,
     model_vocab_size,
     prepare_tokenizer,
@@ -129,13 +128,6 @@ def test_load_model_in_bfloat16(saved):
     loaded = load_model(path, dtype="bf16")
     assert loaded.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
-
-
-def test_load_teacher_is_frozen_and_in_eval_mode(saved):
-    _, path = saved
-    teacher = load_teacher(path)
-    assert not teacher.training
-    assert not any(p.requires_grad for p in teacher.parameters())
 
 
 def test_missing_checkpoint_is_one_clear_sentence(tmp_path):

@@ -1,4 +1,9 @@
-"""Small torch.distributed helpers for the policy: every one is a no-op in a single process.
+"""arkd's distributed helpers, in one room: every one is a no-op in a single process.
+
+Tensor collectives (sums, means, broadcasts, gradient averaging) for the policy, the features and the trainer's
+statistics, and object collectives (gathering Python objects in rank order, undoing ``items[rank::world]`` sharding,
+broadcasting rank 0's value) for validation, checkpoints and the run directory. How Slurm tasks become a process
+group is :mod:`arkd.distributed_env`.
 
 The policy's tensors live on the CPU. Collectives run on the device the process group's backend needs (the current
 CUDA device for NCCL, the CPU otherwise) and results come back on the caller's device, so the same code runs under
@@ -8,6 +13,7 @@ gloo on CPUs and under NCCL on GPUs.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,3 +84,32 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every process, in rank order (a one-element list in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def unshard(shards: list[list[Any]], n: int) -> list[Any]:
+    """Undo ``items[rank::world]`` sharding: interleave the per-rank lists back into the original order."""
+    out: list[Any] = [None] * n
+    world = len(shards)
+    for rank_, shard in enumerate(shards):
+        for j, item in enumerate(shard):
+            out[rank_ + j * world] = item
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Process ``src``'s ``obj`` on every process (e.g. rank 0's run directory: ranks may resolve ``${now:...}`` a
+    second apart)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
