@@ -124,6 +124,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "trainer.max_skipped": _int(0),
     "trainer.max_skipped_fraction": _number(0, 1),
     "trainer.progress": _bool(),
+    "trainer.fused_linear": _bool(),
     "trainer.best_metric": _choice(*BEST_MODES),
     "trainer.best_mode": _choice("max", "min"),
     "data.batch_size": _int(1),

@@ -42,7 +42,8 @@ from arkd import checkpoint as ckpt
 from arkd import distributed as pdist
 from arkd.data.collate import shift_for_next_token
 from arkd.losses.functional import bidirectional_kl
-from arkd.policy.features import Features, compute_features
+from arkd.losses.fused import fused_linear_bidirectional_kl
+from arkd.policy.features import Features, compute_features, compute_features_from_hidden
 from arkd.policy.lookahead import BatchScorer, StepPreview, as_params, global_norm, step_preview_for
 from arkd.policy.strategies import StepContext
 from arkd.progress import progress_bar
@@ -79,6 +80,10 @@ class TrainerConfig:
         output_dir: the run directory.
         progress: show a progress bar on the main process.
         progress_desc: the progress bar's label.
+        fused_linear: compute the bidirectional KD loss from the student's final hidden states and output weight
+            (``arkd.losses.fused_linear_bidirectional_kl``) instead of its ``[B, T, V]`` logits with gradients: the
+            student forward keeps the logits of the last position only, and the features are computed from chunks
+            of logits without autograd. Needs the bidirectional KL loss.
     """
 
     max_steps: int
@@ -100,6 +105,7 @@ class TrainerConfig:
     output_dir: str = "."
     progress: bool = True
     progress_desc: str = "train"
+    fused_linear: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -278,6 +284,7 @@ class StepOutput:
         features: the strategy's teacher-student statistics (None without a strategy).
         batch: the micro-batch (on the device).
         rng: the random state just before the student forward (its dropout masks can be replayed).
+        student_hidden: ``[B, T-1, H]`` the student's final hidden states (``trainer.fused_linear``; else None).
     """
 
     loss: torch.Tensor
@@ -294,13 +301,14 @@ class StepOutput:
     features: Features | None = None
     batch: dict[str, torch.Tensor] | None = None
     rng: Any = None
+    student_hidden: torch.Tensor | None = None
 
     def detached(self, *, keep_student: bool, keep_teacher: bool) -> StepOutput:
         """A copy without autograd history, holding the student's / teacher's logits only where asked (a preview
         scores with the teacher's; the legacy reward compares the student's before and after)."""
         return StepOutput(
             loss=self.loss.detach(),
-            student_logits=self.student_logits.detach() if keep_student else None,
+            student_logits=self.student_logits.detach() if keep_student and self.student_logits is not None else None,
             teacher_logits=self.teacher_logits if keep_teacher else None,
             mask=self.mask,
             targets=self.targets,
@@ -499,6 +507,21 @@ class Trainer:
             "needs_target_ids": bool(getattr(loss, "needs_target_ids", False)),
             "has_schedule": callable(getattr(loss, "update", None)),
         }
+        self._hidden_checked = False
+        if config.fused_linear:
+            from arkd.losses.modules import BidirectionalKLLoss
+            from arkd.reward import SameBatchReward
+
+            if not isinstance(loss, BidirectionalKLLoss):
+                raise ValueError(
+                    f"trainer.fused_linear=true computes the bidirectional KL from hidden states; the loss is "
+                    f"{type(loss).__name__}: use loss=bidirectional_kl (policy=... sets alpha) or fused_linear=false."
+                )
+            if isinstance(reward, SameBatchReward):
+                raise ValueError(
+                    "reward=same_batch compares the student's logits before and after a step, which "
+                    "trainer.fused_linear=true never builds: use reward=paired or trainer.fused_linear=false."
+                )
         self._feature_options = dict(strategy.feature_options) if strategy is not None else {}
         # The next training batch, its device copy and its teacher logits, once a preview has peeked at it.
         self._next: tuple[Any, dict[str, torch.Tensor], torch.Tensor | None] | None = None
@@ -710,14 +733,48 @@ class Trainer:
             self._next = (batch, device_batch, self._teacher_logits(device_batch))
         return self._next[1], self._next[2]
 
-    def _kd(self, s: torch.Tensor, t: torch.Tensor, m: torch.Tensor, alpha: Any, targets: torch.Tensor) -> torch.Tensor:
-        """The KD term, summed over counted tokens (alpha and target ids for the losses that declare them)."""
+    def _kd(self, out: StepOutput, alpha: Any) -> torch.Tensor:
+        """The KD term of a micro-batch, summed over counted tokens (alpha and target ids for the losses that declare
+        them; from the final hidden states with ``trainer.fused_linear``)."""
+        if self.cfg.fused_linear:
+            weight, bias = self._output_layer()
+            return fused_linear_bidirectional_kl(
+                out.student_hidden, weight, out.teacher_logits, out.mask, student_bias=bias, alpha=alpha,
+                temperature=self.loss.temperature, reduction="sum", chunk_size=self.loss.chunk_size,
+            )  # fmt: skip
         extra: dict[str, Any] = {}
         if self._loss_caps["takes_alpha"]:
             extra["alpha"] = alpha
         if self._loss_caps["needs_target_ids"]:
-            extra["target_ids"] = targets
-        return self.loss(s, t, m, **extra)
+            extra["target_ids"] = out.targets
+        return self.loss(out.student_logits, out.teacher_logits, out.mask, **extra)
+
+    def _output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's output layer (``lm_head``): its weight ``[V, H]`` and bias (or None)."""
+        layer = self.accelerator.unwrap_model(self.student).get_output_embeddings()
+        return layer.weight, getattr(layer, "bias", None)
+
+    def _student_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The final hidden states ``[B, T, H]`` (the output layer's input), from a forward that keeps the logits of
+        the last position only; checked once against those logits."""
+        out = self.student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        hidden = out.hidden_states[-1]
+        if not self._hidden_checked:
+            weight, bias = self._output_layer()
+            with torch.no_grad():
+                last = torch.nn.functional.linear(hidden[:, -1:], weight, bias)
+            same = last.shape == out.logits.shape and torch.allclose(last.float(), out.logits.float(), 1e-3, 1e-3)
+            if not same:
+                raise ValueError(
+                    "trainer.fused_linear: this model's last hidden state is not the input of its output layer "
+                    "(get_output_embeddings); expected a causal LM whose hidden_states[-1] is final-normed, as GPT-2, "
+                    "Llama and Qwen2 have. Set trainer.fused_linear=false."
+                )
+            self._hidden_checked = True
+        return hidden
 
     def _loss_step(
         self,
@@ -739,27 +796,43 @@ class Trainer:
         if teacher_logits is None:
             teacher_logits = self._teacher_logits(batch)
         rng = _rng_snapshot(self.accelerator.device)  # the dropout state of the student forward (legacy reward)
-        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        s, m = shift_for_next_token(logits, batch["loss_mask"].bool())
+        m = batch["loss_mask"][:, 1:].bool()
+        s = h = None
+        if cfg.fused_linear:
+            h = self._student_hidden(batch)[:, :-1]
+        else:
+            s, m = shift_for_next_token(
+                self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                batch["loss_mask"].bool(),
+            )
         targets = batch["input_ids"][:, 1:]
         t = teacher_logits[:, :-1] if teacher_logits is not None else None
-        loss = s.new_zeros((), dtype=torch.float32)
+        loss = (s if s is not None else h).new_zeros((), dtype=torch.float32)
         out = StepOutput(loss=loss, student_logits=s, teacher_logits=t, mask=m, targets=targets, batch=batch, rng=rng)
+        out.student_hidden = h
         out.tokens = int(m.sum())
+        options = {"temperature": cfg.temperature, "mu": cfg.feature_mu, **self._feature_options}
         if self.loss is not None and cfg.kd_weight != 0:
             if choose_alpha is not None:
-                out.features = compute_features(
-                    s.detach(), t, m, temperature=cfg.temperature, **{"mu": cfg.feature_mu, **self._feature_options}
-                )
+                if h is not None:
+                    weight, bias = self._output_layer()
+                    out.features = compute_features_from_hidden(h.detach(), weight.detach(), t, m, bias=bias, **options)
+                else:
+                    out.features = compute_features(s.detach(), t, m, **options)
                 out.alpha = choose_alpha(out.features)
-            out.kd = self._kd(s, t, m, out.alpha, targets)
+            out.kd = self._kd(out, out.alpha)
             loss = loss + cfg.kd_weight * out.kd
             if out.features is not None:  # FKL / RKL per token are among the features already
                 out.fkl, out.rkl = out.features.fkl.sum(), out.features.rkl.sum()
-            elif want_kl:
+            elif want_kl and s is not None:
                 out.fkl, out.rkl = kl_sums(s, t, m, cfg.temperature)
         if cfg.ce_weight != 0:
-            out.ce = F.cross_entropy(s[m].float(), targets[m], reduction="sum")
+            if h is not None:  # the counted rows' logits only
+                weight, bias = self._output_layer()
+                counted = torch.nn.functional.linear(h[m], weight, bias)
+            else:
+                counted = s[m]
+            out.ce = F.cross_entropy(counted.float(), targets[m], reduction="sum")
             loss = loss + cfg.ce_weight * out.ce
         out.loss = loss
         return out
@@ -855,15 +928,12 @@ class Trainer:
                 if out.alpha is not None:
                     alphas.append(_masked_alpha_values(out.alpha, out.mask))
                 if plan.direction:  # dg/dalpha: the gradient of kd_weight * (sum FKL - sum RKL) / N
-                    shift = self._kd(out.student_logits, out.teacher_logits, out.mask, 1.0, out.targets) - self._kd(
-                        out.student_logits, out.teacher_logits, out.mask, 0.0, out.targets
-                    )
+                    shift = self._kd(out, 1.0) - self._kd(out, 0.0)
                     _accumulate(direction, params, cfg.kd_weight * per_token * shift)
                 if plan.paired and not batch_level and candidates:  # per-sequence / per-token candidates
                     for k, candidate in enumerate(candidates[-1]):
                         # a fresh evaluation at the applied alpha: the fast path's backward runs once per forward
-                        diff = self._kd(out.student_logits, out.teacher_logits, out.mask, candidate, out.targets)
-                        diff = diff - self._kd(out.student_logits, out.teacher_logits, out.mask, out.alpha, out.targets)
+                        diff = self._kd(out, candidate) - self._kd(out, out.alpha)
                         if len(offsets) <= k:
                             offsets.append({})
                         _accumulate(offsets[k], params, cfg.kd_weight * per_token * diff)

@@ -13,7 +13,13 @@ on its name. Rooms:
 - ``features.py``, ``network.py``: statistics, the MLP (the torch.distributed helpers are :mod:`arkd.distributed`).
 """
 
-from arkd.policy.features import FEATURE_NAMES, Features, RunningNorm, compute_features
+from arkd.policy.features import (
+    FEATURE_NAMES,
+    Features,
+    RunningNorm,
+    compute_features,
+    compute_features_from_hidden,
+)
 from arkd.policy.learned import LearnedPolicy
 from arkd.policy.lookahead import BatchScorer, StepPreview, adam_step_preview, step_preview_for
 from arkd.policy.network import PolicyNetwork
@@ -50,5 +56,6 @@ __all__ = [
     "ToDiHeuristic",
     "adam_step_preview",
     "compute_features",
+    "compute_features_from_hidden",
     "step_preview_for",
 ]

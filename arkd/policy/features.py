@@ -179,18 +179,62 @@ def compute_features(
         raise ValueError(f"compute_features: mu must be in (0, 1], got {mu}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"compute_features: chunk_size must be >= 1, got {chunk_size}")
-    b, t, v = student_logits.shape
-    device = student_logits.device
+    s_flat = student_logits.detach().reshape(-1, student_logits.shape[-1])
+    rows_logits = lambda rows: s_flat.index_select(0, rows).float()  # noqa: E731
+    return _chunked(rows_logits, teacher_logits, mask, temperature, mu, chunk_size)
+
+
+@torch.no_grad()
+def compute_features_from_hidden(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mu: float = 0.5,
+    chunk_size: int | None = None,
+) -> Features:
+    """:func:`compute_features` from the student's final hidden states ``[B, T, H]`` and output weight ``[V, H]``
+    (and bias): each chunk's student logits ``h W^T + b`` are built in fp32 and dropped, so the ``[B, T, V]`` student
+    logits never exist (the memory-light ``trainer.fused_linear`` path). The same values as ``compute_features`` of
+    the full logits."""
+    if student_hidden.dim() != 3 or student_hidden.shape[:2] != teacher_logits.shape[:2]:
+        raise ValueError(
+            f"compute_features_from_hidden: student_hidden {tuple(student_hidden.shape)} must be [B, T, H] with the "
+            f"teacher logits' [B, T] = {tuple(teacher_logits.shape[:2])}"
+        )
+    if student_weight.shape != (teacher_logits.shape[-1], student_hidden.shape[-1]):
+        raise ValueError(
+            f"compute_features_from_hidden: student_weight {tuple(student_weight.shape)} must be [V, H] = "
+            f"{(teacher_logits.shape[-1], student_hidden.shape[-1])}"
+        )
+    h_flat = student_hidden.detach().reshape(-1, student_hidden.shape[-1])
+    weight = student_weight.detach().float()
+    b = None if bias is None else bias.detach().float()
+
+    def rows_logits(rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(h_flat.index_select(0, rows).float(), weight, b)
+
+    shape = (*student_hidden.shape[:2], teacher_logits.shape[-1])
+    return _chunked(rows_logits, teacher_logits, mask, temperature, mu, chunk_size, shape=shape)
+
+
+def _chunked(student_rows, teacher_logits, mask, temperature, mu, chunk_size, shape=None) -> Features:
+    """The statistics of the counted rows, ``chunk_size`` rows at a time (``student_rows(row_indices)`` gives the
+    student's fp32 logits of those rows)."""
+    b, t, v = shape or teacher_logits.shape
+    device = teacher_logits.device
     mask = torch.ones(b, t, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
     rows = mask.reshape(-1).nonzero().squeeze(-1)
-    s_flat = student_logits.detach().reshape(-1, v)
     t_flat = teacher_logits.detach().reshape(-1, v)
     step = chunk_size or max(1, CHUNK_ELEMENTS // max(v, 1))
     out = {name: torch.zeros(b * t, dtype=torch.float32, device=device) for name in _STATISTICS}
     for start in range(0, rows.numel(), step):
         chunk = rows[start : start + step]
         stats = _token_statistics(
-            s_flat.index_select(0, chunk).float(), t_flat.index_select(0, chunk).float(), temperature=temperature, mu=mu
+            student_rows(chunk), t_flat.index_select(0, chunk).float(), temperature=temperature, mu=mu
         )
         for name, value in stats.items():
             out[name][chunk] = value

@@ -117,6 +117,18 @@ def test_no_reward_the_action_did_not_cause_dropout_on_lr_zero(tmp_path):
     assert "policy_alpha_drift" in signal and "Alpha signal" in (run_dir / "report.md").read_text()
 
 
+def test_fused_linear_path_through_arkd_train(tmp_path):
+    """trainer.fused_linear=true runs the tiny job end to end (the hidden-state check passes for GPT-2)."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "arkd-train"), "config=tiny", f"hydra.run.dir={run_dir}", *SMALL, "trainer.fused_linear=true"]
+    cmd += ["probe.interval=2", "report.enabled=false"]
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") != "validation"]
+    assert len(train) == 6 and all(r["loss"] > 0 and r["alpha_mean"] is not None for r in train)
+    assert sum(r.get("alpha_signal_slope") is not None for r in train) == 3
+
+
 def test_multirun_matrix_of_two_strategies_then_arkd_compare(tmp_path):
     """The research loop in small: a Hydra multirun of two strategies x one seed, aggregated by arkd-compare."""
     sweep = tmp_path / "sweep"

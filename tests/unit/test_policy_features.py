@@ -195,3 +195,22 @@ def test_head_and_tail_gaps_from_top_k_equal_a_full_sort(flatness):
     torch.testing.assert_close(f.tail_gap.reshape(-1), (gap * ~head).sum(-1), rtol=1e-4, atol=1e-5)
     if flatness == 0.05:
         assert int(head.sum(-1).min()) > 64  # the widened path was exercised
+
+
+def test_features_from_hidden_states_equal_the_features_of_the_full_logits():
+    from arkd.policy import compute_features_from_hidden
+
+    g = torch.Generator().manual_seed(9)
+    hidden, weight, bias = (
+        torch.randn(2, 5, 6, generator=g),
+        torch.randn(13, 6, generator=g),
+        torch.randn(13, generator=g),
+    )
+    teacher = 2 * torch.randn(2, 5, 13, generator=g)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    full = compute_features(hidden @ weight.T + bias, teacher, mask, mu=0.4)
+    light = compute_features_from_hidden(hidden, weight, teacher, mask, bias=bias, mu=0.4, chunk_size=3)
+    for name in (*FEATURE_NAMES, "todi_alpha"):
+        torch.testing.assert_close(getattr(light, name), getattr(full, name), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"must be \[V, H\]"):
+        compute_features_from_hidden(hidden, weight[:, :5], teacher, mask)

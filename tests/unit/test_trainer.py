@@ -512,3 +512,37 @@ def test_probe_works_for_every_kind_of_strategy(tiny, tmp_path):
             assert row["reward"] is None  # nothing learns here
         if name == "greedy":
             assert all(r["alpha_mean"] in (0.0, 1.0) for r in rows)
+
+
+def test_fused_linear_path_equals_the_logits_path(tiny, tmp_path):
+    """trainer.fused_linear=true: the same losses, rewards, probe slopes and weights as the logits path, with the
+    learned policy, the paired reward, the probe and a CE term (sequence granularity: per-sequence alphas). SGD:
+    Adam's g / sqrt(v) would magnify float-rounding differences of near-zero gradient entries."""
+    from arkd.policy import AlphaSignalProbe
+
+    rows, weights = {}, {}
+    for fused in (False, True):
+        trainer = _trainer(tiny, tmp_path / str(fused), batch_size=4, grad_accum=2, steps=3,
+                           strategy=LearnedPolicy(granularity="sequence", seed=0), optimizer="sgd", lr=0.5,
+                           max_grad_norm=1.0, reward=PairedReward(interval=1), probe=AlphaSignalProbe(interval=1),
+                           fused_linear=fused, ce_weight=0.5)  # fmt: skip
+        rows[fused] = [trainer.train_step() for _ in range(3)]
+        weights[fused] = {
+            n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.student).named_parameters()
+        }
+    for a, b in zip(rows[False], rows[True]):
+        for key in ("loss", "kd", "ce", "fkl", "rkl", "alpha_mean", "grad_norm", "reward", "alpha_signal_slope"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    for name in weights[False]:
+        torch.testing.assert_close(weights[True][name], weights[False][name], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_refuses_what_it_cannot_do(tiny, tmp_path):
+    from arkd.losses import ForwardKLLoss
+
+    with pytest.raises(ValueError, match="use loss=bidirectional_kl"):
+        _trainer(tiny, tmp_path / "a", batch_size=2, grad_accum=1, steps=1, loss=ForwardKLLoss(reduction="sum"),
+                 fused_linear=True)  # fmt: skip
+    with pytest.raises(ValueError, match="reward=same_batch compares"):
+        _trainer(tiny, tmp_path / "b", batch_size=2, grad_accum=1, steps=1, reward=SameBatchReward(),
+                 fused_linear=True)  # fmt: skip
