@@ -64,7 +64,8 @@ class TrainerConfig:
         max_grad_norm: gradient clipping threshold (None or <= 0: no clipping).
         kd_weight: weight of the distillation term (0 with no teacher: plain SFT).
         ce_weight: weight of the cross-entropy term on the reference responses.
-        temperature: softmax temperature of the features and rewards (the loss carries its own).
+        temperature: softmax temperature of the features, the rewards and the logged FKL / RKL (the recipe sets it
+            to the loss's ``temperature``: one temperature for a run).
         feature_mu: head mass of the AKL-style features (``compute_features(mu=)``).
         log_interval: write a ``metrics.jsonl`` row every this many steps.
         eval_interval: validate every this many steps (0: only at the end).

@@ -4,7 +4,7 @@ Reads a sweep of runs that logged the alpha-signal probe with ``probe.equal_norm
 setting, the probe slopes pooled over runs (mean, one-sample t, share of positive slopes) on the step's own batch and
 on the next batch, and the same-batch t of each seed. A positive slope favours FKL (higher alpha), a negative one RKL.
 
-    arkd-train -m config=tiny seed=0,1,2,3,4 policy=constant probe.enabled=true probe.interval=4 \\
+    arkd-train -m config=tiny data.batch_size=32 seed=0,1,2,3,4 policy=constant probe.enabled=true probe.interval=4 \\
         probe.equal_norm=false,true trainer.max_grad_norm=null hydra.sweep.dir=multirun/equal_norm_noclip
     python scripts/equal_norm_stats.py multirun/equal_norm_noclip
 """
