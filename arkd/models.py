@@ -314,3 +314,30 @@ def check_vocab(
                 "allow_different_tokenizer=True"
             )
     return v_tok
+
+
+def slice_to_vocab(model, vocab_size: int):
+    """Drop the embedding and output rows beyond ``vocab_size`` (a padded matrix), in place; return the model.
+
+    Qwen2.5 checkpoints carry 151936 rows for a 151665-token tokenizer, GPT-2 variants 50304 for 50257: the extra rows
+    never stand for a token, so dropping them is exact for the kept logits (``logits[..., :V]`` of the padded model
+    equal the sliced model's logits) and keeps the softmax, the KD losses and generation to real tokens. Tied input
+    and output embeddings stay tied (``resize_token_embeddings``); ``model.config.vocab_size`` becomes ``V``.
+
+    Args:
+        model: a ``PreTrainedModel``.
+        vocab_size: the vocabulary to keep (:func:`check_vocab`'s result, normally ``len(tokenizer)``).
+
+    Raises:
+        ValueError: the model has fewer rows than ``vocab_size``.
+    """
+    rows = model_vocab_size(model)
+    if rows < vocab_size:
+        raise ValueError(
+            f"the model's output layer has {rows} rows but {vocab_size} tokens must be kept; expected at least "
+            f"{vocab_size} rows (a model of this tokenizer)"
+        )
+    if rows > vocab_size:
+        model.resize_token_embeddings(vocab_size)
+        logger.info("vocabulary: dropped %d padded embedding rows (%d -> %d)", rows - vocab_size, rows, vocab_size)
+    return model

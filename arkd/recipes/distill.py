@@ -164,6 +164,29 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError("output_dir is not set: expected the run directory (arkd-train sets it from hydra.run.dir).")
 
 
+def _fit_vocab(teacher: Any, student: Any, tokenizer: Any) -> int:
+    """Check teacher, student and tokenizer share a vocabulary (padding aside) and drop the padded rows, so the
+    trainer's logits are ``len(tokenizer)`` wide (Qwen2.5: 151936 rows, 151665 tokens); a real mismatch is refused."""
+    from arkd.models import MAX_VOCAB_PADDING, check_vocab, model_vocab_size, slice_to_vocab
+
+    v_tok = len(tokenizer)
+    try:
+        if teacher is not None:
+            vocab = check_vocab(teacher, student, tokenizer)
+            slice_to_vocab(teacher, vocab)
+        else:
+            vocab, rows = v_tok, model_vocab_size(student)
+            if not v_tok <= rows <= v_tok + MAX_VOCAB_PADDING:
+                raise ValueError(
+                    f"the student's output layer has {rows} rows but the tokenizer has {v_tok} tokens; expected "
+                    f"between {v_tok} and {v_tok + MAX_VOCAB_PADDING} rows (a model of this tokenizer)"
+                )
+        slice_to_vocab(student, vocab)
+    except ValueError as err:
+        raise ConfigError(f"{err}.") from None
+    return vocab
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     """Rank 0's run directory, on every process (ranks may resolve ``${now:...}`` a second apart)."""
     from arkd.distributed import broadcast_object
@@ -251,10 +274,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student, student_source = prepared("student", cfg.model, cfg.init_sft.student)
     else:
         student, student_source = build_model(cfg.model, tokenizer), None
-    if teacher is not None:
-        from arkd.models import check_vocab
-
-        check_vocab(teacher, student, tokenizer)
+    _fit_vocab(teacher, student, tokenizer)
 
     # Strategy, loss, optimizer, schedule.
     loss = instantiate(cfg.loss) if cfg.loss is not None else None

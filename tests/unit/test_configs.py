@@ -40,6 +40,63 @@ def local_gpt2(tmp_path_factory) -> Path:
     return out
 
 
+def _tiny_hub_model(family: str, vocab_size: int, seed: int = 0):
+    """A random-init Qwen2 / Llama causal LM of the real families' classes, built from config (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[
+        family
+    ]
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,  # as Qwen2.5-0.5B/1.5B and Llama-3.2-1B/3B
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config)
+
+
+def _save_hub_like(out: Path, family: str, vocab_size: int, tokenizer) -> Path:
+    from arkd.models import save_pretrained
+
+    return save_pretrained(_tiny_hub_model(family, vocab_size), tokenizer, out)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from arkd.models import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(vocab_size=300, corpus_size=200)
+
+
+@pytest.fixture(scope="module")
+def local_families(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """Tiny Qwen2 and Llama checkpoints with arkd's tiny tokenizer, saved like Hub checkpoints: the Qwen2 one pads
+    its embedding beyond the tokenizer (as Qwen2.5 pads 151665 tokens to 151936 rows), the Llama one does not."""
+    out = tmp_path_factory.mktemp("local_families")
+    v = len(tiny_tokenizer)
+    return {
+        "qwen2": _save_hub_like(out / "qwen2", "qwen2", v + 84, tiny_tokenizer),
+        "llama": _save_hub_like(out / "llama", "llama", v, tiny_tokenizer),
+    }
+
+
+FAMILY_OF = {"qwen2.5_": ("qwen2", "Qwen2ForCausalLM"), "llama3.2_": ("llama", "LlamaForCausalLM")}
+
+
+def _family(name: str) -> tuple[str, str] | None:
+    return next((family for prefix, family in FAMILY_OF.items() if name.startswith(prefix)), None)
+
+
 @pytest.fixture(scope="module")
 def dolly_like(tmp_path_factory) -> dict[str, Path]:
     """Three small JSONL files in the MiniLLM schema standing in for the Dolly pool, validation and test sets."""
@@ -91,7 +148,7 @@ def test_size_experiments_share_a_base():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(name, local_gpt2, dolly_like):
+def test_experiment_composes_and_instantiates(name, local_gpt2, local_families, dolly_like):
     overrides = [f"config={name}", "output_dir=unused"]
     cfg = _compose(*overrides)
     if cfg.data.splits._target_ != "arkd.data.synthetic.synthetic_splits":  # Dolly: offline stand-ins
@@ -101,10 +158,12 @@ def test_experiment_composes_and_instantiates(name, local_gpt2, dolly_like):
             f"data.splits.validation.source={dolly_like['validation']}",
             f"data.splits.test.source={dolly_like['test']}",
         ]
-    if cfg.tokenizer._target_ == "arkd.models.load_tokenizer":
-        overrides += [f"tokenizer.name_or_path={local_gpt2}", f"model.name_or_path={local_gpt2}"]
+    family = _family(name)
+    if cfg.tokenizer._target_ == "arkd.models.load_tokenizer":  # Hub names: tiny models of the same family
+        local = local_families[family[0]] if family else local_gpt2
+        overrides += [f"tokenizer.name_or_path={local}", f"model.name_or_path={local}"]
         if cfg.teacher is not None:
-            overrides.append(f"teacher.name_or_path={local_gpt2}")
+            overrides.append(f"teacher.name_or_path={local}")
     if name == "tiny":
         overrides += ["data.splits.n_train=50"]
     cfg = _compose(*overrides)
@@ -115,8 +174,13 @@ def test_experiment_composes_and_instantiates(name, local_gpt2, dolly_like):
     assert splits["train"] and splits["validation"] and splits["test"]
     student = build_model(cfg.model, tokenizer)
     assert student(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] >= len(tokenizer)
+    if family is not None:
+        assert type(student).__name__ == family[1]
     if cfg.teacher is not None:
-        assert build_model(cfg.teacher, tokenizer) is not None
+        teacher = build_model(cfg.teacher, tokenizer)
+        assert teacher is not None
+        if family is not None:
+            assert type(teacher).__name__ == family[1]
     if cfg.loss is not None:
         loss = instantiate(cfg.loss)
         assert loss.reduction == "sum"
@@ -254,3 +318,102 @@ def test_one_temperature_from_the_loss():
     assert trainer_config(cfg, output_dir="x").temperature == 2.0
     assert "temperature" not in _compose("config=tiny").trainer
     assert "nothing reads this key" in check_overrides(["config=tiny", "+trainer.temperature=2.0"])
+
+
+def test_todays_model_pairs_name_the_hub_models():
+    qwen = _compose("config=qwen2.5_0.5b")
+    assert (qwen.model.name_or_path, qwen.teacher.name_or_path) == ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B")
+    assert qwen.tokenizer.name_or_path.startswith("Qwen/Qwen2.5-")
+    llama = _compose("config=llama3.2_1b")
+    assert (llama.model.name_or_path, llama.teacher.name_or_path) == (
+        "meta-llama/Llama-3.2-1B",
+        "meta-llama/Llama-3.2-3B",
+    )
+    for cfg in (qwen, llama):
+        assert cfg.model._target_ == cfg.teacher._target_ == "arkd.models.load_model"
+        assert cfg.trainer.fused_linear and cfg.loss._target_ == "arkd.losses.BidirectionalKLLoss"
+        assert cfg.data.splits.train.source == "databricks/databricks-dolly-15k"  # the base's Dolly pool
+    text = " ".join((CONFIG_DIR / "config" / f"{n}.yaml").read_text() for n in ("qwen2.5_0.5b", "llama3.2_1b"))
+    assert "- /base/dolly_kd" in text and text.count("no published figure checked") == 2
+
+
+def _pair_run_overrides(name: str, tokenizer_dir: Path, student: Path, teacher: Path, dolly_like, out: Path):
+    return [
+        f"config={name}",
+        f"output_dir={out}",
+        f"tokenizer.name_or_path={tokenizer_dir}",
+        f"model.name_or_path={student}",
+        f"teacher.name_or_path={teacher}",
+        f"data.splits.train.source={dolly_like['train']}",
+        "data.splits.train.format=auto",
+        f"data.splits.validation.source={dolly_like['validation']}",
+        f"data.splits.test.source={dolly_like['test']}",
+        "data.batch_size=4",
+        "data.max_length=192",
+        "data.max_prompt_length=160",
+        "data.group_by_length=null",
+        "trainer.precision=fp32",
+        "trainer.cpu=true",
+        "trainer.max_steps=2",
+        "trainer.grad_accum=1",
+        "trainer.warmup_steps=0",
+        "trainer.eval_interval=0",
+        "trainer.save_interval=0",
+        "trainer.log_interval=1",
+        "trainer.progress=false",
+        "validation.subset=2",
+        "validation.max_new_tokens=2",
+        "report.enabled=false",
+    ]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5_0.5b", "llama3.2_1b"])
+def test_padded_vocabulary_is_sliced_at_start(name, tmp_path, tiny_tokenizer, dolly_like):
+    """Teacher and student padded differently beyond the tokenizer (the trainer's losses refuse logits of unequal
+    widths): the run keeps len(tokenizer) logits of each, exactly the padded models' first columns."""
+    from arkd.models import load_model
+    from arkd.run_log import read_metrics
+
+    family = _family(name)[0]
+    v = len(tiny_tokenizer)
+    student = _save_hub_like(tmp_path / "student", family, v + 28, tiny_tokenizer)  # 128-row multiple, say
+    teacher = _save_hub_like(tmp_path / "teacher", family, v + 84, tiny_tokenizer)
+    summary = run(_compose(*_pair_run_overrides(name, student, student, teacher, dolly_like, tmp_path / "run")))
+    assert summary["steps"] == 2
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("split") != "validation"]
+    assert [r["step"] for r in rows if "loss" in r][-1] == 2 and all(
+        torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r
+    )
+
+    final = load_model(tmp_path / "run" / "final")
+    assert final.config.vocab_size == v and final.get_output_embeddings().weight.shape[0] == v
+    assert type(final).__name__ == _family(name)[1]
+
+    # The slice is exact: the padded model's first V logits are the sliced model's logits.
+    from arkd.models import slice_to_vocab
+
+    padded = load_model(teacher)
+    ids = torch.tensor([[1, 5, 9, 40]])
+    with torch.no_grad():
+        full = padded(input_ids=ids).logits
+        sliced = slice_to_vocab(padded, v)(input_ids=ids).logits
+    assert full.shape[-1] == v + 84 and sliced.shape[-1] == v
+    torch.testing.assert_close(sliced, full[..., :v], rtol=0, atol=0)
+    assert padded.get_output_embeddings().weight is padded.get_input_embeddings().weight  # still tied
+
+
+def test_vocabulary_mismatch_is_refused_in_one_sentence(tmp_path, tiny_tokenizer, dolly_like):
+    v = len(tiny_tokenizer)
+    student = _save_hub_like(tmp_path / "student", "qwen2", v + 84, tiny_tokenizer)
+    teacher = _save_hub_like(tmp_path / "teacher", "qwen2", v + 2000, tiny_tokenizer)  # another tokenizer's model
+    overrides = _pair_run_overrides("qwen2.5_0.5b", student, student, teacher, dolly_like, tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        run(_compose(*overrides))
+    message = str(err.value)
+    assert f"teacher vocabulary size {v + 2000}" in message and f"tokenizer's {v} tokens" in message
+    assert "\n" not in message and message.count(". ") == 0 and message.endswith(".")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
+
+    small = _save_hub_like(tmp_path / "small", "qwen2", v - 10, tiny_tokenizer)  # fewer rows than tokens
+    with pytest.raises(ConfigError, match=rf"student vocabulary size {v - 10}"):
+        run(_compose(*_pair_run_overrides("qwen2.5_0.5b", student, small, student, dolly_like, tmp_path / "r2")))
