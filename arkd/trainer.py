@@ -1079,6 +1079,7 @@ class Trainer:
             [p[1] for p in parts],
             [p[2] for p in parts],
             lambda s, t, m: token_alignment(s, t, m, temperature=temperature),
+            from_hidden=self.cfg.fused_linear,
         )
 
     def _paired_reward(

@@ -17,6 +17,7 @@ each variant is the median over rounds; the script prints each ``variant / const
 most 1.10 (aim 1.05).
 
     python scripts/bench_step.py                       # the tiny job's models (CPU)
+    python scripts/bench_step.py --memory 50257 151936  # peak memory of a step: logits vs trainer.fused_linear
     python scripts/bench_step.py --device cuda --teacher-layers 12 --teacher-width 768 --batch-size 16
 """
 
@@ -92,6 +93,69 @@ def timed(trainer, steps: int, device: str, clock: str = "wall") -> float:
     return (now() - start) / steps
 
 
+def _memory_child(vocab: int, fused: bool, learned: bool, args: argparse.Namespace) -> dict:
+    """Peak resident memory of two training steps above the memory before the first step, at vocabulary ``vocab``,
+    with the logits path or ``fused_linear``; ``learned``: the learned policy with the paired reward and the probe
+    every step (their no-grad previews run full-logits forwards), else constant alpha."""
+    import resource
+    import tempfile
+
+    from accelerate import Accelerator
+
+    from arkd.data import TokenizedDataset, TrainingCollator, build_dataloader, synthetic_splits
+    from arkd.losses import BidirectionalKLLoss
+    from arkd.models import build_tiny_model, build_tiny_tokenizer
+    from arkd.policy import AlphaSignalProbe, ConstantAlpha, LearnedPolicy
+    from arkd.reward import PairedReward
+    from arkd.trainer import BatchStream, Trainer, TrainerConfig
+
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tiny_tokenizer(vocab_size=512, corpus_size=2000, seed=0)
+    rows = synthetic_splits(400, 8, 8, seed=0)["train"]
+    dataset = TokenizedDataset(rows, tokenizer, max_prompt_length=96, max_length=128)
+    loader = build_dataloader(dataset, batch_size=args.batch_size, collate_fn=TrainingCollator(tokenizer.pad_token_id),
+                              seed=0, rank=0, world_size=1, drop_last=True)  # fmt: skip
+    width = args.memory_width
+    student = build_tiny_model(vocab, n_layer=2, n_embd=width, n_head=width // 32, n_positions=128, seed=2)
+    teacher = build_tiny_model(vocab, n_layer=2, n_embd=width, n_head=width // 32, n_positions=128, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(
+            student=student, teacher=teacher, tokenizer=tokenizer, batches=BatchStream(loader),
+            strategy=LearnedPolicy() if learned else ConstantAlpha(), loss=BidirectionalKLLoss(reduction="sum"),
+            optimizer=torch.optim.AdamW(student.parameters(), lr=1e-3), scheduler=None,
+            accelerator=Accelerator(cpu=True), reward=PairedReward(interval=1) if learned else None,
+            probe=AlphaSignalProbe(interval=1) if learned else None,
+            config=TrainerConfig(max_steps=10, log_interval=10**9, output_dir=tmp, progress=False, fused_linear=fused),
+        )  # fmt: skip
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(2):
+            trainer.train_step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tokens = args.batch_size * 127
+    extra = round((peak - before) / 1024, 1)
+    return {"vocab": vocab, "fused_linear": fused, "learned": learned, "extra_mib": extra, "tokens": tokens}
+
+
+def memory(args: argparse.Namespace) -> None:
+    import subprocess
+    import sys
+
+    results = []
+    for vocab, learned, fused in ((v, w, f) for v in args.memory for w in (False, True) for f in (False, True)):
+        if True:
+            cmd = [sys.executable, __file__, "--memory-child", str(vocab), str(int(fused)), str(int(learned)),
+                   "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                   "--memory-width", str(args.memory_width)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            results.append(json.loads(out))
+            r = results[-1]
+            path = "fused_linear" if fused else "logits"
+            what = "learned + reward + probe" if learned else "constant alpha"
+            print(f"V = {vocab:>6}, {what:>24}, {path:>12}: +{r['extra_mib']:8.1f} MiB peak ({r['tokens']} positions)")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -113,7 +177,25 @@ def main() -> None:
         choices=["wall", "process"],
         help="wall clock, or this process's CPU time (default: process on the CPU with one thread, wall otherwise)",
     )
+    parser.add_argument(
+        "--memory",
+        type=int,
+        nargs="*",
+        default=None,
+        help="measure the peak memory of a step at these vocabulary sizes instead of timing",
+    )
+    parser.add_argument("--memory-width", type=int, default=256, help="hidden size of the --memory models")
+    parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child is not None:
+        vocab, fused, learned = (int(x) for x in args.memory_child)
+        print(json.dumps(_memory_child(vocab, bool(fused), bool(learned), args)))
+        return
+    if args.memory:
+        if args.batch_size == 32:
+            args.batch_size = 8
+        memory(args)
+        return
     if args.clock is None:
         args.clock = "process" if args.device == "cpu" and args.threads == 1 else "wall"
     torch.set_num_threads(args.threads)

@@ -74,14 +74,21 @@ def adam_step_preview(optimizer: torch.optim.Optimizer) -> UpdateFn:
             elif weight_decay:
                 g = g + weight_decay * theta.detach().float()
             step = float(state["step"]) + 1 if "step" in state else 1.0
-            exp_avg = state["exp_avg"].float() if "exp_avg" in state else torch.zeros_like(p)
-            exp_avg_sq = state["exp_avg_sq"].float() if "exp_avg_sq" in state else torch.zeros_like(p)
-            m = beta1 * exp_avg + (1 - beta1) * g
-            v = beta2 * exp_avg_sq + (1 - beta2) * g * g
-            if group.get("amsgrad", False):
-                v = torch.maximum(state["max_exp_avg_sq"].float(), v) if "max_exp_avg_sq" in state else v
-            denom = v.sqrt() / math.sqrt(1 - beta2**step) + eps
-            out[name] = (p - (lr / (1 - beta1**step)) * m / denom).to(theta.dtype)
+            # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, each one new tensor (the rest in place): a preview's
+            # transient memory is a few copies of the largest parameter, not of the model
+            m = g.mul(1 - beta1)
+            if "exp_avg" in state:
+                m.add_(state["exp_avg"].float(), alpha=beta1)
+            v = g.mul(g).mul_(1 - beta2)
+            if "exp_avg_sq" in state:
+                v.add_(state["exp_avg_sq"].float(), alpha=beta2)
+            if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
+                torch.maximum(state["max_exp_avg_sq"].float(), v, out=v)
+            denom = v.sqrt_().div_(math.sqrt(1 - beta2**step)).add_(eps)
+            update = m.div_(denom).mul_(lr / (1 - beta1**step))
+            del v, denom
+            out[name] = (p - update).to(theta.dtype)
+            del m, update
         return out
 
     return preview
@@ -150,39 +157,69 @@ class StepPreview:
     def alpha_mean(self) -> float:
         return float(self.alpha.float().mean())
 
-    def gradient(self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None) -> Params:
-        """``g(alpha + delta) (+ offset)``, before clipping (and rescaled to ``|g(alpha)|`` with ``equal_norm``)."""
+    def _combined(self, name: str, delta: float, offset: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        value = self.grad[name]
+        if delta != 0.0 and name in self.direction:
+            value = value + delta * self.direction[name]
+        if offset is not None and name in offset:
+            value = value + offset[name]
+        return value
+
+    def _norm(self, delta: float, offset: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """The global L2 norm of ``g(alpha + delta) (+ offset)``, one parameter at a time."""
+        squares = [self._combined(n, delta, offset).float().pow(2).sum() for n in self.grad]
+        return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+    def scale(self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The factor the candidate's gradient is multiplied by: ``equal_norm``'s rescaling to ``|g(alpha)|``, then
+        ``torch.nn.utils.clip_grad_norm_``'s rule ``min(1, max_norm / (norm + 1e-6))``."""
+        shifted = delta != 0.0 or offset is not None
         if delta != 0.0 and self.direction is None:
             raise RuntimeError("StepPreview.gradient: a shift needs the direction dg/dalpha, which was not computed")
-        out: Params = {}
-        for name, g in self.grad.items():
-            value = g
-            if delta != 0.0 and name in self.direction:
-                value = value + delta * self.direction[name]
-            if offset is not None and name in offset:
-                value = value + offset[name]
-            out[name] = value
-        if self.equal_norm and (delta != 0.0 or offset is not None):
-            if self._grad_norm is None:
-                self._grad_norm = global_norm(self.grad)
-            norm = global_norm(out)
-            if float(norm) > 0:
-                factor = self._grad_norm / norm
-                out = {name: value * factor for name, value in out.items()}
-        return out
+        if not self.grad:
+            return torch.ones(())
+        norm = self._norm(delta, offset) if shifted else self._base_norm()
+        factor = torch.ones(())
+        if self.equal_norm and shifted and float(norm) > 0:
+            factor = self._base_norm() / norm
+            norm = self._base_norm()
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            factor = factor * torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        return factor
 
-    def clipped(self, grads: Mapping[str, torch.Tensor]) -> Params:
-        """``torch.nn.utils.clip_grad_norm_``'s rule: scale by ``min(1, max_norm / (norm + 1e-6))``."""
-        if not self.max_grad_norm or self.max_grad_norm <= 0 or not grads:
-            return dict(grads)
-        scale = torch.clamp(self.max_grad_norm / (global_norm(grads) + 1e-6), max=1.0)
-        return {name: g * scale.to(g.dtype) for name, g in grads.items()}
+    def _base_norm(self) -> torch.Tensor:
+        if self._grad_norm is None:
+            self._grad_norm = global_norm(self.grad)
+        return self._grad_norm
+
+    def gradient(self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None) -> Params:
+        """The candidate's gradient after ``equal_norm`` and clipping, as a dict (one tensor per parameter)."""
+        return dict(_LazyGradients(self, delta, offset).items())
 
     @torch.no_grad()
     def params_at(self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None) -> Params:
-        """Every trainable parameter after the previewed step (parameters without a gradient stay)."""
-        moved = self.update(self.params, self.clipped(self.gradient(delta, offset)))
+        """Every trainable parameter after the previewed step (parameters without a gradient stay). The candidate's
+        gradient is built one parameter at a time as the optimiser's update reads it."""
+        moved = self.update(self.params, _LazyGradients(self, delta, offset))
         return {name: moved.get(name, theta.detach()) for name, theta in self.params.items()}
+
+
+class _LazyGradients(Mapping):
+    """``name -> (g + delta d + offset) * scale``, computed when read (never all at once)."""
+
+    def __init__(self, preview: StepPreview, delta: float, offset: Mapping[str, torch.Tensor] | None) -> None:
+        self.preview, self.delta, self.offset = preview, float(delta), offset
+        self.factor = preview.scale(self.delta, offset)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self.preview._combined(name, self.delta, self.offset)
+        return value * self.factor.to(value.dtype) if float(self.factor) != 1.0 else value
+
+    def __iter__(self):
+        return iter(self.preview.grad)
+
+    def __len__(self) -> int:
+        return len(self.preview.grad)
 
 
 class BatchScorer:
@@ -195,6 +232,10 @@ class BatchScorer:
         masks: the shifted counted-token masks ``[B, T-1]`` of each batch.
         alignment: ``(student_logits, teacher_logits, mask) -> per-token D [B, T-1]`` (``arkd.reward.token_alignment``
             at the run's temperature).
+        from_hidden: memory-light scoring (``trainer.fused_linear``): the forward keeps the last position's logits
+            only, and D is computed from the final hidden states and the output layer's (previewed) weight,
+            ``chunk_rows`` counted rows of logits at a time, so no ``[B, T, V]`` student logits are built.
+        chunk_rows: rows per chunk with ``from_hidden`` (None: about 2^22 logit entries per chunk).
     """
 
     def __init__(
@@ -204,7 +245,19 @@ class BatchScorer:
         teacher_logits: Sequence[torch.Tensor],
         masks: Sequence[torch.Tensor],
         alignment: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        from_hidden: bool = False,
+        chunk_rows: int | None = None,
     ) -> None:
+        self.from_hidden = bool(from_hidden)
+        self.chunk_rows = chunk_rows
+        if self.from_hidden:
+            layer = model.get_output_embeddings()
+            names = {id(p): n for n, p in model.named_parameters()}  # the names the previews use (tied: once)
+            self._weight_names = [names.get(id(layer.weight))]
+            bias = getattr(layer, "bias", None)
+            self._bias_name = names.get(id(bias)) if bias is not None else None
+            self._layer = layer
         self.model = model
         self.inputs = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
         self.teacher_logits = list(teacher_logits)
@@ -222,6 +275,10 @@ class BatchScorer:
         try:
             total = torch.zeros(2, dtype=torch.float64)
             for inputs, t, m in zip(self.inputs, self.teacher_logits, self.masks):
+                if self.from_hidden:
+                    total += self._hidden_sums(params, inputs, t, m)
+                    self.forwards += 1
+                    continue
                 if params is None:
                     logits = self.model(**inputs).logits
                 else:
@@ -233,6 +290,29 @@ class BatchScorer:
             self.model.train(was_training)
         total = pdist.all_reduce_sum(total)
         return float(total[0] / total[1].clamp_min(1))
+
+    def _hidden_sums(self, params, inputs, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``[sum of D, counted tokens]`` of one batch from the final hidden states, a chunk of rows at a time."""
+        from torch.func import functional_call
+
+        kwargs = {**inputs, "output_hidden_states": True, "logits_to_keep": 1}
+        if params is None:
+            out = self.model(**kwargs)
+        else:
+            out = functional_call(self.model, dict(params), args=(), kwargs=kwargs)
+        hidden = out.hidden_states[-1][:, :-1][m]
+        weight = self._layer.weight
+        bias = getattr(self._layer, "bias", None)
+        if params is not None:
+            weight = params.get(self._weight_names[0], weight) if self._weight_names[0] else weight
+            bias = params.get(self._bias_name, bias) if self._bias_name else bias
+        rows = t[m]
+        step = self.chunk_rows or max(1, (1 << 22) // max(rows.shape[-1], 1))
+        d_sum = torch.zeros((), dtype=torch.float64)
+        for start in range(0, rows.shape[0], step):
+            logits = torch.nn.functional.linear(hidden[start : start + step], weight, bias)
+            d_sum += self.alignment(logits[None], rows[start : start + step][None], None).double().sum().cpu()
+        return torch.stack([d_sum, m.sum().double().cpu()])
 
 
 def improvement(scorer: BatchScorer, preview: StepPreview, deltas: Sequence[float], base: float | None = None):
