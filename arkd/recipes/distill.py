@@ -401,14 +401,15 @@ def _build_probe(cfg: DictConfig, strategy: Any) -> Any:
 
 
 def _student_before(cfg: DictConfig, tokenizer: Any, source: Path | None) -> torch.nn.Module:
-    if source is not None:
-        from arkd.models import load_model
+    """The student as it was before training, rebuilt for the report, its padded rows dropped as at the start."""
+    from arkd.models import load_model, slice_to_vocab
 
-        return load_model(source)
+    if source is not None:
+        return slice_to_vocab(load_model(source), len(tokenizer))
     from accelerate.utils import set_seed
 
     set_seed(int(cfg.seed))
-    return build_model(cfg.model, tokenizer)
+    return slice_to_vocab(build_model(cfg.model, tokenizer), len(tokenizer))
 
 
 def _checkpoint_step(path: Path | None) -> int:

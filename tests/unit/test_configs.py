@@ -402,6 +402,29 @@ def test_padded_vocabulary_is_sliced_at_start(name, tmp_path, tiny_tokenizer, do
     assert padded.get_output_embeddings().weight is padded.get_input_embeddings().weight  # still tied
 
 
+def test_report_evaluates_every_model_on_the_tokenizers_vocabulary(tmp_path, tiny_tokenizer, dolly_like, monkeypatch):
+    # The final report rebuilds the student before training from its config: padded rows dropped there too.
+    import arkd.report
+
+    v = len(tiny_tokenizer)
+    student = _save_hub_like(tmp_path / "student", "qwen2", v + 28, tiny_tokenizer)
+    teacher = _save_hub_like(tmp_path / "teacher", "qwen2", v + 84, tiny_tokenizer)
+    widths: dict[str, int] = {}
+    original = arkd.report._evaluate
+
+    def record(model, tokenizer, examples, cfg, label):
+        with torch.no_grad():
+            widths[label] = model(input_ids=torch.tensor([[1, 2]], device=model.device)).logits.shape[-1]
+        return original(model, tokenizer, examples, cfg, label)
+
+    monkeypatch.setattr(arkd.report, "_evaluate", record)
+    overrides = _pair_run_overrides("qwen2.5_0.5b", student, student, teacher, dolly_like, tmp_path / "run")
+    overrides = [o for o in overrides if o != "report.enabled=false"]
+    overrides += ["report.enabled=true", "report.seeds=[10]", "report.subset=2", "report.max_new_tokens=2"]
+    run(_compose(*overrides))
+    assert len(widths) == 3 and set(widths.values()) == {v}, widths
+
+
 def test_vocabulary_mismatch_is_refused_in_one_sentence(tmp_path, tiny_tokenizer, dolly_like):
     v = len(tiny_tokenizer)
     student = _save_hub_like(tmp_path / "student", "qwen2", v + 84, tiny_tokenizer)
