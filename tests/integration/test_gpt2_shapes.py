@@ -27,7 +27,7 @@ GPT2_VOCAB = 50257
 
 @pytest.fixture(autouse=True)
 def _only_with_m_slow(request):
-    # ~3 min and 9 GB (peak RSS) on a busy 2-core CPU: only when slow tests are asked for (`pytest -m slow`).
+    # 1-3 min and 9 GB (peak RSS) on a busy 2-core CPU: only when slow tests are asked for (`pytest -m slow`).
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("GPT-2 124M on the CPU; run with `pytest -m slow`")
 
