@@ -22,6 +22,18 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
+def check_alpha(alpha: object) -> None:
+    """A float alpha must be in [0, 1]; a tensor alpha must hold only values in [0, 1] (NaN refused too)."""
+    if not isinstance(alpha, torch.Tensor):
+        check_unit_interval("alpha", alpha)
+        return
+    values = alpha.detach()
+    bad = ~((values >= 0) & (values <= 1))  # NaN is neither
+    if bool(bad.any()):
+        first = float(values[bad].reshape(-1)[0])
+        raise ValueError(f"alpha must hold values in [0, 1]; the tensor holds {first!r} ({int(bad.sum())} entries out)")
+
+
 def check_unit_interval(name: str, value: float, *, open_low: bool = False, open_high: bool = False) -> None:
     """Raise a ``ValueError`` unless ``value`` is a number in [0, 1] (ends excluded where asked)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):

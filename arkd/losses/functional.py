@@ -26,6 +26,7 @@ import torch
 
 from ._base import (
     broadcast_token_weight,
+    check_alpha,
     check_logits,
     check_reduction,
     check_temperature,
@@ -216,8 +217,7 @@ def bidirectional_kl(
     check_reduction(reduction)
     check_temperature(temperature)
     mask = check_logits(student_logits, teacher_logits, mask)
-    if not torch.is_tensor(alpha):
-        check_unit_interval("alpha", alpha)
+    check_alpha(alpha)
     loss, fkl, rkl = bidirectional_kl_fast(
         student_logits, teacher_logits, mask, alpha, temperature, chunk_size, compiled
     )

@@ -50,7 +50,7 @@ import warnings
 
 import torch
 
-from ._base import broadcast_token_weight, check_reduction, check_temperature, compute_dtype
+from ._base import broadcast_token_weight, check_alpha, check_reduction, check_temperature, compute_dtype
 
 CPU_CHUNK_ELEMENTS = 2**24
 """CPU default: chunks of 16M entries (333 tokens at V = 50257; four reusable float32 buffers of 64 MiB each).
@@ -936,6 +936,7 @@ def fused_linear_bidirectional_kl(
     _check_compiled(compiled)
     check_temperature(temperature)
     check_reduction(reduction)
+    check_alpha(alpha)
     if reduction == "none":
         raise ValueError('fused_linear_bidirectional_kl supports reduction "sum" or "mean", not "none"')
     if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:

@@ -544,3 +544,17 @@ def test_import_pulls_no_heavy_frameworks():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_tensor_alpha_outside_the_unit_interval_is_refused_like_a_float():
+    from arkd.losses import bidirectional_kl, fused_linear_bidirectional_kl
+
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    for bad in (torch.tensor(1.5), torch.tensor([0.2, -0.1]), torch.tensor([[0.5, float("nan"), 0.5]] * 2)):
+        with pytest.raises(ValueError, match=r"alpha must hold values in \[0, 1\]"):
+            bidirectional_kl(s, t, alpha=bad)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        bidirectional_kl(s, t, alpha=1.5)
+    with pytest.raises(ValueError, match=r"alpha must hold values in \[0, 1\]"):
+        fused_linear_bidirectional_kl(torch.randn(2, 3, 4), torch.randn(5, 4), t, alpha=torch.tensor(2.0))
+    assert torch.isfinite(bidirectional_kl(s, t, alpha=torch.tensor([0.0, 1.0])))
