@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 
@@ -315,20 +314,6 @@ class BatchScorer:
         return torch.stack([d_sum, m.sum().double().cpu()])
 
 
-def improvement(scorer: BatchScorer, preview: StepPreview, deltas: Sequence[float], base: float | None = None):
-    """``D(theta) - D(theta'(alpha + delta))`` for each delta, and ``D(theta)`` (computed unless ``base`` is given)."""
-    base = scorer() if base is None else base
-    return [base - scorer(preview.params_at(delta)) for delta in deltas], base
-
-
 def as_params(model: torch.nn.Module) -> Params:
     """Name -> trainable parameter of ``model``."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def describe(preview: StepPreview) -> dict[str, Any]:
-    """A few numbers about a preview, for logs: the norms of ``g`` and of the direction."""
-    out = {"grad_norm": float(global_norm(preview.grad))}
-    if preview.direction is not None:
-        out["direction_norm"] = float(global_norm(preview.direction))
-    return out
