@@ -19,13 +19,11 @@ import argparse
 import json
 from pathlib import Path
 
+from arkd.run_log import read_metrics
+
 
 def _rows(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return [r for r in rows if r.get("split", "train") == "train"]
+    return [r for r in read_metrics(path) if r.get("split", "train") == "train"]
 
 
 def summarize_run(run: Path) -> dict | None:

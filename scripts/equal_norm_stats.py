@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-
-def _t(values: list[float]) -> float:
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean / (sd / math.sqrt(n)) if sd > 0 else math.copysign(math.inf, mean)
+from arkd.policy.probe import t_value
+from arkd.run_log import read_metrics
 
 
 def main() -> None:
@@ -31,7 +26,7 @@ def main() -> None:
     runs: dict[tuple[int, bool], tuple[list[float], list[float]]] = {}
     for report in sorted(args.sweep.rglob("report.json")):
         cfg = json.loads(report.read_text())["config"]
-        rows = [json.loads(line) for line in (report.parent / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(report.parent / "metrics.jsonl")
         rows = [r for r in rows if r.get("split", "train") == "train" and r.get("alpha_signal_slope") is not None]
         same = [r["alpha_signal_slope_same"] for r in rows]
         runs[(cfg["seed"], bool(cfg["probe"]["equal_norm"]))] = (same, [r["alpha_signal_slope"] for r in rows])
@@ -44,11 +39,12 @@ def main() -> None:
         same = [x for a, _ in chosen.values() for x in a]
         nxt = [x for _, b in chosen.values() for x in b]
         print(
-            f"equal_norm={setting}: {len(same)} probes; same batch mean {sum(same) / len(same):+.2e} t {_t(same):+.2f} "
-            f"share>0 {sum(v > 0 for v in same) / len(same):.2f}; next batch mean {sum(nxt) / len(nxt):+.2e} "
-            f"t {_t(nxt):+.2f} share>0 {sum(v > 0 for v in nxt) / len(nxt):.2f}"
+            f"equal_norm={setting}: {len(same)} probes; same batch mean {sum(same) / len(same):+.2e} "
+            f"t {t_value(same):+.2f} share>0 {sum(v > 0 for v in same) / len(same):.2f}; "
+            f"next batch mean {sum(nxt) / len(nxt):+.2e} "
+            f"t {t_value(nxt):+.2f} share>0 {sum(v > 0 for v in nxt) / len(nxt):.2f}"
         )
-        print("   per seed same-batch t:", [round(_t(a), 2) for a, _ in chosen.values()])
+        print("   per seed same-batch t:", [round(t_value(a), 2) for a, _ in chosen.values()])
 
 
 if __name__ == "__main__":
