@@ -113,8 +113,9 @@ def _memory_child(vocab: int, fused: bool, learned: bool, args: argparse.Namespa
     tokenizer = build_tiny_tokenizer(vocab_size=512, corpus_size=2000, seed=0)
     rows = synthetic_splits(400, 8, 8, seed=0)["train"]
     dataset = TokenizedDataset(rows, tokenizer, max_prompt_length=96, max_length=128)
-    loader = build_dataloader(dataset, batch_size=args.batch_size, collate_fn=TrainingCollator(tokenizer.pad_token_id),
-                              seed=0, rank=0, world_size=1, drop_last=True)  # fmt: skip
+    collate = TrainingCollator(tokenizer.pad_token_id)
+    loader = build_dataloader(dataset, batch_size=args.memory_batch_size, collate_fn=collate, seed=0, rank=0,
+                              world_size=1, drop_last=True)  # fmt: skip
     width = args.memory_width
     student = build_tiny_model(vocab, n_layer=2, n_embd=width, n_head=width // 32, n_positions=128, seed=2)
     teacher = build_tiny_model(vocab, n_layer=2, n_embd=width, n_head=width // 32, n_positions=128, seed=1)
@@ -131,7 +132,7 @@ def _memory_child(vocab: int, fused: bool, learned: bool, args: argparse.Namespa
         for _ in range(2):
             trainer.train_step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tokens = args.batch_size * 127
+    tokens = args.memory_batch_size * 127
     extra = round((peak - before) / 1024, 1)
     return {"vocab": vocab, "fused_linear": fused, "learned": learned, "extra_mib": extra, "tokens": tokens}
 
@@ -144,7 +145,7 @@ def memory(args: argparse.Namespace) -> None:
     for vocab, learned, fused in ((v, w, f) for v in args.memory for w in (False, True) for f in (False, True)):
         if True:
             cmd = [sys.executable, __file__, "--memory-child", str(vocab), str(int(fused)), str(int(learned)),
-                   "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                   "--memory-batch-size", str(args.memory_batch_size), "--threads", str(args.threads),
                    "--memory-width", str(args.memory_width)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results.append(json.loads(out))
@@ -185,6 +186,7 @@ def main() -> None:
         help="measure the peak memory of a step at these vocabulary sizes instead of timing",
     )
     parser.add_argument("--memory-width", type=int, default=256, help="hidden size of the --memory models")
+    parser.add_argument("--memory-batch-size", type=int, default=8, help="batch size of the --memory steps")
     parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -192,8 +194,6 @@ def main() -> None:
         print(json.dumps(_memory_child(vocab, bool(fused), bool(learned), args)))
         return
     if args.memory:
-        if args.batch_size == 32:
-            args.batch_size = 8
         memory(args)
         return
     if args.clock is None:
