@@ -131,6 +131,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "data.max_prompt_length": _int(1),
     "data.max_length": _int(2),
     "data.group_by_length": _nullable(_int(1)),
+    "data.packing": _bool(),
     "optimizer.lr": _number(0),
     "optimizer.weight_decay": _number(0),
     "optimizer.eps": _number(0, open_low=True),
@@ -296,6 +297,14 @@ def check_train_config(cfg: Any, reference: Any | None = None, *, build: bool = 
                 f"data.max_length: got {data['max_length']}, expected more than data.max_prompt_length "
                 f"({data['max_prompt_length']}) so that a response fits."
             )
+    distils = plain.get("loss") is not None and trainer.get("kd_weight", 1) != 0
+    sft_teacher = (plain.get("init_sft") or {}).get("teacher") is not None
+    if data.get("packing") is True and (distils or sft_teacher):
+        raise ConfigError(
+            "data.packing=true is exact only for SFT (loss=cross_entropy, no teacher): with a teacher the alpha "
+            "strategies' per-sequence features and rewards would see several packed items as one sequence; set "
+            "data.packing=false (data.group_by_length keeps the padding low)."
+        )
     if build:
         _build_cheap_objects(cfg)
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from arkd import checkpoint as ckpt
 from arkd import distributed as pdist
-from arkd.data.collate import shift_for_next_token
+from arkd.data.collate import model_inputs, shift_for_next_token
 from arkd.losses.functional import bidirectional_kl
 from arkd.losses.fused import fused_linear_bidirectional_kl
 from arkd.policy.features import Features, compute_features, compute_features_from_hidden
@@ -678,9 +678,7 @@ class Trainer:
         for batch in self.validation_batches[acc.process_index :: acc.num_processes]:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             t_logits = self._teacher_logits(batch)
-            s_logits = acc.unwrap_model(self.student)(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            s_logits = acc.unwrap_model(self.student)(**model_inputs(batch)).logits
             s, m = shift_for_next_token(s_logits, batch["loss_mask"].bool())
             targets = batch["input_ids"][:, 1:]
             sums[0] += F.cross_entropy(s[m].float(), targets[m], reduction="sum")
@@ -711,7 +709,7 @@ class Trainer:
         if self.teacher is None:
             return None
         with torch.no_grad():
-            return self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return self.teacher(**model_inputs(batch)).logits
 
     def _draw_window(self) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
         """``grad_accum`` micro-batches on the device, each with its teacher logits if a preview already has them."""
@@ -758,10 +756,7 @@ class Trainer:
     def _student_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The final hidden states ``[B, T, H]`` (the output layer's input), from a forward that keeps the logits of
         the last position only; checked once against those logits."""
-        out = self.student(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
-            logits_to_keep=1,
-        )  # fmt: skip
+        out = self.student(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1]
         if not self._hidden_checked:
             weight, bias = self._output_layer()
@@ -803,7 +798,7 @@ class Trainer:
             h = self._student_hidden(batch)[:, :-1]
         else:
             s, m = shift_for_next_token(
-                self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                self.student(**model_inputs(batch)).logits,
                 batch["loss_mask"].bool(),
             )
         targets = batch["input_ids"][:, 1:]
@@ -1113,7 +1108,7 @@ class Trainer:
         per_batch, sums = [], torch.zeros(2, dtype=torch.float64)
         for out in kept:
             with torch.no_grad(), _replay_rng(out.rng, acc.device):
-                s_after = model(input_ids=out.batch["input_ids"], attention_mask=out.batch["attention_mask"]).logits
+                s_after = model(**model_inputs(out.batch)).logits
             d_before = token_alignment(out.student_logits, out.teacher_logits, out.mask, temperature=temperature)
             d_after = token_alignment(s_after[:, :-1], out.teacher_logits, out.mask, temperature=temperature)
             gain = torch.where(out.mask, d_before - d_after, 0.0)

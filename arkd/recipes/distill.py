@@ -251,7 +251,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for name in ("train", "validation"):
         if name not in splits or not splits[name]:
             raise ConfigError(f"data.splits gave no {name!r} rows: expected train and validation examples.")
-    collate = TrainingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    collate = TrainingCollator(
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pack=bool(cfg.data.get("packing", False)),
+    )
     train_dataset = TokenizedDataset(
         splits["train"],
         tokenizer,

@@ -413,6 +413,8 @@ def test_a_full_disk_while_logging_is_one_sentence_naming_the_file(arkd_train, t
         ("trainer.on_nonfinite=bogus", "trainer.on_nonfinite: got 'bogus', expected one of skip, stop."),
         ("+trainer.unknown_key=1", "trainer.unknown_key: nothing reads this key (a `+` override?); expected one of"),
         ("policy=nope", "unknown policy 'nope'; expected one of: akl, constant, cosine, entropy_gated, fkl, greedy,"),
+        ("data.packing=3", "data.packing: got 3, expected true or false."),
+        ("data.packing=true", "data.packing=true is exact only for SFT (loss=cross_entropy, no teacher)"),
     ],
 )
 def test_bad_values_exit_2_with_one_sentence_before_any_work(arkd_train, tmp_path, override, message):
