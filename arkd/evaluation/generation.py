@@ -6,17 +6,24 @@ What LMOps ``minillm/`` does, and what this module reproduces (see docs/evaluati
   only its **first** ``max_prompt_tokens`` (256) tokens are kept (``prompt_ids[:256]``: long prompts lose their end);
 - prompts are left-padded with the end-of-text id and decoded together with the KV cache;
 - sampling with temperature 1, top_p 1, top_k 0 (no top-k filter), ``no_repeat_ngram_size`` 6, at most 256 new
-  tokens, one sample per prompt; the seed is set once before the first batch, so a seed and a batch size fix the
-  generations;
+  tokens, one sample per prompt;
 - each response is decoded with special tokens skipped, cut at the first end-of-text, ``"<n>"`` turned into a
   newline and stripped.
+
+Where arkd departs from LMOps: each row draws its tokens from its own random stream, seeded by ``(seed, row)``
+(:func:`row_generator`), instead of one stream shared by the whole pass. A row's generation then depends on the seed,
+the row's index and the model, not on the batch size, the order of the rows or how they are split over processes;
+rows are sorted longest prompt first before batching (less padding), and sharded over processes by
+:mod:`arkd.evaluation.sharding`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -134,24 +141,24 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 def _generation_config(decoding: DecodingConfig, eos_id: int, pad_id: int):
+    """``generate``'s settings: the length, the n-gram ban and the repetition penalty; token selection is greedy
+    over the processed scores, and sampling (when ``decoding.do_sample``) is :class:`_RowSampler`'s, which leaves
+    all the mass on the token it drew."""
     from transformers import GenerationConfig
 
-    options: dict[str, Any] = {
-        "do_sample": decoding.do_sample,
-        "max_new_tokens": decoding.max_new_tokens,
-        "no_repeat_ngram_size": decoding.no_repeat_ngram_size or None,
-        "repetition_penalty": decoding.repetition_penalty,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "num_beams": 1,
-        "use_cache": True,
-    }
-    if decoding.do_sample:
-        # top_k=0 and top_p=1.0 switch those filters off: plain sampling from softmax(logits / temperature).
-        options.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
-    else:
-        options.update(temperature=None, top_p=None, top_k=None)
-    return GenerationConfig(**options)
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=decoding.max_new_tokens,
+        no_repeat_ngram_size=decoding.no_repeat_ngram_size or None,
+        repetition_penalty=decoding.repetition_penalty,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        num_beams=1,
+        use_cache=True,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
 
 
 def _model_device(model) -> torch.device:
@@ -159,6 +166,90 @@ def _model_device(model) -> torch.device:
         return model.device
     except AttributeError:
         return next(model.parameters()).device
+
+
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """The CPU random stream of one row under one seed: ``torch.Generator`` seeded with the first 8 bytes of
+    ``blake2b("{seed}:{row}")`` (different rows and seeds get unrelated streams; any integers are accepted)."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(row)}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def sample_rows(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from ``softmax(scores)`` by inverse-CDF sampling with the given uniform draws.
+
+    Row ``i`` gets the first token whose cumulative probability exceeds ``uniforms[i] * total`` (computed in
+    float64), so a token of probability 0 (filtered to ``-inf``) is never drawn and each row's token depends only on
+    its own scores and its own draw.
+
+    Args:
+        scores: ``[B, V]`` processed logits (``-inf`` for banned tokens).
+        uniforms: ``[B]`` draws in [0, 1).
+
+    Returns:
+        ``[B]`` long token ids.
+    """
+    probs = torch.softmax(scores.double(), dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms.to(device=cdf.device, dtype=torch.float64) * cdf[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=scores.shape[-1] - 1)
+    drawn = probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    if bool((drawn <= 0).any()):  # rounding put the target at the very end: take the last token with mass
+        last = scores.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+        tokens = torch.where(drawn > 0, tokens, last)
+    return tokens
+
+
+class _RowSampler:
+    """A logits processor that draws each row's next token with that row's generator and returns scores with all
+    the mass on it (``generate`` runs greedy selection over them, so it picks the drawn token)."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        tokens = sample_rows(scores, uniforms)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tokens.unsqueeze(1), 0.0)
+
+
+def _sampling_processors(decoding: DecodingConfig, generators: Sequence[torch.Generator]) -> list:
+    """Temperature, top-k and top-p (as ``generate`` applies them when sampling, in that order), then the sampler."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    processors: list = []
+    if decoding.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(decoding.temperature))
+    if decoding.top_k:
+        processors.append(TopKLogitsWarper(top_k=decoding.top_k))
+    if decoding.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=decoding.top_p))
+    return [*processors, _RowSampler(generators)]
+
+
+def decode_response(tokenizer, response: Sequence[int], decoding: DecodingConfig, stop_ids: set[int]) -> str:
+    """A generated token list as the protocol's cleaned text: cut at the first stop id, decoded with special tokens
+    skipped, the transformers 4.x clean-up (when set), then :func:`clean_output`."""
+    response = list(response)
+    end = next((i for i, tok in enumerate(response) if tok in stop_ids), len(response))
+    text = tokenizer.decode(response[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if decoding.clean_up_tokenization_spaces:
+        text = legacy_cleanup(text)
+    return clean_output(text, tokenizer.eos_token)
+
+
+def stop_ids_of(tokenizer) -> tuple[int, int]:
+    """The tokenizer's end-of-text id and pad id (the eos when it has no pad token); refuses a tokenizer without eos."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; generation needs an end-of-text token to stop at.")
+    return eos_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+
+
+def length_order(encoded: Sequence[Sequence[int]]) -> list[int]:
+    """Row indices longest first (ties in row order): batches of similar lengths need less padding."""
+    return sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
 
 
 @torch.no_grad()
@@ -170,62 +261,71 @@ def generate(
     seed: int,
     batch_size: int = 16,
     decoding: DecodingConfig | None = None,
+    row_ids: Sequence[int] | None = None,
     progress: bool = True,
     desc: str = "generate",
 ) -> list[str]:
     """Generate one cleaned response per prompt under the protocol's decoding.
 
+    Rows are batched longest prompt first; each row samples from its own random stream
+    (:func:`row_generator` of ``seed`` and its row id), so the responses do not depend on ``batch_size``, on the
+    order of ``prompts`` or on which other rows share a batch (up to the last-bit differences a batch's padding
+    width can make in the model's logits).
+
     Args:
         model: a causal LM (``transformers`` ``generate`` API).
         tokenizer: its tokenizer; its end-of-text token ends generation and pads the prompts (on the left).
         prompts: ``N`` prompt strings (``"<n>"`` stands for a newline).
-        seed: set with ``transformers.set_seed`` once before the first batch: the same seed with the same
-            ``batch_size`` (and device) gives the same generations.
+        seed: the pass's seed; with a row's id it seeds that row's random stream.
         batch_size: prompts per ``generate`` call.
         decoding: decoding settings (default: the protocol's sampling; ``GREEDY`` for greedy decoding).
+        row_ids: each prompt's row index in its dataset (default ``0 .. N-1``); a shard of a dataset passes the
+            rows' indices in the whole dataset, so that it samples what the unsharded pass samples.
         progress: show a progress bar over batches.
         desc: the progress bar's label.
 
     Returns:
         ``N`` cleaned response strings, in the order of ``prompts``.
     """
-    from transformers import set_seed
+    from transformers import LogitsProcessorList
 
     decoding = decoding or DecodingConfig()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; generation needs an end-of-text token to stop at.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    row_ids = list(range(len(prompts))) if row_ids is None else [int(r) for r in row_ids]
+    if len(row_ids) != len(prompts):
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts; expected one per prompt.")
+    eos_id, pad_id = stop_ids_of(tokenizer)
     config = _generation_config(decoding, eos_id, pad_id)
     stop_ids = {eos_id, pad_id}
     device = _model_device(model)
     was_training = model.training
     model.eval()
     encoded = encode_prompts(tokenizer, prompts, decoding.max_prompt_tokens)
-    batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+    order = length_order(encoded)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
         from arkd.progress import progress_bar
 
         batches = progress_bar(batches, desc=desc, unit="batch")
-    set_seed(seed)
-    outputs: list[str] = []
+    outputs: list[str | None] = [None] * len(prompts)
     try:
-        for rows in batches:
-            input_ids, attention_mask = left_pad(rows, pad_id)
+        for batch in batches:
+            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id)
+            processors = []
+            if decoding.do_sample:
+                processors = _sampling_processors(decoding, [row_generator(seed, row_ids[i]) for i in batch])
             sequences = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList(processors),
             )
-            for response in sequences[:, input_ids.shape[1] :].tolist():
-                end = next((i for i, tok in enumerate(response) if tok in stop_ids), len(response))
-                text = tokenizer.decode(response[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                if decoding.clean_up_tokenization_spaces:
-                    text = legacy_cleanup(text)
-                outputs.append(clean_output(text, tokenizer.eos_token))
+            for i, response in zip(batch, sequences[:, input_ids.shape[1] :].tolist()):
+                outputs[i] = decode_response(tokenizer, response, decoding, stop_ids)
     finally:
         model.train(was_training)
-    return outputs
+    return outputs  # type: ignore[return-value]
 
 
 @dataclass
@@ -254,8 +354,14 @@ def evaluate_model(
     rouge_workers: int | None = None,
     progress: bool = True,
     desc: str = "",
+    generate_fn: Callable[..., list[str]] | None = None,
+    shard: bool = True,
 ) -> dict[str, Any]:
     """Generate for every example under every seed and score the generations with the protocol's metrics.
+
+    Under a process group (``torchrun`` / ``accelerate launch``) every process must call this with the same
+    arguments: each generates its share of the rows (:mod:`arkd.evaluation.sharding`), the main process scores the
+    gathered generations, and every process returns the same report, equal to a single process's.
 
     Args:
         model: a causal LM.
@@ -270,6 +376,11 @@ def evaluate_model(
         rouge_workers: processes for Rouge-L (None: every core from 2000 rows on).
         progress: progress bars for generation and scoring.
         desc: label prefix for the progress bars (e.g. the dataset's name).
+        generate_fn: the generation backend, ``(prompts, *, seed, row_ids, progress, desc) -> list[str]``
+            (default: :func:`generate` with ``model``, ``tokenizer``, ``batch_size`` and ``decoding``; e.g.
+            :class:`arkd.evaluation.vllm_backend.VLLMGenerator`).
+        shard: share the rows over the processes of a process group (False: this process generates every row,
+            e.g. when only one process calls this).
 
     Returns:
         A dict with ``n_rows``, ``seeds``, ``decoding`` (the settings used), one entry per metric (``rougeL``,
@@ -277,10 +388,11 @@ def evaluate_model(
         ``{"mean", "std", "per_seed"}`` on the 0-100 scale (``per_seed`` maps the seed, as a string, to the
         protocol's number for that seed; ``std`` is the sample std over seeds, None for one seed), ``bertscore``
         (the BERTScore settings, when enabled), ``generations`` (seed -> ``N`` cleaned responses) and ``per_row``
-        (seed -> metric -> ``N`` per-row scores in [0, 1], for paired comparisons).
+        (seed -> metric -> ``N`` per-row scores in [0, 1], for paired comparisons), ``num_processes`` and
+        ``rows_per_process`` (how many rows each process generated per seed).
     """
-    from arkd.evaluation.metrics import bertscore as bertscore_fn
-    from arkd.evaluation.metrics import exact_match_per_row, mean_x100, rouge_l_per_row
+    from arkd import distributed as pdist
+    from arkd.evaluation.sharding import generate_sharded
 
     if not examples:
         raise ValueError("evaluate_model needs at least one example; got none.")
@@ -292,21 +404,63 @@ def evaluate_model(
     prompts = [_field(ex, "prompt") for ex in examples]
     references = [_references(ex) for ex in examples]
     prefix = f"{desc} " if desc else ""
+    if generate_fn is None:
+        generate_fn = partial(generate, model, tokenizer, batch_size=batch_size, decoding=decoding)
+    sharded = shard and pdist.is_distributed()
+    lengths = [len(row) for row in encode_prompts(tokenizer, prompts, decoding.max_prompt_tokens)]
     generations: dict[str, list[str]] = {}
+    rows_per_process = [len(prompts)]
+    for seed in (int(s) for s in seeds):
+        label = f"{prefix}generate (seed {seed})"
+        if sharded:
+            outputs, rows_per_process = generate_sharded(
+                generate_fn, prompts, lengths, seed=seed, progress=progress, desc=label
+            )
+        else:
+            outputs = generate_fn(prompts, seed=seed, row_ids=range(len(prompts)), progress=progress, desc=label)
+        generations[str(seed)] = outputs
+    score = partial(_report, examples, seeds, decoding, generations, references, bertscore, rouge_workers, progress)
+    if not sharded:
+        return score(rows_per_process)
+    # Scored once, on the main process; the others receive its report (or its error, so that none waits forever).
+    report, error = None, None
+    if pdist.rank() == 0:
+        try:
+            report = score(rows_per_process)
+        except Exception as err:
+            error = err
+    report, message = pdist.broadcast_object((report, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"scoring failed on the main process ({message}).")
+    return report
+
+
+def _report(examples, seeds, decoding, generations, references, bertscore, rouge_workers, progress, rows_per_process):
+    report = _score(generations, references, bertscore, rouge_workers, progress)
+    report = {"n_rows": len(examples), "seeds": [int(s) for s in seeds], "decoding": decoding.to_dict(), **report}
+    report["num_processes"] = len(rows_per_process)
+    report["rows_per_process"] = list(rows_per_process)
+    return report
+
+
+def _score(
+    generations: dict[str, list[str]],
+    references: list[list[str]],
+    bertscore: BertScoreSettings | None,
+    rouge_workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The metrics of every seed's generations: summaries, BERTScore settings, generations and per-row scores."""
+    from arkd.evaluation.metrics import bertscore as bertscore_fn
+    from arkd.evaluation.metrics import exact_match_per_row, mean_x100, rouge_l_per_row
+
     per_row: dict[str, dict[str, list[float]]] = {}
     per_seed: dict[str, dict[int, float]] = {}
     bert_settings: dict[str, Any] | None = None
-    for seed in (int(s) for s in seeds):
-        outputs = generate(
-            model,
-            tokenizer,
-            prompts,
-            seed=seed,
-            batch_size=batch_size,
-            decoding=decoding,
-            progress=progress,
-            desc=f"{prefix}generate (seed {seed})",
-        )
+    for key, outputs in generations.items():
+        seed = int(key)
         rows = {
             "rougeL": rouge_l_per_row(outputs, references, workers=rouge_workers, progress=progress),
             "exact_match": exact_match_per_row(outputs, references),
@@ -330,11 +484,8 @@ def evaluate_model(
             bert_settings = {k: v for k, v in result.items() if k not in ("f1", "precision", "recall", "f1_per_row")}
         for name in ("rougeL", "exact_match"):
             per_seed.setdefault(name, {})[seed] = mean_x100(rows[name])
-        generations[str(seed)] = outputs
-        per_row[str(seed)] = rows
-    report: dict[str, Any] = {"n_rows": len(examples), "seeds": [int(s) for s in seeds], "decoding": decoding.to_dict()}
-    for name, values in per_seed.items():
-        report[name] = summarize(values)
+        per_row[key] = rows
+    report: dict[str, Any] = {name: summarize(values) for name, values in per_seed.items()}
     if bert_settings is not None:
         report["bertscore"] = bert_settings
     report["generations"] = generations

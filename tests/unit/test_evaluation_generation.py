@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -15,7 +17,14 @@ from arkd.evaluation import (
     legacy_cleanup,
     rouge_l,
 )
-from arkd.evaluation.generation import _generation_config, encode_prompts, left_pad
+from arkd.evaluation.generation import (
+    _generation_config,
+    _sampling_processors,
+    encode_prompts,
+    left_pad,
+    row_generator,
+    sample_rows,
+)
 from arkd.models import build_tiny_model, build_tiny_tokenizer
 
 TEXTS = [
@@ -47,10 +56,15 @@ def test_protocol_decoding_defaults():
     assert (d.do_sample, d.temperature, d.top_p, d.top_k) == (True, 1.0, 1.0, 0)
     assert (d.no_repeat_ngram_size, d.max_new_tokens, d.max_prompt_tokens) == (6, 256, 256)
     config = _generation_config(d, eos_id=0, pad_id=0)
-    assert config.do_sample and config.top_k == 0 and config.top_p == 1.0 and config.temperature == 1.0
+    # transformers selects greedily over the processed scores; the sampling is arkd's per-row sampler
+    assert not config.do_sample and config.top_k is None and config.top_p is None and config.temperature is None
     assert config.no_repeat_ngram_size == 6 and config.max_new_tokens == 256 and config.num_beams == 1
     assert config.eos_token_id == 0 and config.pad_token_id == 0
-    assert not _generation_config(GREEDY, eos_id=0, pad_id=0).do_sample
+    assert not GREEDY.do_sample
+    assert [type(p).__name__ for p in _sampling_processors(d, [])] == ["_RowSampler"]  # temperature 1, no filters
+    warped = _sampling_processors(DecodingConfig(temperature=0.7, top_k=5, top_p=0.9), [])
+    names = ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "_RowSampler"]
+    assert [type(p).__name__ for p in warped] == names  # the order generate applies them in when sampling
     with pytest.raises(ValueError, match="top_p"):
         DecodingConfig(top_p=0.0)
 
@@ -85,7 +99,7 @@ def test_left_pad():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
-def test_seed_and_batch_size_fix_the_generations(tiny):
+def test_a_seed_fixes_the_generations(tiny):
     model, tokenizer = tiny
     decoding = DecodingConfig(max_new_tokens=12)
     first = generate(model, tokenizer, PROMPTS, seed=10, batch_size=2, decoding=decoding, progress=False)
@@ -96,30 +110,81 @@ def test_seed_and_batch_size_fix_the_generations(tiny):
     assert len(first) == len(PROMPTS) and all(isinstance(t, str) for t in first)
 
 
-def test_sampling_equals_a_direct_generate_call(tiny):
-    """The wrapper's sampling equals transformers' generate with the protocol's settings written out here."""
-    from transformers import GenerationConfig, set_seed
-
+def test_sampling_depends_on_the_row_not_on_batching_or_order(tiny):
+    """Each row samples from its own (seed, row) stream: the batch size, the order of the prompts and a split into
+    shards (each passing its rows' ids) leave every row's generation unchanged."""
     model, tokenizer = tiny
-    prompts = PROMPTS[:2]
-    ours = generate(
-        model, tokenizer, prompts, seed=30, batch_size=2, decoding=DecodingConfig(max_new_tokens=10), progress=False
+    decoding = DecodingConfig(max_new_tokens=12)
+    run = lambda prompts, bs, rows=None: generate(  # noqa: E731
+        model, tokenizer, prompts, seed=10, batch_size=bs, decoding=decoding, row_ids=rows, progress=False
     )
-    rows = [tokenizer(p.replace("<n>", "\n"))["input_ids"] for p in prompts]
-    width = max(map(len, rows))
-    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    config = GenerationConfig(
-        do_sample=True, top_k=0, top_p=1.0, temperature=1.0, no_repeat_ngram_size=6, max_new_tokens=10,
-        eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    set_seed(30)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    expected = []
-    for row in out[:, width:].tolist():
-        row = row[: row.index(0)] if 0 in row else row
-        expected.append(legacy_cleanup(tokenizer.decode(row, skip_special_tokens=True)).replace("<n>", "\n").strip())
+    reference = run(PROMPTS, 5)
+    assert run(PROMPTS, 1) == reference and run(PROMPTS, 2) == reference
+    backwards = list(range(len(PROMPTS)))[::-1]
+    assert run([PROMPTS[i] for i in backwards], 3, backwards) == reference[::-1]
+    odd, even = [1, 3], [0, 2, 4]
+    assert run([PROMPTS[i] for i in odd], 2, odd) == [reference[i] for i in odd]
+    assert run([PROMPTS[i] for i in even], 2, even) == [reference[i] for i in even]
+    # the row id matters: the same prompt as row 0 and as row 1 samples differently
+    same = run([PROMPTS[0]] * 2, 2)
+    assert same[0] == reference[0] and same[1] != same[0]
+    with pytest.raises(ValueError, match="row_ids has 1 entries for 5 prompts"):
+        run(PROMPTS, 2, [0])
+
+
+def _naive_sample(model, tokenizer, prompt: str, *, seed: int, row: int, max_new: int, ngram: int) -> str:
+    """One prompt, no batch, no KV cache: softmax of the last logits with repeated n-grams banned, then the first
+    token whose cumulative probability exceeds u * total, u drawn from the row's generator."""
+    ids = tokenizer(prompt.replace("<n>", "\n"))["input_ids"]
+    generator, new = row_generator(seed, row), []
+    eos = tokenizer.eos_token_id
+    for _ in range(max_new):
+        seq = ids + new
+        logits = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
+        if len(seq) >= ngram - 1:
+            tail = seq[len(seq) - ngram + 1 :]
+            for i in range(len(seq) - ngram + 1):
+                if seq[i : i + ngram - 1] == tail:
+                    logits[seq[i + ngram - 1]] = float("-inf")
+        probs = torch.softmax(logits, dim=0).tolist()
+        u = torch.rand(1, generator=generator, dtype=torch.float64).item()
+        token = next(i for i, c in enumerate(itertools.accumulate(probs)) if c > u * sum(probs))
+        if token == eos:
+            break
+        new.append(token)
+    text = legacy_cleanup(tokenizer.decode(new, skip_special_tokens=True))
+    return text.replace("<n>", "\n").strip()
+
+
+@torch.no_grad()
+def test_sampling_equals_a_naive_per_row_reference(tiny):
+    model, tokenizer = tiny
+    ours = generate(
+        model, tokenizer, PROMPTS, seed=30, batch_size=3, decoding=DecodingConfig(max_new_tokens=10), progress=False
+    )
+    expected = [
+        _naive_sample(model, tokenizer, p, seed=30, row=row, max_new=10, ngram=6) for row, p in enumerate(PROMPTS)
+    ]
     assert ours == expected
+
+
+def test_sample_rows_never_draws_a_banned_token_and_follows_the_probabilities():
+    scores = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")]] * 3)
+    edges = sample_rows(scores, torch.tensor([0.0, 0.5, 1.0 - 2**-53], dtype=torch.float64))
+    assert edges.tolist() == [1, 3, 3]  # u = 0 and u -> 1 land on tokens with mass, never on -inf ones
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.3, -1.0, 2.0, 0.0])
+    n = 20000
+    draws = sample_rows(logits.expand(n, 4), torch.rand(n, generator=generator, dtype=torch.float64))
+    freq = torch.bincount(draws, minlength=4).double() / n
+    probs = torch.softmax(logits.double(), 0)
+    assert torch.all((freq - probs).abs() < 4 * (probs * (1 - probs) / n).sqrt() + 1e-3)
+
+
+def test_row_streams_differ_by_seed_and_row():
+    draw = lambda seed, row: torch.rand(4, generator=row_generator(seed, row)).tolist()  # noqa: E731
+    assert draw(10, 0) == draw(10, 0)
+    assert len({tuple(draw(s, r)) for s in (10, 20, -1) for r in (0, 1, 2**40)}) == 9
 
 
 def test_greedy_left_padded_batches_equal_one_prompt_at_a_time(tiny):
@@ -140,7 +205,7 @@ class _ScriptedModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.continuations = continuations
 
-    def generate(self, input_ids, attention_mask, generation_config):
+    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
         tail = torch.tensor(self.continuations[: input_ids.shape[0]])
         return torch.cat([input_ids, tail], dim=1)
 
@@ -179,6 +244,7 @@ def test_evaluate_model_report(tiny):
     assert report["rougeL"]["mean"] == pytest.approx(sum(values) / 2, abs=1e-4)
     assert report["rougeL"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5, abs=1e-4)
     assert "bertscore_f1" not in report
+    assert report["num_processes"] == 1 and report["rows_per_process"] == [3]
     single = evaluate_model(model, tokenizer, examples[:1], seeds=[10], max_new_tokens=4, progress=False)
     assert single["rougeL"]["std"] is None
     with pytest.raises(ValueError, match="at least one seed"):
