@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from . import functional
+from . import functional, topk
 from ._base import check_reduction, check_temperature, check_unit_interval
 from .fused import fused_linear_bidirectional_kl
 
@@ -118,6 +118,9 @@ class DivergenceLoss(nn.Module):
     """
 
     function: Callable[..., torch.Tensor]
+    #: the same divergence against a :class:`arkd.losses.TopKTeacher` (top-k log-probabilities and a tail bucket,
+    #: the teacher cache); None: the loss needs the teacher's full logits.
+    topk_function: Callable[..., torch.Tensor] | None = None
     takes_alpha: bool = False
     needs_target_ids: bool = False
     has_schedule: bool = False
@@ -136,8 +139,12 @@ class DivergenceLoss(nn.Module):
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``[..., V]`` logits and a ``[...]`` mask → ``[...]`` (``reduction="none"``) or a scalar."""
-        return type(self).function(
+        """``[..., V]`` logits and a ``[...]`` mask → ``[...]`` (``reduction="none"``) or a scalar; the teacher may
+        be a :class:`arkd.losses.TopKTeacher` where the loss has a ``topk_function``."""
+        function = type(self).function
+        if isinstance(teacher_logits, topk.TopKTeacher):
+            function = _topk_function(self)
+        return function(
             student_logits,
             teacher_logits,
             mask,
@@ -151,16 +158,33 @@ class DivergenceLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in items.items())
 
 
+def accepts_topk_teacher(loss: Any) -> bool:
+    """Whether ``loss`` can work from a top-k teacher (:class:`arkd.losses.TopKTeacher`): it has a
+    ``topk_function`` (FKL, RKL, bidirectional KL, generalized JSD, JS)."""
+    return getattr(loss, "topk_function", None) is not None
+
+
+def _topk_function(loss: Any) -> Callable[..., torch.Tensor]:
+    if not accepts_topk_teacher(loss):
+        raise ValueError(
+            f"{type(loss).__name__} needs the teacher's full logits and cannot work from a top-k teacher (a teacher "
+            "cache); expected forward_kl, reverse_kl, bidirectional_kl, generalized_jsd or js_divergence."
+        )
+    return type(loss).topk_function
+
+
 class ForwardKLLoss(DivergenceLoss):
     """``KL(p || q)``; see :func:`arkd.losses.forward_kl`."""
 
     function = staticmethod(functional.forward_kl)
+    topk_function = staticmethod(topk.forward_kl_topk)
 
 
 class ReverseKLLoss(DivergenceLoss):
     """``KL(q || p)``; see :func:`arkd.losses.reverse_kl`."""
 
     function = staticmethod(functional.reverse_kl)
+    topk_function = staticmethod(topk.reverse_kl_topk)
 
 
 class BidirectionalKLLoss(DivergenceLoss):
@@ -173,6 +197,7 @@ class BidirectionalKLLoss(DivergenceLoss):
     """
 
     function = staticmethod(functional.bidirectional_kl)
+    topk_function = staticmethod(topk.bidirectional_kl_topk)
     takes_alpha = True
 
     def __init__(
@@ -203,6 +228,11 @@ class BidirectionalKLLoss(DivergenceLoss):
         hyper = self.hyper()
         if alpha is not None:
             hyper["alpha"] = alpha
+        if isinstance(teacher_logits, topk.TopKTeacher):
+            hyper.pop("chunk_size")
+            return topk.bidirectional_kl_topk(
+                student_logits, teacher_logits, mask, temperature=self.temperature, reduction=self.reduction, **hyper
+            )
         return functional.bidirectional_kl(
             student_logits, teacher_logits, mask, temperature=self.temperature, reduction=self.reduction, **hyper
         )
@@ -212,6 +242,7 @@ class GeneralizedJSDLoss(DivergenceLoss):
     """GKD's generalized JSD (TRL convention, ``beta`` in [0, 1]); see :func:`arkd.losses.generalized_jsd`."""
 
     function = staticmethod(functional.generalized_jsd)
+    topk_function = staticmethod(topk.generalized_jsd_topk)
 
     def __init__(self, beta: float = 0.5, *, temperature: float = 1.0, reduction: str = "mean") -> None:
         super().__init__(temperature=temperature, reduction=reduction)
@@ -226,6 +257,7 @@ class JSDivergenceLoss(DivergenceLoss):
     """Jensen-Shannon divergence; see :func:`arkd.losses.js_divergence`."""
 
     function = staticmethod(functional.js_divergence)
+    topk_function = staticmethod(topk.js_divergence_topk)
 
 
 class TotalVariationLoss(DivergenceLoss):
