@@ -132,6 +132,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "data.max_length": _int(2),
     "data.group_by_length": _nullable(_int(1)),
     "data.packing": _bool(),
+    "data.add_bos": ((lambda v: v == "auto" or isinstance(v, bool)), "auto, true or false"),
     "optimizer.lr": _number(0),
     "optimizer.weight_decay": _number(0),
     "optimizer.eps": _number(0, open_low=True),

@@ -4,7 +4,10 @@ Conventions (MiniLLM protocol, GPT-2 tokenizer):
 
 - The prompt and the response are tokenized **separately** (``add_special_tokens=False``, so no BOS unless
   ``add_bos=True``) and concatenated, so the prompt tokens a model is trained on are exactly the ones it is
-  later prompted with. The end-of-text token ends every response.
+  later prompted with. Evaluation encodes prompts with the tokenizer's own special tokens
+  (``arkd.evaluation.generation.encode_prompts``), so ``add_bos`` must follow :func:`tokenizer_adds_bos` (the
+  trainer's ``data.add_bos: auto``): False for GPT-2 and Qwen2.5, True for Llama-3.
+  The end-of-text token ends every response.
 - A prompt longer than ``max_prompt_length`` (256) tokens is *counted* and then dropped (training data: the Dolly
   rule), truncated (evaluation) or reported as an error, per ``overlong_prompt``. Truncation keeps the first
   ``max_prompt_length`` tokens by default, as MiniLLM's ``PromptDataset`` does (``prompt[:max_prompt_length]``);
@@ -25,6 +28,28 @@ from arkd.progress import progress_bar
 logger = logging.getLogger("arkd.data")
 
 OVERLONG_PROMPT = ("drop", "truncate", "error")
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first when it adds its own special tokens (Llama-3: yes; GPT-2,
+    whose BOS and EOS are both ``<|endoftext|>`` but which adds nothing, and Qwen2.5: no)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and with_special[0] == bos and plain[:1] != [bos]
+
+
+def resolve_add_bos(value, tokenizer) -> bool:
+    """``data.add_bos``: ``"auto"`` is :func:`tokenizer_adds_bos` (what evaluation prompts get), else the bool."""
+    if value == "auto":
+        return tokenizer_adds_bos(tokenizer)
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"data.add_bos must be auto, true or false, got {value!r}")
+
+
 TRUNCATION_SIDES = ("right", "left")
 
 

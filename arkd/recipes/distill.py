@@ -38,6 +38,7 @@ __all__ = ["run", "trainer_config"]
 
 def _validation_batches(examples: Sequence[Any], tokenizer: Any, cfg: DictConfig, collate: Any) -> list[dict]:
     from arkd.data import TokenizedDataset
+    from arkd.data.tokenization import resolve_add_bos
 
     if not examples:
         return []
@@ -47,6 +48,7 @@ def _validation_batches(examples: Sequence[Any], tokenizer: Any, cfg: DictConfig
         max_prompt_length=int(cfg.data.max_prompt_length),
         max_length=int(cfg.data.max_length),
         overlong_prompt="truncate",
+        add_bos=resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer),
     )
     size = int(cfg.validation.batch_size)
     items = [dataset[i] for i in range(len(dataset))]
@@ -223,6 +225,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from arkd.config_check import check_train_config
     from arkd.data import TokenizedDataset, TrainingCollator
+    from arkd.data.tokenization import resolve_add_bos
     from arkd.evaluation import DecodingConfig, rouge_l
     from arkd.run_dir import prepare_run_dir
     from arkd.run_log import MetricsLogger
@@ -262,6 +265,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         max_length=int(cfg.data.max_length),
         overlong_prompt="drop",
         progress=accelerator.is_main_process and len(splits["train"]) > 20000,
+        add_bos=resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer),
     )
     _check_batch_sizes(cfg, len(train_dataset), accelerator.num_processes)
     prepared = partial(

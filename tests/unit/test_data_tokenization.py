@@ -282,3 +282,42 @@ def test_left_padded_generation_equals_unpadded_generation(tiny):
     width = batch["input_ids"].shape[1]
     assert batch["attention_mask"][0, 0] == 0  # row 0 really is left-padded
     assert together[0, width:].tolist() == alone[0, single["input_ids"].shape[1] :].tolist()
+
+
+def _bos_adding_tokenizer():
+    """A tiny BPE that, like Llama-3's, puts a BOS token first when it adds its special tokens."""
+    from tokenizers import processors
+
+    from arkd.models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(vocab_size=400, corpus_size=400, seed=0)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return tokenizer
+
+
+def test_training_prompts_are_the_evaluation_prompts_with_add_bos_auto():
+    from arkd.data import Example, TokenizedDataset
+    from arkd.data.tokenization import resolve_add_bos, tokenizer_adds_bos
+    from arkd.evaluation.generation import encode_prompts
+    from arkd.models import build_tiny_tokenizer
+
+    plain = build_tiny_tokenizer(vocab_size=400, corpus_size=400, seed=0)  # GPT-2-like: BOS = EOS, never added
+    with_bos = _bos_adding_tokenizer()
+    assert plain.bos_token_id is not None and not tokenizer_adds_bos(plain)
+    assert tokenizer_adds_bos(with_bos)
+    examples = [
+        Example(instruction="i", input="", prompt="what is one plus two", references=["three"]),
+        Example(instruction="i", input="", prompt="a b c", references=["d"]),
+    ]
+    for tokenizer in (plain, with_bos):
+        dataset = TokenizedDataset(
+            examples, tokenizer, max_prompt_length=64, max_length=96, add_bos=resolve_add_bos("auto", tokenizer)
+        )
+        evaluated = encode_prompts(tokenizer, [e.prompt for e in examples], 64)
+        assert [dataset[i]["prompt_ids"] for i in range(2)] == evaluated
+    assert dataset[0]["prompt_ids"][0] == with_bos.bos_token_id
+    assert resolve_add_bos(False, with_bos) is False
+    with pytest.raises(ValueError, match="data.add_bos must be auto, true or false"):
+        resolve_add_bos("yes", plain)
