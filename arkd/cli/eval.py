@@ -6,10 +6,14 @@
 The primary config is ``configs/evaluate.yaml``. This module only hands the composed config to
 :func:`arkd.recipes.evaluate.run` and reports errors: bad input (a missing model or data file, an unknown dataset, a
 BERTScore model that cannot be loaded) ends with one sentence on stderr and exit status 2.
+
+Under ``torchrun --nproc_per_node N -m arkd.cli.eval ...`` (or ``accelerate launch``) the N processes share the rows
+(docs/distributed.md); only rank 0 writes Hydra's files and the results, and prints.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from omegaconf import DictConfig
@@ -29,8 +33,9 @@ def _task(cfg: DictConfig) -> None:
         key = getattr(err, "full_key", None) or "model_path"
         print(f"arkd-eval: {key} is required; pass {key}=VALUE (e.g. model_path=PATH).", file=sys.stderr)
         sys.exit(2)
-    except EvalError as err:
-        print(f"arkd-eval: {err}", file=sys.stderr)
+    except EvalError as err:  # every process raises the same one (arkd.recipes.evaluate.on_main): rank 0 says it
+        if _rank() == 0:
+            print(f"arkd-eval: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(
@@ -40,10 +45,19 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(130)
 
 
+def _rank() -> int:
+    value = os.environ.get("RANK", "")
+    return int(value) if value.isdigit() else 0
+
+
 def main() -> None:
     """Console entry point (``arkd-eval``)."""
     import hydra
 
+    if _rank() > 0:  # only rank 0 writes: no .hydra/ folder, no log file, no run directory of its own
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        if not any(a.startswith("hydra.run.dir=") for a in sys.argv):
+            sys.argv.append("hydra.run.dir=.")
     hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")(_task)()
 
 

@@ -187,7 +187,7 @@ def build_results(
         environment: ``environment_info(...)`` (computed when None).
         config: the resolved CLI config, recorded verbatim.
     """
-    kept = ("source", "n_rows", "max_rows", *METRICS, "bertscore_precision", "bertscore_recall")
+    kept = ("source", "n_rows", "max_rows", *METRICS, "bertscore_precision", "bertscore_recall", "rows_per_process")
     results = {
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -106,9 +106,24 @@ def _model_sources(cfg: DictConfig) -> dict[str, str]:
     return sources
 
 
-def load_model_and_tokenizer(cfg: DictConfig, device: str):
-    """Load the model (``cfg.model_path``) and its tokenizer (``cfg.tokenizer_path`` or the model's) on ``device``."""
-    from arkd.models import load_model, load_tokenizer, resolve_dtype
+def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = True):
+    """Load the model (``cfg.model_path``) and its tokenizer (``cfg.tokenizer_path`` or the model's) on ``device``.
+
+    A padded embedding matrix (more rows than the tokenizer has tokens, e.g. Qwen2.5's 151936 rows for 151665
+    tokens) is sliced to the tokenizer's vocabulary (:func:`arkd.models.slice_to_vocab`), so generation never
+    samples an id that stands for no token.
+
+    Returns:
+        The model (eval mode, on ``device``), the tokenizer, and the number of padded rows dropped.
+    """
+    from arkd.models import (
+        MAX_VOCAB_PADDING,
+        load_model,
+        load_tokenizer,
+        model_vocab_size,
+        resolve_dtype,
+        slice_to_vocab,
+    )
 
     try:
         dtype = resolve_dtype(str(cfg.dtype))
@@ -128,7 +143,17 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str):
             f"model_path={cfg.model_path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); expected a "
             "model of a run that did not diverge."
         )
-    return model.to(device).eval(), tokenizer
+    rows, tokens = model_vocab_size(model), len(tokenizer)
+    if not tokens <= rows <= tokens + MAX_VOCAB_PADDING:
+        raise EvalError(
+            f"model_path={cfg.model_path} has {rows} output rows for a tokenizer of {tokens} tokens; expected the "
+            f"model's own tokenizer (between {tokens} and {tokens + MAX_VOCAB_PADDING} rows; set tokenizer_path=PATH)."
+        )
+    if rows > tokens:
+        slice_to_vocab(model, tokens)
+        if report:
+            print(f"[arkd-eval] dropped {rows - tokens} padded embedding rows ({rows} -> {tokens}, the tokenizer's).")
+    return model.to(device).eval(), tokenizer, rows - tokens
 
 
 def _first_line(err: Exception) -> str:
@@ -139,25 +164,18 @@ def _first_line(err: Exception) -> str:
 def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate ``cfg.model_path`` on ``cfg.datasets`` and write the run's files; return ``results.json``'s content.
 
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process runs this: each loads the model on
+    its own device and generates its share of the rows (:mod:`arkd.evaluation.sharding`); the main process scores
+    and writes. The results equal a single process's except ``settings.num_processes`` and each dataset's
+    ``rows_per_process``.
+
     Args:
         cfg: the composed ``evaluate.yaml`` config.
         output_dir: where to write (default: ``cfg.output_dir``, else Hydra's run directory).
     """
-    from arkd.data import load_examples
-    from arkd.evaluation.generation import BertScoreSettings, DecodingConfig, evaluate_model
-    from arkd.evaluation.reports import (
-        build_results,
-        environment_info,
-        generation_records,
-        model_identity,
-        write_run_outputs,
-    )
+    from arkd.evaluation.generation import DecodingConfig
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise EvalError("arkd-eval runs in a single process; start it without accelerate launch / torchrun.")
     _model_sources(cfg)  # fail on a missing model_path before anything slow
-    out = Path(output_dir or cfg.output_dir or _hydra_run_dir())
-    _check_output_dir(out, overwrite=bool(cfg.get("overwrite", False)))  # before any generation
     seeds = [int(s) for s in cfg.seeds]
     if not seeds:
         raise EvalError("seeds is empty; expected a list such as [10, 20, 30, 40, 50].")
@@ -170,7 +188,83 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
     except (TypeError, ValueError) as err:
         raise EvalError(f"decoding: {err}") from err
     specs = resolve_datasets(cfg)
-    device = _device(str(cfg.device))
+    device, started = start_processes(str(cfg.device))
+    try:
+        return _evaluate(cfg, output_dir, specs, seeds, decoding, device)
+    finally:
+        if started:
+            end_processes()
+
+
+def start_processes(setting: str) -> tuple[str, bool]:
+    """This process's device, and whether a process group was started here (``WORLD_SIZE`` > 1: accelerate's
+    ``PartialState`` joins the launch's processes, NCCL on GPUs, gloo on CPUs; each process uses its local GPU)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _device(setting), False
+    if setting not in ("auto", "cpu", "cuda"):
+        raise EvalError(
+            f"device={setting} names one device for {world} processes; set device=auto, device=cuda (each process "
+            "uses its own GPU) or device=cpu."
+        )
+    _device(setting)  # device=cuda without CUDA
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    started = not (dist.is_available() and dist.is_initialized())
+    state = PartialState(cpu=setting == "cpu" or not torch.cuda.is_available())
+    return str(state.device), started
+
+
+def end_processes() -> None:
+    """Destroy the process group :func:`start_processes` started (and accelerate's record of it)."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    PartialState._reset_state()
+
+
+def on_main(check) -> Any:
+    """Run ``check()`` on the main process only; its :class:`EvalError` is raised on every process, and its value
+    is returned on every process (so that no process waits for one that failed)."""
+    from arkd import distributed as pdist
+
+    value, message = None, None
+    if pdist.rank() == 0:
+        try:
+            value = check()
+        except EvalError as err:
+            message = str(err)
+    value, message = pdist.broadcast_object((value, message))
+    if message is not None:
+        raise EvalError(message)
+    return value
+
+
+def _evaluate(cfg: DictConfig, output_dir, specs: list[DatasetSpec], seeds: list[int], decoding, device: str):
+    from arkd import distributed as pdist
+    from arkd.data import load_examples
+    from arkd.evaluation.generation import BertScoreSettings, evaluate_model
+    from arkd.evaluation.reports import (
+        build_results,
+        environment_info,
+        generation_records,
+        model_identity,
+        write_run_outputs,
+    )
+
+    main = pdist.rank() == 0
+
+    def output_directory() -> str:
+        out = Path(output_dir or cfg.output_dir or _hydra_run_dir())
+        _check_output_dir(out, overwrite=bool(cfg.get("overwrite", False)))  # before any generation
+        return str(out)
+
+    out = Path(on_main(output_directory))  # the main process's directory (Hydra's may differ by a second)
     bert = None
     if cfg.bertscore.enabled:
         bert = BertScoreSettings(
@@ -182,19 +276,19 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
             lang=cfg.bertscore.lang,
             device=cfg.bertscore.device or device,
         )
-        _check_bertscore(bert)
+        on_main(lambda: _check_bertscore(bert))  # only the main process scores
     loaded = {}
     for spec in specs:
         try:
             loaded[spec.name] = load_examples(spec.path, limit=spec.max_rows)
         except (OSError, ValueError) as err:
             raise EvalError(f"dataset '{spec.name}' ({spec.path}): {_first_line(err)}") from err
-    model, tokenizer = load_model_and_tokenizer(cfg, device)
-    progress = bool(cfg.progress)
+    model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
+    progress = bool(cfg.progress) and main
     reports: dict[str, dict[str, Any]] = {}
     for spec in specs:
         examples = loaded[spec.name]
-        if spec.max_rows is not None and len(examples) < spec.max_rows:
+        if main and spec.max_rows is not None and len(examples) < spec.max_rows:
             print(f"[arkd-eval] {spec.name}: {len(examples)} rows (fewer than max_rows={spec.max_rows}).")
         report = evaluate_model(
             model,
@@ -218,22 +312,27 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
         "decoding": decoding.to_dict(),
         "bertscore": bert_settings,
         "dtype": str(cfg.dtype),
+        "num_processes": pdist.world_size(),
     }
     label = str(cfg.label) if cfg.label else Path(str(cfg.model_path)).name
+    identity = model_identity(
+        model,
+        str(cfg.model_path),
+        tokenizer=tokenizer,
+        tokenizer_source=str(cfg.tokenizer_path or cfg.model_path),
+        hash_weights=bool(cfg.hash_weights) and main,
+    )
+    identity["padded_rows_dropped"] = dropped
     results = build_results(
         reports,
         label=label,
-        model=model_identity(
-            model,
-            str(cfg.model_path),
-            tokenizer=tokenizer,
-            tokenizer_source=str(cfg.tokenizer_path or cfg.model_path),
-            hash_weights=bool(cfg.hash_weights),
-        ),
+        model=identity,
         settings=settings,
         environment=environment_info(device),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+    if not main:
+        return results
     records = (
         record for spec in specs for record in generation_records(spec.name, loaded[spec.name], reports[spec.name])
     )

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from arkd.models import build_tiny_model, build_tiny_tokenizer, save_pretrained
 from arkd.recipes.evaluate import compose
 
 REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 ROWS = [
     ("Name a primary colour.", "", ["Red is a primary colour."]),
     ("Summarise the text.", "The cat sat on the mat all day.", ["A cat sat on a mat.", "The cat rested."]),
@@ -77,6 +82,12 @@ def data_dir(tmp_path_factory) -> Path:
     ]
     (root / "dolly" / "minillm_dolly_test500.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "custom.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    # seven rows of different prompt lengths for the sharded evaluation (odd: the processes get unequal shares)
+    words = "the cat sat on a mat all day and then it rested".split()
+    many = [
+        {"instruction": " ".join(words[: 2 + (3 * k) % 10]), "input": "", "output": ROWS[k % 3][2][0]} for k in range(7)
+    ]
+    (root / "many.jsonl").write_text("".join(json.dumps(r) + "\n" for r in many))
     return root
 
 
@@ -188,3 +199,94 @@ def test_real_protocol_files_end_to_end(shared_data, tiny_model_dir, tiny_bert_d
     assert len(records) == 9 and all(isinstance(r["references"], list) for r in sni)
     first = json.loads((shared_data / "dolly" / "minillm_dolly_test500.jsonl").read_text().splitlines()[0])
     assert records[0]["prompt"] == first["prompt"].replace("<n>", "\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _without_process_fields(results: dict) -> dict:
+    """results.json less what may differ between two runs of one evaluation on 1 and 2 processes."""
+    results = json.loads(json.dumps(results))
+    for key in ("created_utc", "environment"):
+        results.pop(key)
+    results["settings"].pop("num_processes")
+    results["config"].pop("output_dir")
+    for entry in results["datasets"].values():
+        entry.pop("rows_per_process")
+    return results
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun is not installed")
+def test_two_gloo_processes_write_the_results_of_one(tiny_model_dir, tiny_bert_dir, data_dir, tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m arkd.cli.eval` shares the rows over two CPU processes; results.json and
+    generations.jsonl equal one process's, apart from the process counts."""
+    argv = [
+        f"model_path={tiny_model_dir}", f"data_dir={data_dir}", f"datasets=[dolly,{data_dir / 'many.jsonl'}]",
+        "seeds=[10,20]", "batch_size=2", "decoding.max_new_tokens=8", f"bertscore.model_type={tiny_bert_dir}",
+        "bertscore.num_layers=1", "progress=false", "hash_weights=true", "label=tiny", "device=auto",
+    ]  # fmt: skip
+    one = tmp_path / "one"
+    _main([*argv, f"output_dir={one}"], monkeypatch, tmp_path)
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [
+        str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "arkd.cli.eval", *argv, f"output_dir={two}", f"hydra.run.dir={tmp_path / 'hydra2'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert a["settings"]["num_processes"] == 1 and b["settings"]["num_processes"] == 2
+    assert a["datasets"]["many"]["rows_per_process"] == [7] and b["datasets"]["many"]["rows_per_process"] == [4, 3]
+    assert b["datasets"]["dolly"]["rows_per_process"] == [2, 1]
+    assert _without_process_fields(a) == _without_process_fields(b)
+    assert (one / "generations.jsonl").read_text() == (two / "generations.jsonl").read_text()
+    assert proc.stdout.count("[arkd-eval] wrote") == 1  # rank 0 alone writes and prints
+    assert sorted(p.name for p in two.iterdir()) == ["generations.jsonl", "results.json", "results.md"]
+
+
+def test_a_padded_embedding_matrix_is_sliced_to_the_tokenizer(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """A checkpoint with more output rows than tokens (Qwen2.5: 151936 for 151665) generates what the same model
+    without the padded rows generates: the extra rows are dropped before sampling and the count is recorded."""
+    from arkd.models import load_model, load_tokenizer, slice_to_vocab
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    padded = build_tiny_model(len(tokenizer) + 37, n_layer=1, n_head=2, n_embd=16, n_positions=512, seed=3)
+    with torch.no_grad():  # make the padded rows the likeliest tokens: sampled unless they are dropped
+        padded.get_output_embeddings().weight[len(tokenizer) :] *= 50
+    save_pretrained(padded, tokenizer, tmp_path / "padded")
+    save_pretrained(slice_to_vocab(load_model(tmp_path / "padded"), len(tokenizer)), tokenizer, tmp_path / "sliced")
+    common = [f"data_dir={data_dir}", "datasets=[dolly]", "seeds=[10]", "decoding.max_new_tokens=6",
+              "bertscore.enabled=false", "progress=false"]  # fmt: skip
+    for name in ("padded", "sliced"):
+        _main(
+            [f"model_path={tmp_path / name}", *common, f"output_dir={tmp_path / (name + '_run')}"],
+            monkeypatch,
+            tmp_path,
+        )
+    results = json.loads((tmp_path / "padded_run" / "results.json").read_text())
+    assert results["model"]["padded_rows_dropped"] == 37
+    generations = [(tmp_path / f"{n}_run" / "generations.jsonl").read_text() for n in ("padded", "sliced")]
+    assert generations[0] == generations[1]
+
+
+def test_a_model_with_fewer_rows_than_tokens_is_refused(tiny_model_dir, data_dir, tmp_path, capsys):
+    from arkd.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    small = build_tiny_model(len(tokenizer) - 5, n_layer=1, n_head=2, n_embd=16, n_positions=64, seed=0)
+    save_pretrained(small, tokenizer, tmp_path / "small")
+    overrides = [f"model_path={tmp_path / 'small'}", f"tokenizer_path={tiny_model_dir}", f"data_dir={data_dir}",
+                 "datasets=[dolly]", f"output_dir={tmp_path / 'out'}", "bertscore.enabled=false"]  # fmt: skip
+    capsys.readouterr()
+    code, err = _run_task(overrides, capsys)
+    last = err.splitlines()[-1]  # after the weight-loading progress bars
+    assert (
+        code == 2
+        and last.startswith("arkd-eval: ")
+        and f"{len(tokenizer) - 5} output rows for a tokenizer of {len(tokenizer)} tokens" in last
+    )
