@@ -127,6 +127,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "trainer.fused_linear": _bool(),
     "trainer.best_metric": _choice(*BEST_MODES),
     "trainer.best_mode": _choice("max", "min"),
+    "teacher.cache_dir": ((lambda v: v is None or (isinstance(v, str) and v != "")), "null or a directory"),
+    "teacher.top_k": _int(1),
     "data.batch_size": _int(1),
     "data.max_prompt_length": _int(1),
     "data.max_length": _int(2),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from arkd.losses.functional import bidirectional_kl
+from arkd.losses.topk import TopKTeacher, bidirectional_kl_topk
 
 GRANULARITIES = ("batch", "sequence", "token")
 HELD_OUT = ("next", "same")
@@ -82,6 +83,10 @@ def token_alignment(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(teacher_logits, TopKTeacher):  # the teacher cache: over the top-k tokens and the tail bucket
+        return bidirectional_kl_topk(
+            student_logits.detach(), teacher_logits, mask, temperature=temperature, alpha=0.5, reduction="none"
+        ).float()
     return bidirectional_kl(
         student_logits.detach(), teacher_logits.detach(), mask, temperature=temperature, alpha=0.5, reduction="none"
     ).float()

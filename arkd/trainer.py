@@ -43,6 +43,7 @@ from arkd import distributed as pdist
 from arkd.data.collate import model_inputs, shift_for_next_token
 from arkd.losses.functional import bidirectional_kl
 from arkd.losses.fused import fused_linear_bidirectional_kl
+from arkd.losses.topk import TopKTeacher, bidirectional_kl_topk
 from arkd.policy.features import Features, compute_features, compute_features_from_hidden
 from arkd.policy.lookahead import BatchScorer, StepPreview, as_params, global_norm, step_preview_for
 from arkd.policy.strategies import StepContext
@@ -365,12 +366,21 @@ _PROVISIONAL_ALPHA = 0.5  # the alpha of the window's backward when the strategy
 
 
 def kl_sums(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKTeacher,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over counted tokens of FKL = KL(p||q) and RKL = KL(q||p), no grad (``arkd.losses.bidirectional_kl``'s
     components: the loss's own arithmetic, so a student at ``-inf`` where the teacher has mass gives ``inf`` here
-    too)."""
+    too); over the top-k tokens and the tail bucket for a :class:`arkd.losses.TopKTeacher`."""
     with torch.no_grad():
+        if isinstance(teacher_logits, TopKTeacher):
+            _, fkl, rkl = bidirectional_kl_topk(
+                student_logits.detach(), teacher_logits, mask, temperature=temperature, reduction="sum",
+                return_components=True,
+            )  # fmt: skip
+            return fkl.float(), rkl.float()
         _, fkl, rkl = bidirectional_kl(
             student_logits.detach(),
             teacher_logits.detach(),
@@ -447,7 +457,11 @@ class Trainer:
 
     Args:
         student: the student model (a causal LM returning ``.logits``); prepared here.
-        teacher: the teacher, or None for plain SFT (``kd_weight`` must then be 0). Frozen here.
+        teacher: the teacher, or None for plain SFT (``kd_weight`` must then be 0). Frozen here. Or a teacher
+            source that is not a module: ``source(batch) -> arkd.losses.TopKTeacher`` (an
+            ``arkd.teacher_cache.TeacherCache``), whose top-k log-probabilities replace the teacher's logits
+            everywhere (the losses, the features, the rewards, the probe, validation); the loss must accept them
+            (``arkd.losses.accepts_topk_teacher``).
         tokenizer: saved next to the final and best models.
         batches: a :class:`BatchStream` (or any iterator of batch dicts with ``state_dict``/``load_state_dict``).
         strategy: an ``arkd.policy.AlphaStrategy`` (or None for plain SFT).
@@ -471,7 +485,7 @@ class Trainer:
         self,
         *,
         student: torch.nn.Module,
-        teacher: torch.nn.Module | None,
+        teacher: torch.nn.Module | Callable[[dict[str, torch.Tensor]], TopKTeacher] | None,
         tokenizer: Any,
         batches: Any,
         strategy: Any,
@@ -509,6 +523,10 @@ class Trainer:
             "has_schedule": callable(getattr(loss, "update", None)),
         }
         self._hidden_checked = False
+        # A teacher source that is not a model (the teacher cache): it gives top-k log-probabilities per batch.
+        self.teacher_source = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
+        if self.teacher_source is not None:
+            _check_topk_support(loss, config)
         if config.fused_linear:
             from arkd.losses.modules import BidirectionalKLLoss
             from arkd.reward import SameBatchReward
@@ -537,7 +555,7 @@ class Trainer:
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
         self.scheduler = scheduler
         self.teacher = None
-        if teacher is not None:
+        if teacher is not None and self.teacher_source is None:
             self.teacher = prepare_teacher(accelerator, teacher)
         self.logger = logger or MetricsLogger(self.run_dir, enabled=self.is_main)
         accelerator.gradient_accumulation_steps = config.grad_accum
@@ -690,7 +708,7 @@ class Trainer:
         sums = acc.reduce(sums, reduction="sum")
         tokens = max(sums[3].item(), 1.0)
         row: dict[str, float] = {"val_loss": sums[0].item() / tokens}
-        if self.teacher is not None:
+        if self.teacher is not None or self.teacher_source is not None:
             row.update(val_fkl=sums[1].item() / tokens, val_rkl=sums[2].item() / tokens)
         if self.validation_examples and self.predict_fn is not None and self.score_fn is not None:
             shard = self.validation_examples[acc.process_index :: acc.num_processes]
@@ -704,8 +722,11 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------------
     # The step
 
-    def _teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The teacher's logits ``[B, T, V]`` (eval mode, no_grad), or None without a teacher."""
+    def _teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | TopKTeacher | None:
+        """The teacher's logits ``[B, T, V]`` (eval mode, no_grad), its top-k ``[B, T, k]`` from a teacher source,
+        or None without a teacher."""
+        if self.teacher_source is not None:
+            return self.teacher_source(batch)
         if self.teacher is None:
             return None
         with torch.no_grad():
@@ -1264,6 +1285,23 @@ class Trainer:
         if best is None or (score > best if self.cfg.best_mode == "max" else score < best):
             if self._save_model("best"):
                 self.state.best_value, self.state.best_step = score, step
+
+
+def _check_topk_support(loss: Any, config: TrainerConfig) -> None:
+    """A top-k teacher (the teacher cache) works with the losses that have a top-k form, on the logits path."""
+    from arkd.losses import accepts_topk_teacher
+
+    if loss is not None and not accepts_topk_teacher(loss):
+        raise ValueError(
+            f"the teacher cache gives top-k log-probabilities, and {type(loss).__name__} needs the teacher's full "
+            "logits: use loss=forward_kl, reverse_kl, bidirectional_kl, generalized_jsd or js_divergence, or the live "
+            "teacher (teacher.cache_dir=null)."
+        )
+    if config.fused_linear:
+        raise ValueError(
+            "trainer.fused_linear=true needs the teacher's full logits (the fused kernel has no top-k form): set "
+            "trainer.fused_linear=false with teacher.cache_dir, or use the live teacher (teacher.cache_dir=null)."
+        )
 
 
 def prepare_teacher(accelerator: Any, teacher: torch.nn.Module) -> torch.nn.Module:

@@ -196,6 +196,22 @@ def coarse_log_probs(
     return log_Q, log_P.detach()
 
 
+def _counted(student_logits: torch.Tensor, teacher: TopKTeacher, mask: torch.Tensor | None, temperature: float):
+    """``(log_Q, log_P, scatter)`` of the counted tokens only (``[N, k + 1]``), and ``scatter(values [N]) -> [...]``
+    putting per-token values back in the token shape (0 elsewhere): uncounted positions (prompt, padding, a cache's
+    filler) are never computed, so nothing there can reach a value or a gradient."""
+    if mask is None:
+        log_Q, log_P = coarse_log_probs(student_logits, teacher, temperature=temperature)
+        return log_Q, log_P, lambda values: values
+    log_Q, log_P = coarse_log_probs(student_logits[mask], teacher[mask], temperature=temperature)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        full = values.new_zeros(mask.shape)
+        return full.index_put((mask,), values) if values.numel() else full + values.sum()
+
+    return log_Q, log_P, scatter
+
+
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     from .functional import _kl as kl
 
@@ -205,15 +221,15 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 def forward_kl_topk(student_logits, teacher: TopKTeacher, mask=None, *, temperature=1.0, reduction="mean"):
     r"""``KL(P || Q)`` over the teacher's top-k tokens and the tail bucket (the module docstring); = FKL at k = V."""
     mask = _check(student_logits, teacher, mask, temperature, reduction)
-    log_Q, log_P = coarse_log_probs(student_logits, teacher, temperature=temperature)
-    return masked_reduce(_kl(log_P, log_Q), mask, reduction)
+    log_Q, log_P, scatter = _counted(student_logits, teacher, mask, temperature)
+    return masked_reduce(scatter(_kl(log_P, log_Q)), mask, reduction)
 
 
 def reverse_kl_topk(student_logits, teacher: TopKTeacher, mask=None, *, temperature=1.0, reduction="mean"):
     r"""``KL(Q || P)`` over the teacher's top-k tokens and the tail bucket; = RKL at k = V."""
     mask = _check(student_logits, teacher, mask, temperature, reduction)
-    log_Q, log_P = coarse_log_probs(student_logits, teacher, temperature=temperature)
-    return masked_reduce(_kl(log_Q, log_P), mask, reduction)
+    log_Q, log_P, scatter = _counted(student_logits, teacher, mask, temperature)
+    return masked_reduce(scatter(_kl(log_Q, log_P)), mask, reduction)
 
 
 def bidirectional_kl_topk(
@@ -230,15 +246,20 @@ def bidirectional_kl_topk(
     ``[B, T]``, constant); with ``return_components`` also the FKL and RKL parts."""
     mask = _check(student_logits, teacher, mask, temperature, reduction)
     check_alpha(alpha)
-    log_Q, log_P = coarse_log_probs(student_logits, teacher, temperature=temperature)
+    log_Q, log_P, scatter = _counted(student_logits, teacher, mask, temperature)
     fkl, rkl = _kl(log_P, log_Q), _kl(log_Q, log_P)
-    a = broadcast_token_weight("alpha", alpha, fkl.shape, fkl.device).to(fkl.dtype)
+    a = broadcast_token_weight("alpha", alpha, teacher.shape, fkl.device)
+    a = (a if mask is None else a[mask]).to(fkl.dtype)
     # alpha in {0, 1} must not turn an infinite side into NaN (0 * inf)
     loss = torch.where(a == 0, 0.0, a * fkl) + torch.where(a == 1, 0.0, (1 - a) * rkl)
-    loss = masked_reduce(loss, mask, reduction)
+    loss = masked_reduce(scatter(loss), mask, reduction)
     if not return_components:
         return loss
-    return loss, masked_reduce(fkl, mask, reduction), masked_reduce(rkl, mask, reduction)
+    return (
+        loss,
+        masked_reduce(scatter(fkl.detach()), mask, reduction),
+        masked_reduce(scatter(rkl.detach()), mask, reduction),
+    )
 
 
 def generalized_jsd_topk(
@@ -251,7 +272,7 @@ def generalized_jsd_topk(
 
     check_unit_interval("beta", beta)
     mask = _check(student_logits, teacher, mask, temperature, reduction)
-    log_Q, log_P = coarse_log_probs(student_logits, teacher, temperature=temperature)
+    log_Q, log_P, scatter = _counted(student_logits, teacher, mask, temperature)
     if beta == 0.0:
         values = _kl(log_P, log_Q)
     elif beta == 1.0:
@@ -259,7 +280,7 @@ def generalized_jsd_topk(
     else:
         log_m = _log_mix(log_P, log_Q, beta)
         values = beta * _kl(log_P, log_m) + (1.0 - beta) * _kl(log_Q, log_m)
-    return masked_reduce(values, mask, reduction)
+    return masked_reduce(scatter(values), mask, reduction)
 
 
 def js_divergence_topk(student_logits, teacher: TopKTeacher, mask=None, *, temperature=1.0, reduction="mean"):

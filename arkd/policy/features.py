@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from arkd import distributed as pdist
+from arkd.losses.topk import TopKTeacher, coarse_log_probs
 
 #: Per-token statistics fed to the policy network, in this order.
 FEATURE_NAMES: tuple[str, ...] = (
@@ -172,6 +173,10 @@ def compute_features(
     Returns:
         A ``Features`` with ``[B, T]`` statistics (0 where not counted).
     """
+    if isinstance(teacher_logits, TopKTeacher):
+        return compute_features_topk(
+            student_logits, teacher_logits, mask, temperature=temperature, mu=mu, chunk_size=chunk_size
+        )
     _check_inputs(student_logits, teacher_logits, mask)
     if temperature <= 0:
         raise ValueError(f"compute_features: temperature must be > 0, got {temperature}")
@@ -243,6 +248,91 @@ def _chunked(student_rows, teacher_logits, mask, temperature, mu, chunk_size, sh
 
 
 _STATISTICS = (*FEATURE_NAMES, "todi_alpha")
+
+
+@torch.no_grad()
+def compute_features_topk(
+    student_logits: torch.Tensor,
+    teacher: TopKTeacher,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    mu: float = 0.5,
+    chunk_size: int | None = None,
+) -> Features:
+    """:func:`compute_features` against a teacher known by its top-k log-probabilities and one tail bucket (the
+    teacher cache): the teacher-side statistics are those of the coarsened distributions ``P`` and ``Q`` over the k
+    tokens and the bucket (:mod:`arkd.losses.topk`); the student-only ones are exact.
+
+    - ``fkl``, ``rkl``: ``KL(P || Q)``, ``KL(Q || P)`` (lower bounds of the full ones, exact at k = V);
+    - ``teacher_entropy``: ``H(P)`` (the bucket as one outcome: a lower bound of ``H(p)``); ``student_entropy``:
+      ``H(q)`` over the whole vocabulary (exact);
+    - ``head_gap``: AKL's head inside the k tokens (the head is cut at k when the top-k mass stays <= mu);
+      ``tail_gap``: the rest of the k tokens plus ``|p_R - q_R|`` for the bucket (a lower bound);
+    - ``top1_agreement``, ``teacher_confidence``: exact (the teacher's top-1 is always among its top k);
+    - ``todi_alpha``: over the k tokens and the bucket as one entry.
+
+    At k = V every statistic equals :func:`compute_features` of the full logits (tested).
+    """
+    if student_logits.dim() != 3 or student_logits.shape[:2] != teacher.shape:
+        raise ValueError(
+            f"compute_features: student_logits {tuple(student_logits.shape)} must be [B, T, V] with the top-k "
+            f"teacher's [B, T] = {tuple(teacher.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"compute_features: temperature must be > 0, got {temperature}")
+    if not 0 < mu <= 1:
+        raise ValueError(f"compute_features: mu must be in (0, 1], got {mu}")
+    b, t, v = student_logits.shape
+    device = student_logits.device
+    mask = torch.ones(b, t, dtype=torch.bool, device=device) if mask is None else mask.to(device, torch.bool)
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    s_flat = student_logits.detach().reshape(-1, v)
+    flat = teacher.reshape(-1)
+    step = chunk_size or max(1, CHUNK_ELEMENTS // max(v, 1))
+    out = {name: torch.zeros(b * t, dtype=torch.float32, device=device) for name in _STATISTICS}
+    for start in range(0, rows.numel(), step):
+        chunk = rows[start : start + step]
+        stats = _topk_statistics(s_flat.index_select(0, chunk).float(), flat[chunk], temperature=temperature, mu=mu)
+        for name, value in stats.items():
+            out[name][chunk] = value
+    views = {name: value.view(b, t) for name, value in out.items()}
+    return Features(**views, mask=mask, temperature=float(temperature), mu=float(mu))
+
+
+def _topk_statistics(s: torch.Tensor, teacher: TopKTeacher, *, temperature: float, mu: float) -> dict:
+    """Statistics of ``[N, V]`` fp32 student logits against ``[N]`` top-k teacher rows: a dict of ``[N]``."""
+    log_Q, log_P = coarse_log_probs(s, teacher, temperature=temperature)
+    log_Q, log_P = log_Q.float(), log_P.float()
+    P, Q = log_P.exp(), log_Q.exp()
+    zero = P.new_zeros(())
+    diff = log_P - log_Q
+    fkl = torch.where(P > 0, P * diff, zero).sum(-1)
+    rkl = torch.where(Q > 0, -Q * diff, zero).sum(-1)
+    todi = torch.where(P > 0, P * torch.sigmoid(diff), zero).sum(-1)
+    h_p = -torch.where(P > 0, P * log_P, zero).sum(-1)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    h_q = -torch.where(log_q > float("-inf"), log_q.exp() * log_q, zero).sum(-1)
+    # the k tokens in the teacher's descending order (the cache writes them so; sorted again to be sure)
+    p_top, order = P[:, :-1].sort(dim=-1, descending=True)
+    q_top = Q[:, :-1].gather(-1, order)
+    head = p_top.cumsum(-1) <= mu
+    head[:, 0] = True
+    gaps = (p_top - q_top).abs()
+    g_head = torch.where(head, gaps, zero).sum(-1)
+    g_tail = torch.where(head, zero, gaps).sum(-1) + (P[:, -1] - Q[:, -1]).abs()
+    best = teacher.indices.to(s.device).gather(-1, order[:, :1]).squeeze(-1)
+    return {
+        "fkl": fkl,
+        "rkl": rkl,
+        "teacher_entropy": h_p,
+        "student_entropy": h_q,
+        "head_gap": g_head,
+        "tail_gap": g_tail,
+        "top1_agreement": (best == log_q.argmax(-1)).float(),
+        "teacher_confidence": p_top[:, 0],
+        "todi_alpha": todi,
+    }
 
 
 def _head_gap(p: torch.Tensor, q: torch.Tensor, mu: float, k: int = 64) -> torch.Tensor:

@@ -33,6 +33,9 @@ def build_model(node: DictConfig, tokenizer: Any) -> torch.nn.Module:
     """Instantiate a model config; a ``vocab_size: null`` (tiny models) is filled with ``len(tokenizer)``."""
     from hydra.utils import instantiate
 
+    from arkd.teacher_cache import model_node
+
+    node = model_node(node)  # a teacher's cache keys (teacher.cache_dir, teacher.top_k) are not the model's
     if "vocab_size" in node and node.vocab_size is None:
         return instantiate(node, vocab_size=len(tokenizer))
     return instantiate(node)

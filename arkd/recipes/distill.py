@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from arkd.errors import ConfigError
 from arkd.recipes.build import build_model, make_accelerator, make_loader, make_scheduler, quiet_libraries
 from arkd.recipes.sft_cache import sft_cached
+from arkd.teacher_cache import uses_teacher_cache
 from arkd.trainer import Trainer, TrainerConfig
 
 __all__ = ["run", "trainer_config"]
@@ -166,6 +167,31 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError("output_dir is not set: expected the run directory (arkd-train sets it from hydra.run.dir).")
 
 
+def _open_teacher_cache(cfg: DictConfig, tokenizer: Any, accelerator: Any) -> Any:
+    """The run's teacher cache (``teacher.cache_dir``), checked against this run's config; a loss or a switch that
+    needs the teacher's full logits is refused first (one sentence each)."""
+    from hydra.utils import instantiate
+
+    from arkd.data.tokenization import resolve_add_bos
+    from arkd.teacher_cache import TeacherCache, cache_identity
+    from arkd.trainer import TrainerConfig, _check_topk_support
+
+    try:
+        _check_topk_support(
+            instantiate(cfg.loss), TrainerConfig(max_steps=1, fused_linear=bool(cfg.trainer.fused_linear))
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    add_bos = resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer)
+    identity = cache_identity(cfg, vocab_size=len(tokenizer), add_bos=add_bos)
+    cache = TeacherCache(str(cfg.teacher.cache_dir), identity, device=accelerator.device)
+    accelerator.print(
+        f"arkd: the teacher's top-{cache.k} log-probabilities come from {cache.root} ({len(cache)} rows); the teacher "
+        "is not loaded, and the report evaluates no teacher."
+    )
+    return cache
+
+
 def _fit_vocab(teacher: Any, student: Any, tokenizer: Any) -> int:
     """Check teacher, student and tokenizer share a vocabulary (padding aside) and drop the padded rows, so the
     trainer's logits are ``len(tokenizer)`` wide (Qwen2.5: 151936 rows, 151665 tokens); a real mismatch is refused."""
@@ -273,7 +299,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     teacher = None
     if cfg.teacher is not None and cfg.loss is not None:
-        if cfg.init_sft.teacher is not None:
+        if uses_teacher_cache(cfg):  # top-k log-probabilities from disk; the teacher model is never built
+            teacher = _open_teacher_cache(cfg, tokenizer, accelerator)
+        elif cfg.init_sft.teacher is not None:
             teacher, _ = prepared("teacher", cfg.teacher, cfg.init_sft.teacher)
         else:
             teacher = build_model(cfg.teacher, tokenizer)
@@ -281,7 +309,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student, student_source = prepared("student", cfg.model, cfg.init_sft.student)
     else:
         student, student_source = build_model(cfg.model, tokenizer), None
-    _fit_vocab(teacher, student, tokenizer)
+    _fit_vocab(teacher if isinstance(teacher, torch.nn.Module) else None, student, tokenizer)
 
     # Strategy, loss, optimizer, schedule.
     loss = instantiate(cfg.loss) if cfg.loss is not None else None
@@ -379,7 +407,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             run_dir=run_dir,
             tokenizer=tokenizer,
             test_examples=list(splits.get("test") or []),
-            teacher=teacher,
+            teacher=teacher if isinstance(teacher, torch.nn.Module) else None,  # a cached teacher is not evaluated
             student_before=lambda: _student_before(cfg, tokenizer, student_source),
             summary=summary,
             accelerator=accelerator,

@@ -59,6 +59,7 @@ def sft_cached(
         The trained model (loaded from the cache) and its cache directory.
     """
     from arkd.models import load_model
+    from arkd.teacher_cache import model_node
 
     # The SFT's data order: its own `seed` option, else the model's init seed, else the run's seed. It enters the key,
     # so two runs share a cached model only when they would train the same one (the matrix pins `teacher.seed`).
@@ -66,7 +67,7 @@ def sft_cached(
     key = _config_hash(
         role,
         sft_seed,
-        _container(node),
+        _container(model_node(node)),  # without teacher.cache_dir / top_k: the same SFT'd teacher either way
         _container(options),
         _container(cfg.data),
         _container(cfg.tokenizer),
