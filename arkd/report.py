@@ -45,7 +45,8 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], c
         progress=True,
         desc=label,
     )
-    return {key: result[key] for key in ("rougeL", "exact_match")}, result["decoding"], result["generations"]
+    scores = {key: result[key] for key in ("rougeL", "exact_match")}
+    return scores, result["decoding"], result["generations"], result["rows_per_process"]
 
 
 def final_report(
@@ -59,7 +60,8 @@ def final_report(
     summary: dict[str, Any],
     accelerator: Any,
 ) -> dict[str, Any] | None:
-    """Evaluate the three models on the test split (main process) and write the report files.
+    """Evaluate the three models on the test split (the rows shared over the processes) and write the report files
+    (main process).
 
     Args:
         cfg: the run's config (``report``: subset, seeds, do_sample, max_new_tokens, batch_size, student).
@@ -69,38 +71,42 @@ def final_report(
         teacher: the teacher (None: not evaluated).
         student_before: builds the student as it was before training (the SFT'd student of the tiny job).
         summary: the training summary (steps, time, best validation Rouge-L) recorded in the report.
-        accelerator: the run's accelerator (only the main process evaluates; the others wait).
+        accelerator: the run's accelerator (every process generates its share; only the main process writes).
 
     Returns:
         The report dict on the main process, None elsewhere.
     """
     from arkd.models import load_model
 
+    if not test_examples:
+        raise ValueError("report.enabled is true but data.splits gave no 'test' rows: expected a test split.")
+    final = cfg.report
+    examples = list(test_examples)[: final.subset] if final.subset else list(test_examples)
+    after_dir = run_dir / "best" if final.student == "best" and (run_dir / "best").is_dir() else run_dir / "final"
+    device = accelerator.device
+    results: dict[str, Any] = {}
+    samples: dict[str, list[str]] = {}
+    decoding: dict[str, Any] = {}
+    rows_per_process: list[int] = [len(examples)]
+    started = time.perf_counter()
+    builders: dict[str, Callable[[], torch.nn.Module] | None] = {
+        "teacher": (lambda: teacher) if teacher is not None else None,
+        "student_before": student_before,
+        "student_after": lambda: load_model(after_dir),
+    }
+    # Every process evaluates (evaluate_model shares the rows over them); the main process writes.
+    for name, build in builders.items():
+        if build is None:
+            continue
+        model = accelerator.unwrap_model(build()).to(device).eval()
+        results[name], decoding, generations, rows_per_process = _evaluate(
+            model, tokenizer, examples, cfg, LABELS[name]
+        )
+        samples[name] = generations[next(iter(generations))][:5]
+        if name != "teacher":
+            del model
     report = None
     if accelerator.is_main_process:
-        if not test_examples:
-            raise ValueError("report.enabled is true but data.splits gave no 'test' rows: expected a test split.")
-        final = cfg.report
-        examples = list(test_examples)[: final.subset] if final.subset else list(test_examples)
-        after_dir = run_dir / "best" if final.student == "best" and (run_dir / "best").is_dir() else run_dir / "final"
-        device = accelerator.device
-        results: dict[str, Any] = {}
-        samples: dict[str, list[str]] = {}
-        decoding: dict[str, Any] = {}
-        started = time.perf_counter()
-        builders: dict[str, Callable[[], torch.nn.Module] | None] = {
-            "teacher": (lambda: teacher) if teacher is not None else None,
-            "student_before": student_before,
-            "student_after": lambda: load_model(after_dir),
-        }
-        for name, build in builders.items():
-            if build is None:
-                continue
-            model = accelerator.unwrap_model(build()).to(device).eval()
-            results[name], decoding, generations = _evaluate(model, tokenizer, examples, cfg, LABELS[name])
-            samples[name] = generations[next(iter(generations))][:5]
-            if name != "teacher":
-                del model
         report = {
             "schema_version": SCHEMA_VERSION,  # the schema shared with arkd-eval's results.json
             "arkd_version": arkd.__version__,
@@ -110,6 +116,8 @@ def final_report(
             "test_rows": len(examples),
             "seeds": [int(s) for s in cfg.report.seeds],
             "decoding": decoding,
+            "num_processes": accelerator.num_processes,
+            "rows_per_process": rows_per_process,
             "student_after": after_dir.name,
             "student_after_step": summary.get("best_step") if after_dir.name == "best" else summary.get("steps"),
             "results": results,

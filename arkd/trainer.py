@@ -476,7 +476,9 @@ class Trainer:
         probe: an ``arkd.policy.AlphaSignalProbe`` (None: no probe).
         validation_batches: a list of batch dicts for the validation loss (sharded over processes here).
         validation_examples: examples (with ``references``) for validation Rouge-L.
-        predict_fn: ``(model, examples) -> list[str]``: greedy or sampled generations for Rouge-L.
+        predict_fn: ``(model, examples) -> list[str]``: greedy or sampled generations for Rouge-L, one per example.
+            Under several processes every process calls it with all the examples and must get all the generations
+            (the recipe's shares the rows over the processes: ``arkd.evaluation.sharding.generate_sharded``).
         score_fn: ``(predictions, references) -> float``: Rouge-L x 100.
         logger: a :class:`MetricsLogger` (None: one is created in ``output_dir`` on the main process).
     """
@@ -711,9 +713,14 @@ class Trainer:
         if self.teacher is not None or self.teacher_source is not None:
             row.update(val_fkl=sums[1].item() / tokens, val_rkl=sums[2].item() / tokens)
         if self.validation_examples and self.predict_fn is not None and self.score_fn is not None:
-            shard = self.validation_examples[acc.process_index :: acc.num_processes]
-            predictions = self.predict_fn(acc.unwrap_model(self.student), shard)
-            predictions = pdist.unshard(pdist.gather_objects(predictions), len(self.validation_examples))
+            # Every process calls predict_fn with every example; arkd's own shares the rows over the processes
+            # (arkd.evaluation.sharding) and returns all of them, the same on every process.
+            predictions = self.predict_fn(acc.unwrap_model(self.student), self.validation_examples)
+            if len(predictions) != len(self.validation_examples):
+                raise ValueError(
+                    f"predict_fn returned {len(predictions)} predictions for {len(self.validation_examples)} "
+                    "validation examples; expected one per example."
+                )
             references = [list(example.references) for example in self.validation_examples]
             row["val_rougeL"] = float(self.score_fn(predictions, references))
         self.student.train()

@@ -57,17 +57,17 @@ def _validation_batches(examples: Sequence[Any], tokenizer: Any, cfg: DictConfig
 
 
 def _predict(model: Any, examples: Sequence[Any], *, tokenizer: Any, seed: int, batch_size: int, decoding: Any):
+    """Validation generations for every example, the rows shared over the processes (the same on every process, and
+    equal to one process's: each row samples from its own ``(seed, row)`` stream)."""
     from arkd.evaluation import generate
+    from arkd.evaluation.generation import encode_prompts
+    from arkd.evaluation.sharding import generate_sharded
 
-    return generate(
-        model,
-        tokenizer,
-        [example.prompt for example in examples],
-        seed=seed,
-        batch_size=batch_size,
-        decoding=decoding,
-        progress=False,
-    )
+    prompts = [example.prompt for example in examples]
+    lengths = [len(row) for row in encode_prompts(tokenizer, prompts, decoding.max_prompt_tokens)]
+    generate_fn = partial(generate, model, tokenizer, batch_size=batch_size, decoding=decoding)
+    outputs, _ = generate_sharded(generate_fn, prompts, lengths, seed=seed, progress=False)
+    return outputs
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -274,6 +274,10 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
     # Rank 0 alone wrote the run directory; the report covers the three models.
     assert (run_dir / "report.json").is_file() and (run_dir / "metrics.jsonl").is_file()
     assert not any(p.name.startswith("rank1") for p in run_dir.iterdir())
+    # Both processes generated the report's rows: 8 test rows dealt 4 and 4.
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["num_processes"] == 2 and report["rows_per_process"] == [4, 4]
+    assert any("val_rougeL" in row for row in read_metrics(run_dir / "metrics.jsonl"))
 
 
 def test_a_policy_with_a_loss_that_ignores_alpha_is_said_and_recorded(tmp_path):
