@@ -10,7 +10,7 @@ import pytest
 
 API = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 MODULES = ["arkd.losses", "arkd.policy", "arkd.data", "arkd.evaluation", "arkd.evaluation.stats"]
-MODULES += ["arkd.evaluation.compare"]
+MODULES += ["arkd.evaluation.compare", "arkd.teacher_cache"]
 
 
 def test_training_loop_example_runs_and_learns(capsys):
