@@ -115,3 +115,13 @@ def test_arkd_train_from_the_cache_never_builds_the_teacher_and_matches_the_live
         distill.run(_compose(*common, f"teacher.cache_dir={tmp_path / 'none'}", f"output_dir={tmp_path / 'x3'}"))
     with pytest.raises(ConfigError, match="written for another run: the data"):
         distill.run(_compose(*common, *cache, "data.max_length=100", f"output_dir={tmp_path / 'x4'}"))
+    # the same through the arkd-train command line: exit 2 and one line
+    proc = subprocess.run(
+        [sys.executable, "-m", "arkd.cli.train", *common, f"teacher.cache_dir={tmp_path / 'none'}",
+         f"hydra.run.dir={tmp_path / 'x5'}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("arkd-train: teacher.cache_dir=") and "holds no teacher cache" in last
+    assert "Traceback" not in proc.stderr
