@@ -168,11 +168,16 @@ def _model_device(model) -> torch.device:
         return next(model.parameters()).device
 
 
-def row_generator(seed: int, row: int) -> torch.Generator:
-    """The CPU random stream of one row under one seed: ``torch.Generator`` seeded with the first 8 bytes of
-    ``blake2b("{seed}:{row}")`` (different rows and seeds get unrelated streams; any integers are accepted)."""
+def row_seed(seed: int, row: int) -> int:
+    """The 63-bit seed of one row under one seed: the first 8 bytes of ``blake2b("{seed}:{row}")`` (different rows
+    and seeds get unrelated streams; any integers are accepted)."""
     digest = hashlib.blake2b(f"{int(seed)}:{int(row)}".encode(), digest_size=8).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """The CPU random stream of one row under one seed: a ``torch.Generator`` seeded with :func:`row_seed`."""
+    return torch.Generator(device="cpu").manual_seed(row_seed(seed, row))
 
 
 def sample_rows(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,39 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
     return model.to(device).eval(), tokenizer, rows - tokens
 
 
+def _vllm_generator(cfg: DictConfig, decoding):
+    """For ``backend=vllm``: a weightless skeleton of the model (for the results' record), its tokenizer, and the
+    :class:`arkd.evaluation.vllm_backend.VLLMGenerator` that loads the weights in vLLM."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from arkd.evaluation.vllm_backend import VLLMGenerator
+    from arkd.models import load_tokenizer, model_vocab_size
+
+    sources = _model_sources(cfg)
+    try:
+        tokenizer = load_tokenizer(Path(sources["tokenizer_path"]).expanduser())
+        config = AutoConfig.from_pretrained(str(Path(sources["model_path"]).expanduser()))
+    except OSError as err:
+        raise EvalError(
+            f"{_first_line(err)} (set model_path=PATH, and tokenizer_path=PATH if it lives elsewhere)."
+        ) from err
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # as loading does (tied input and output embeddings are counted once)
+    options = OmegaConf.to_container(cfg.vllm, resolve=True) if cfg.get("vllm") else {}
+    generator = VLLMGenerator(
+        str(Path(sources["model_path"]).expanduser()),
+        tokenizer,
+        decoding,
+        tokenizer_path=str(Path(sources["tokenizer_path"]).expanduser()),
+        dtype=str(cfg.dtype),
+        vocab_rows=model_vocab_size(skeleton),
+        **options,
+    )
+    return skeleton, tokenizer, generator
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else ""
@@ -187,13 +220,39 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
         decoding = DecodingConfig(do_sample=not greedy, **decoding_cfg)
     except (TypeError, ValueError) as err:
         raise EvalError(f"decoding: {err}") from err
+    backend = _check_backend(cfg, decoding)
     specs = resolve_datasets(cfg)
     device, started = start_processes(str(cfg.device))
     try:
-        return _evaluate(cfg, output_dir, specs, seeds, decoding, device)
+        return _evaluate(cfg, output_dir, specs, seeds, decoding, device, backend)
     finally:
         if started:
             end_processes()
+
+
+BACKENDS = ("hf", "vllm")
+
+
+def _check_backend(cfg: DictConfig, decoding) -> str:
+    """``cfg.backend``, refused in one sentence when it is unknown or (vllm) cannot run this evaluation."""
+    backend = str(cfg.get("backend", "hf"))
+    if backend not in BACKENDS:
+        raise EvalError(f"backend={backend}; expected one of {', '.join(BACKENDS)}.")
+    if backend == "vllm":
+        from arkd.evaluation.vllm_backend import VLLMUnavailable, check_vllm_decoding, import_vllm
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            raise EvalError(
+                f"backend=vllm runs in one process (vLLM places the model on its GPUs itself, see vllm.* options), "
+                f"not {world}; start it without torchrun / accelerate launch, or use backend=hf."
+            )
+        try:
+            check_vllm_decoding(decoding)
+            import_vllm()
+        except (ValueError, VLLMUnavailable) as err:
+            raise EvalError(str(err)) from None
+    return backend
 
 
 def start_processes(setting: str) -> tuple[str, bool]:
@@ -245,7 +304,9 @@ def on_main(check) -> Any:
     return value
 
 
-def _evaluate(cfg: DictConfig, output_dir, specs: list[DatasetSpec], seeds: list[int], decoding, device: str):
+def _evaluate(
+    cfg: DictConfig, output_dir, specs: list[DatasetSpec], seeds: list[int], decoding, device: str, backend: str
+):
     from arkd import distributed as pdist
     from arkd.data import load_examples
     from arkd.evaluation.generation import BertScoreSettings, evaluate_model
@@ -283,7 +344,12 @@ def _evaluate(cfg: DictConfig, output_dir, specs: list[DatasetSpec], seeds: list
             loaded[spec.name] = load_examples(spec.path, limit=spec.max_rows)
         except (OSError, ValueError) as err:
             raise EvalError(f"dataset '{spec.name}' ({spec.path}): {_first_line(err)}") from err
-    model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
+    generate_fn = None
+    if backend == "vllm":
+        model, tokenizer, generate_fn = _vllm_generator(cfg, decoding)
+        dropped = 0  # vLLM keeps the rows; allowed_token_ids keeps sampling to the tokenizer's ids
+    else:
+        model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
     progress = bool(cfg.progress) and main
     reports: dict[str, dict[str, Any]] = {}
     for spec in specs:
@@ -301,6 +367,7 @@ def _evaluate(cfg: DictConfig, output_dir, specs: list[DatasetSpec], seeds: list
             rouge_workers=cfg.rouge_workers,
             progress=progress,
             desc=spec.name,
+            generate_fn=generate_fn,
         )
         reports[spec.name] = {"source": str(spec.path), "max_rows": spec.max_rows, **report}
     bert_settings: dict[str, Any] = {"enabled": bert is not None}
@@ -312,6 +379,7 @@ def _evaluate(cfg: DictConfig, output_dir, specs: list[DatasetSpec], seeds: list
         "decoding": decoding.to_dict(),
         "bertscore": bert_settings,
         "dtype": str(cfg.dtype),
+        "backend": backend,
         "num_processes": pdist.world_size(),
     }
     label = str(cfg.label) if cfg.label else Path(str(cfg.model_path)).name
@@ -323,6 +391,8 @@ def _evaluate(cfg: DictConfig, output_dir, specs: list[DatasetSpec], seeds: list
         hash_weights=bool(cfg.hash_weights) and main,
     )
     identity["padded_rows_dropped"] = dropped
+    if backend == "vllm":  # the weights live in vLLM; the record's model is a weightless skeleton of the same config
+        identity.update(dtype=str(cfg.dtype), device="vllm")
     results = build_results(
         reports,
         label=label,
