@@ -143,14 +143,21 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 def _generation_config(decoding: DecodingConfig, eos_id: int, pad_id: int):
     """``generate``'s settings: the length, the n-gram ban and the repetition penalty; token selection is greedy
     over the processed scores, and sampling (when ``decoding.do_sample``) is :class:`_RowSampler`'s, which leaves
-    all the mass on the token it drew."""
+    all the mass on the token it drew.
+
+    Every setting that adds a logits processor is given a value (the neutral one where ``decoding`` has none):
+    ``generate`` fills a ``None`` from the checkpoint's own ``generation_config.json`` (which may set a repetition
+    penalty or an n-gram ban), which would silently change the protocol's decoding.
+    """
     from transformers import GenerationConfig
 
     return GenerationConfig(
         do_sample=False,
         max_new_tokens=decoding.max_new_tokens,
-        no_repeat_ngram_size=decoding.no_repeat_ngram_size or None,
-        repetition_penalty=decoding.repetition_penalty,
+        min_new_tokens=0,
+        min_length=0,
+        no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+        repetition_penalty=decoding.repetition_penalty if decoding.repetition_penalty is not None else 1.0,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         num_beams=1,

@@ -99,6 +99,22 @@ def test_left_pad():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+def test_the_checkpoints_own_generation_config_does_not_leak_in(tiny):
+    """transformers fills unset generate() settings from the model's generation_config.json; arkd's decoding must
+    not change with them."""
+    import copy
+
+    model, tokenizer = tiny
+    noisy = copy.deepcopy(model)
+    gc = noisy.generation_config
+    gc.do_sample, gc.temperature, gc.top_p, gc.top_k = True, 0.3, 0.5, 3
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens = 3.0, 2, 12
+    for decoding in (DecodingConfig(max_new_tokens=12), DecodingConfig(max_new_tokens=12, no_repeat_ngram_size=0),
+                     DecodingConfig(do_sample=False, max_new_tokens=12)):  # fmt: skip
+        run = lambda m: generate(m, tokenizer, PROMPTS, seed=10, batch_size=5, decoding=decoding, progress=False)  # noqa: E731, B023
+        assert run(noisy) == run(model)
+
+
 def test_a_seed_fixes_the_generations(tiny):
     model, tokenizer = tiny
     decoding = DecodingConfig(max_new_tokens=12)
