@@ -164,6 +164,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "report.max_new_tokens": _int(1),
     "report.batch_size": _int(1),
     "report.student": _choice("best", "final"),
+    "report.head_top_p": _number(0, 1, open_low=True),
+    "report.diversity": _bool(),
     "init_sft.*.max_steps": _int(1),
     "init_sft.*.lr": _number(0, open_low=True),
     "init_sft.*.batch_size": _int(1),

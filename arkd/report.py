@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import arkd
-from arkd.evaluation.results import REPORT_MODELS, SCHEMA_VERSION, summary_cell
+from arkd.evaluation.results import DISTRIBUTION_METRICS, METRIC_TITLES, REPORT_MODELS, SCHEMA_VERSION, summary_cell
 
 MODELS = REPORT_MODELS
 LABELS = {
@@ -26,8 +26,16 @@ LABELS = {
 }
 
 
-def _evaluate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], cfg: DictConfig, label: str):
+def _evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    cfg: DictConfig,
+    label: str,
+    teacher: torch.nn.Module | None = None,
+):
     from arkd.evaluation import DecodingConfig, evaluate_model
+    from arkd.evaluation.results import DISTRIBUTION_METRICS
 
     final = cfg.report
     decoding = DecodingConfig(
@@ -44,8 +52,12 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], c
         decoding=decoding,
         progress=True,
         desc=label,
+        teacher=teacher,
+        head_top_p=float(final.get("head_top_p", 0.9)),
+        diversity=bool(final.get("diversity", True)),
     )
-    scores = {key: result[key] for key in ("rougeL", "exact_match")}
+    keys = ("rougeL", "exact_match", *DISTRIBUTION_METRICS)
+    scores = {key: result[key] for key in keys if key in result}
     return scores, result["decoding"], result["generations"], result["rows_per_process"]
 
 
@@ -99,8 +111,12 @@ def final_report(
         if build is None:
             continue
         model = accelerator.unwrap_model(build()).to(device).eval()
+        # The students' distribution is measured against the teacher (teacher-forced on the references).
+        reference = None
+        if name != "teacher" and teacher is not None:
+            reference = accelerator.unwrap_model(teacher).to(device).eval()
         results[name], decoding, generations, rows_per_process = _evaluate(
-            model, tokenizer, examples, cfg, LABELS[name]
+            model, tokenizer, examples, cfg, LABELS[name], teacher=reference
         )
         samples[name] = generations[next(iter(generations))][:5]
         if name != "teacher":
@@ -118,6 +134,7 @@ def final_report(
             "decoding": decoding,
             "num_processes": accelerator.num_processes,
             "rows_per_process": rows_per_process,
+            "head_top_p": float(cfg.report.get("head_top_p", 0.9)),
             "student_after": after_dir.name,
             "student_after_step": summary.get("best_step") if after_dir.name == "best" else summary.get("steps"),
             "results": results,
@@ -187,6 +204,22 @@ def report_markdown(report: dict[str, Any], plot: Path | None = None) -> str:
         if name in report["results"]:
             row = report["results"][name]
             lines.append(f"| {LABELS[name]} | {summary_cell(row['rougeL'])} | {summary_cell(row['exact_match'])} |")
+    pooled = [m for m in DISTRIBUTION_METRICS if any(m in row for row in report["results"].values())]
+    if pooled:
+        lines += [
+            "",
+            "Distribution-level metrics (pooled over seeds; fkl / rkl nats per token and head / tail recall relative "
+            f"to the teacher, teacher-forced on the references, top-p {report.get('head_top_p', 0.9)}; distinct-n and "
+            "self-BLEU 0-100):",
+            "",
+            "| model | " + " | ".join(METRIC_TITLES[m] for m in pooled) + " |",
+            "|---|" + "---:|" * len(pooled),
+        ]
+        for name in MODELS:
+            row = report["results"].get(name)
+            if row:
+                cells = " | ".join(f"{row[m]['mean']:.4g}" if m in row else "–" for m in pooled)
+                lines.append(f"| {LABELS[name]} | {cells} |")
     results = report["results"]
     if "student_before" in results and "student_after" in results:
         gain = results["student_after"]["rougeL"]["mean"] - results["student_before"]["rougeL"]["mean"]

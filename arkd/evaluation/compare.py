@@ -50,7 +50,20 @@ __all__ = [
 # The three models a training run's report.json scores; strategies are compared on the student after distillation.
 MODELS = ("student_after", "student_before", "teacher")
 # Report order of the metrics (the protocol's, then BERTScore's precision and recall).
-_METRIC_ORDER = ("rougeL", "bertscore_f1", "exact_match", "bertscore_precision", "bertscore_recall")
+_METRIC_ORDER = (
+    "rougeL",
+    "bertscore_f1",
+    "exact_match",
+    "bertscore_precision",
+    "bertscore_recall",
+    "fkl",
+    "rkl",
+    "head_recall",
+    "tail_recall",
+    "distinct_1",
+    "distinct_2",
+    "self_bleu",
+)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ rows are sorted longest prompt first before batching (less padding), and sharded
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -368,8 +369,12 @@ def evaluate_model(
     desc: str = "",
     generate_fn: Callable[..., list[str]] | None = None,
     shard: bool = True,
+    teacher=None,
+    head_top_p: float = 0.9,
+    diversity: bool = True,
 ) -> dict[str, Any]:
-    """Generate for every example under every seed and score the generations with the protocol's metrics.
+    """Generate for every example under every seed and score the generations with the protocol's metrics, and
+    the distribution-level ones (:mod:`arkd.evaluation.distribution`).
 
     Under a process group (``torchrun`` / ``accelerate launch``) every process must call this with the same
     arguments: each generates its share of the rows (:mod:`arkd.evaluation.sharding`), the main process scores the
@@ -393,12 +398,18 @@ def evaluate_model(
             :class:`arkd.evaluation.vllm_backend.VLLMGenerator`).
         shard: share the rows over the processes of a process group (False: this process generates every row,
             e.g. when only one process calls this).
+        teacher: a teacher sharing the tokenizer; when given, ``fkl``, ``rkl``, ``head_recall`` and ``tail_recall``
+            are measured teacher-forced on the references (``head_top_p``: the head's mass threshold).
+        head_top_p: p of the teacher's top-p head (0.9).
+        diversity: add ``distinct_1``, ``distinct_2`` (all samples of all seeds) and ``self_bleu`` (between the
+            seeds' samples of each prompt; only with two seeds or more).
 
     Returns:
         A dict with ``n_rows``, ``seeds``, ``decoding`` (the settings used), one entry per metric (``rougeL``,
         ``exact_match`` and, with BERTScore, ``bertscore_f1``, ``bertscore_precision``, ``bertscore_recall``), each
         ``{"mean", "std", "per_seed"}`` on the 0-100 scale (``per_seed`` maps the seed, as a string, to the
-        protocol's number for that seed; ``std`` is the sample std over seeds, None for one seed), ``bertscore``
+        protocol's number for that seed; ``std`` is the sample std over seeds, None for one seed), the
+        distribution-level metrics as pooled blocks (``{"mean", "std": None, "per_seed": {}}``), ``bertscore``
         (the BERTScore settings, when enabled), ``generations`` (seed -> ``N`` cleaned responses) and ``per_row``
         (seed -> metric -> ``N`` per-row scores in [0, 1], for paired comparisons), ``num_processes`` and
         ``rows_per_process`` (how many rows each process generated per seed).
@@ -431,7 +442,26 @@ def evaluate_model(
         else:
             outputs = generate_fn(prompts, seed=seed, row_ids=range(len(prompts)), progress=progress, desc=label)
         generations[str(seed)] = outputs
-    score = partial(_report, examples, seeds, decoding, generations, references, bertscore, rouge_workers, progress)
+    protocol = partial(_report, examples, seeds, decoding, generations, references, bertscore, rouge_workers, progress)
+
+    def score(rows: list[int]) -> dict[str, Any]:
+        report = protocol(rows)
+        report.update(
+            distribution_blocks(
+                generations,
+                model=model,
+                teacher=teacher,
+                tokenizer=tokenizer,
+                examples=examples,
+                top_p=head_top_p,
+                batch_size=batch_size,
+                max_prompt_length=decoding.max_prompt_tokens,
+                max_length=decoding.max_prompt_tokens + decoding.max_new_tokens,
+                diversity=diversity,
+            )
+        )
+        return report
+
     if not sharded:
         return score(rows_per_process)
     # Scored once, on the main process; the others receive its report (or its error, so that none waits forever).
@@ -503,6 +533,52 @@ def _score(
     report["generations"] = generations
     report["per_row"] = per_row
     return report
+
+
+def distribution_blocks(
+    generations: dict[str, list[str]],
+    *,
+    model=None,
+    teacher=None,
+    tokenizer=None,
+    examples: Sequence[Any] = (),
+    top_p: float = 0.9,
+    batch_size: int = 16,
+    max_prompt_length: int = 256,
+    max_length: int = 512,
+    diversity: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The distribution-level score blocks of one model on one dataset (:mod:`arkd.evaluation.distribution`).
+
+    ``distinct_1`` / ``distinct_2`` over every sample of every seed and ``self_bleu`` (two seeds or more) when
+    ``diversity``; ``fkl``, ``rkl``, ``head_recall``, ``tail_recall`` when a ``teacher`` is given (a metric that is
+    undefined, such as the tail recall of a teacher with no tail, is left out).
+    """
+    from arkd.evaluation.distribution import distinct_n, pooled_block, self_bleu, teacher_forced_metrics
+
+    blocks: dict[str, dict[str, Any]] = {}
+    if diversity:
+        texts = [t for outputs in generations.values() for t in outputs]
+        blocks["distinct_1"] = pooled_block(distinct_n(texts, 1))
+        blocks["distinct_2"] = pooled_block(distinct_n(texts, 2))
+        value = self_bleu(generations)
+        if value is not None:
+            blocks["self_bleu"] = pooled_block(value)
+    if teacher is not None:
+        tf = teacher_forced_metrics(
+            model,
+            teacher,
+            tokenizer,
+            examples,
+            top_p=top_p,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+            max_length=max_length,
+        )
+        for key in ("fkl", "rkl", "head_recall", "tail_recall"):
+            if math.isfinite(tf[key]):
+                blocks[key] = pooled_block(tf[key])
+    return blocks
 
 
 def summarize(per_seed: dict[int, float]) -> dict[str, Any]:

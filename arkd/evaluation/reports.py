@@ -39,7 +39,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from arkd.evaluation.results import METRIC_TITLES, METRICS, SCHEMA_VERSION, _require, check_block, summary_cell
+from arkd.evaluation.results import (
+    DISTRIBUTION_METRICS,
+    METRIC_TITLES,
+    METRICS,
+    SCHEMA_VERSION,
+    _require,
+    check_block,
+    summary_cell,
+)
 
 _PACKAGES = (
     "arkd",
@@ -187,7 +195,16 @@ def build_results(
         environment: ``environment_info(...)`` (computed when None).
         config: the resolved CLI config, recorded verbatim.
     """
-    kept = ("source", "n_rows", "max_rows", *METRICS, "bertscore_precision", "bertscore_recall", "rows_per_process")
+    kept = (
+        "source",
+        "n_rows",
+        "max_rows",
+        *METRICS,
+        "bertscore_precision",
+        "bertscore_recall",
+        "rows_per_process",
+        *DISTRIBUTION_METRICS,
+    )
     results = {
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -232,6 +249,9 @@ def validate_results(results: Any, where: str = "results.json") -> None:
             check_block(_require(entry, metric, dict, at), f"{at}.{metric}")
             if sorted(entry[metric]["per_seed"]) != sorted(str(s) for s in seeds):
                 raise ValueError(f"{at}.{metric}: per_seed keys differ from settings.seeds {seeds}.")
+        for metric in DISTRIBUTION_METRICS:
+            if metric in entry:
+                check_block(_require(entry, metric, dict, at), f"{at}.{metric}", metric)
 
 
 def generation_records(dataset: str, examples: Sequence[Any], report: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -274,6 +294,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     settings = results["settings"]
     bert = settings["bertscore"]
     metrics = list(METRICS if bert.get("enabled") else METRICS[:2])
+    pooled = [m for m in DISTRIBUTION_METRICS if any(m in e for e in results["datasets"].values())]
     decoding = settings["decoding"]
     mode = "sampling" if decoding.get("do_sample", True) else "greedy"
     lines = [
@@ -301,4 +322,19 @@ def results_markdown(results: dict[str, Any]) -> str:
     for name, entry in results["datasets"].items():
         cells = " | ".join(summary_cell(entry.get(m)) for m in metrics)
         lines.append(f"| {name} | {entry['n_rows']} | {cells} |")
+    if pooled:
+        teacher = settings.get("teacher") or {}
+        lines += [
+            "",
+            "Distribution-level metrics (one value per dataset, pooled over the seeds; fkl / rkl in nats per "
+            "token and the head / tail recalls relative to the teacher's mass, teacher-forced on the references"
+            + (f" with teacher `{teacher.get('source')}`, top-p {teacher.get('head_top_p')}" if teacher else "")
+            + "; distinct-n and self-BLEU 0-100):",
+            "",
+            "| dataset | " + " | ".join(METRIC_TITLES[m] for m in pooled) + " |",
+            "|---|" + "---:|" * len(pooled),
+        ]
+        for name, entry in results["datasets"].items():
+            cells = " | ".join(f"{entry[m]['mean']:.4g}" if m in entry else "–" for m in pooled)
+            lines.append(f"| {name} | {cells} |")
     return "\n".join(lines) + "\n"

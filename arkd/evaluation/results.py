@@ -26,23 +26,48 @@ from typing import Any
 SCHEMA_VERSION = 1
 # The protocol's metrics, in report order; BERTScore's precision and recall ride along when computed.
 METRICS = ("rougeL", "exact_match", "bertscore_f1")
-ALL_METRICS = (*METRICS, "bertscore_precision", "bertscore_recall")
+# The distribution-level metrics (arkd.evaluation.distribution): one pooled value per model and dataset, no per-seed
+# values. fkl / rkl are nats per token (>= 0), the recalls ratios to the teacher's mass (>= 0, 1: the teacher's own),
+# distinct-n and self-BLEU 0-100.
+DISTRIBUTION_METRICS = ("fkl", "rkl", "head_recall", "tail_recall", "distinct_1", "distinct_2", "self_bleu")
+UNBOUNDED_METRICS = ("fkl", "rkl", "head_recall", "tail_recall")
+ALL_METRICS = (*METRICS, "bertscore_precision", "bertscore_recall", *DISTRIBUTION_METRICS)
 METRIC_TITLES = {
     "rougeL": "Rouge-L",
     "exact_match": "Exact match",
     "bertscore_f1": "BERTScore F1",
     "bertscore_precision": "BERTScore P",
     "bertscore_recall": "BERTScore R",
+    "fkl": "FKL (nats/token)",
+    "rkl": "RKL (nats/token)",
+    "head_recall": "Head recall",
+    "tail_recall": "Tail recall",
+    "distinct_1": "Distinct-1",
+    "distinct_2": "Distinct-2",
+    "self_bleu": "Self-BLEU",
+}
+# Which direction is better, for the metrics where one is (None: neither; a trade-off metric).
+HIGHER_IS_BETTER = {
+    "rougeL": True,
+    "exact_match": True,
+    "bertscore_f1": True,
+    "bertscore_precision": True,
+    "bertscore_recall": True,
+    "fkl": False,
+    "rkl": False,
 }
 # The models a training report scores.
 REPORT_MODELS = ("teacher", "student_before", "student_after")
 
 __all__ = [
     "ALL_METRICS",
+    "DISTRIBUTION_METRICS",
+    "HIGHER_IS_BETTER",
     "METRICS",
     "METRIC_TITLES",
     "REPORT_MODELS",
     "SCHEMA_VERSION",
+    "UNBOUNDED_METRICS",
     "check_block",
     "summary_cell",
     "validate_report",
@@ -72,15 +97,23 @@ def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> A
     return value
 
 
-def check_block(block: Any, where: str) -> None:
-    """Check one score block: ``mean`` in [0, 100], ``std`` None or >= 0, a non-empty ``per_seed``."""
+def check_block(block: Any, where: str, metric: str | None = None) -> None:
+    """Check one score block: ``mean`` in [0, 100], ``std`` None or >= 0, a non-empty ``per_seed``.
+
+    A distribution-level ``metric`` (:data:`DISTRIBUTION_METRICS`) pools the seeds: its ``per_seed`` may be empty,
+    and fkl / rkl / the recalls need only be finite and >= 0. ``metric`` defaults to the last part of ``where``.
+    """
+    metric = metric if metric is not None else where.rsplit(".", 1)[-1]
+    pooled = metric in DISTRIBUTION_METRICS
     mean = _require(block, "mean", (int, float), where)
     std = _require(block, "std", (int, float, type(None)), where)
     per_seed = _require(block, "per_seed", dict, where)
-    if not per_seed:
+    if not per_seed and not pooled:
         raise ValueError(f"{where}: 'per_seed' is empty; expected one value per seed.")
-    if not 0 <= mean <= 100 or (std is not None and std < 0):
-        raise ValueError(f"{where}: mean {mean} / std {std} out of range; expected 0 <= mean <= 100 and std >= 0.")
+    upper = float("inf") if metric in UNBOUNDED_METRICS else 100
+    if not 0 <= mean <= upper or mean != mean or (std is not None and std < 0):
+        bound = "0 <= mean" if upper == float("inf") else "0 <= mean <= 100"
+        raise ValueError(f"{where}: mean {mean} / std {std} out of range; expected {bound} and std >= 0.")
 
 
 def validate_report(report: Any, where: str = "report.json") -> None:
@@ -101,4 +134,4 @@ def validate_report(report: Any, where: str = "report.json") -> None:
         if not isinstance(blocks, dict):
             raise ValueError(f"{where}: results.{model} is {type(blocks).__name__}; expected metric blocks.")
         for metric, block in blocks.items():
-            check_block(block, f"{where} results.{model}.{metric}")
+            check_block(block, f"{where} results.{model}.{metric}", metric)

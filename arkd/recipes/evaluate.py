@@ -100,6 +100,8 @@ def _looks_like_path(source: str) -> bool:
 def _model_sources(cfg: DictConfig) -> dict[str, str]:
     """``model_path`` and ``tokenizer_path`` as strings; a path-like value that does not exist is an error."""
     sources = {"model_path": str(cfg.model_path), "tokenizer_path": str(cfg.tokenizer_path or cfg.model_path)}
+    if cfg.get("teacher_path"):
+        sources["teacher_path"] = str(cfg.teacher_path)
     for key, source in sources.items():
         if not Path(source).expanduser().exists() and _looks_like_path(source):
             raise EvalError(f"{key}={source}: no such directory; expected a model directory or a Hub name.")
@@ -189,6 +191,29 @@ def _vllm_generator(cfg: DictConfig, decoding):
     return skeleton, tokenizer, generator
 
 
+def load_teacher(cfg: DictConfig, device: str, tokenizer):
+    """The teacher of ``teacher_path`` on ``device`` (None without one); its saved tokenizer must be the model's."""
+    from arkd.models import load_model, load_tokenizer, resolve_dtype
+
+    if not cfg.get("teacher_path"):
+        return None
+    source = Path(str(cfg.teacher_path)).expanduser()
+    try:
+        teacher = load_model(source, dtype=resolve_dtype(str(cfg.dtype)))
+    except OSError as err:
+        raise EvalError(f"{_first_line(err)} (set teacher_path=PATH to the teacher's model directory).") from err
+    try:
+        own = load_tokenizer(source)
+    except (OSError, ValueError, TypeError):
+        own = None  # a teacher saved without its tokenizer: the model's is assumed
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        raise EvalError(
+            f"teacher_path={cfg.teacher_path}: its tokenizer differs from the model's ({len(own)} vs "
+            f"{len(tokenizer)} tokens); expected a teacher with the same tokenizer."
+        )
+    return teacher.to(device).eval()
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else ""
@@ -221,6 +246,12 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
     except (TypeError, ValueError) as err:
         raise EvalError(f"decoding: {err}") from err
     backend = _check_backend(cfg, decoding)
+    _head_top_p(cfg)
+    if backend == "vllm" and cfg.get("teacher_path"):
+        raise EvalError(
+            "teacher_path is set with backend=vllm: the teacher-forced metrics need the model's own logits; use "
+            "backend=hf, or leave teacher_path unset."
+        )
     specs = resolve_datasets(cfg)
     device, started = start_processes(str(cfg.device))
     try:
@@ -228,6 +259,14 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict[st
     finally:
         if started:
             end_processes()
+
+
+def _head_top_p(cfg: DictConfig) -> float:
+    """``distribution.head_top_p``, checked: a number in (0, 1]."""
+    head_top_p = float((cfg.get("distribution") or {}).get("head_top_p", 0.9))
+    if not 0.0 < head_top_p <= 1.0:
+        raise EvalError(f"distribution.head_top_p={head_top_p}; expected a number in (0, 1].")
+    return head_top_p
 
 
 BACKENDS = ("hf", "vllm")
@@ -350,6 +389,9 @@ def _evaluate(
         dropped = 0  # vLLM keeps the rows; allowed_token_ids keeps sampling to the tokenizer's ids
     else:
         model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
+    teacher = load_teacher(cfg, device, tokenizer)
+    dist_cfg = cfg.get("distribution") or {}
+    head_top_p = _head_top_p(cfg)
     progress = bool(cfg.progress) and main
     reports: dict[str, dict[str, Any]] = {}
     for spec in specs:
@@ -368,6 +410,9 @@ def _evaluate(
             progress=progress,
             desc=spec.name,
             generate_fn=generate_fn,
+            teacher=teacher,
+            head_top_p=head_top_p,
+            diversity=bool(dist_cfg.get("diversity", True)),
         )
         reports[spec.name] = {"source": str(spec.path), "max_rows": spec.max_rows, **report}
     bert_settings: dict[str, Any] = {"enabled": bert is not None}
@@ -382,6 +427,8 @@ def _evaluate(
         "backend": backend,
         "num_processes": pdist.world_size(),
     }
+    if teacher is not None:
+        settings["teacher"] = {"source": str(cfg.teacher_path), "head_top_p": head_top_p}
     label = str(cfg.label) if cfg.label else Path(str(cfg.model_path)).name
     identity = model_identity(
         model,

@@ -412,10 +412,10 @@ def test_report_evaluates_every_model_on_the_tokenizers_vocabulary(tmp_path, tin
     widths: dict[str, int] = {}
     original = arkd.report._evaluate
 
-    def record(model, tokenizer, examples, cfg, label):
+    def record(model, tokenizer, examples, cfg, label, **kwargs):
         with torch.no_grad():
             widths[label] = model(input_ids=torch.tensor([[1, 2]], device=model.device)).logits.shape[-1]
-        return original(model, tokenizer, examples, cfg, label)
+        return original(model, tokenizer, examples, cfg, label, **kwargs)
 
     monkeypatch.setattr(arkd.report, "_evaluate", record)
     overrides = _pair_run_overrides("qwen2.5_0.5b", student, student, teacher, dolly_like, tmp_path / "run")
