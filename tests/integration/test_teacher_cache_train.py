@@ -125,3 +125,62 @@ def test_arkd_train_from_the_cache_never_builds_the_teacher_and_matches_the_live
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("arkd-train: teacher.cache_dir=") and "holds no teacher cache" in last
     assert "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+BIN = Path(sys.executable).parent
+WORKER = Path(__file__).with_name("_train_worker.py")
+
+
+@pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun is not installed")
+def test_two_gloo_processes_from_the_cache_match_the_live_teacher(tmp_path):
+    """DDP on two gloo processes: each rank reads its own rows from the cache; at k = V the ranks stay identical and
+    end where the live-teacher run on two processes ends (float tolerance). The teacher is the tiny model as built
+    (init_sft.teacher=null): a teacher SFT'd on two processes is another model than the writer's one-process SFT."""
+    from hydra.utils import instantiate
+
+    from arkd.cli.cache_teacher import write_for_config
+
+    common = [
+        "config=tiny",
+        f"cache_dir={tmp_path / 'sft'}",
+        "trainer.cpu=true",
+        "init_sft.teacher=null",
+        "init_sft.student=null",
+        "data.splits.n_train=64",
+        "data.splits.n_validation=4",
+        "data.batch_size=4",
+        "trainer.max_steps=3",
+        "trainer.eval_interval=0",
+        "trainer.progress=false",
+        "reward.interval=1",
+        "validation.max_new_tokens=2",
+        "report.enabled=false",
+    ]
+    v = len(instantiate(_compose(*common).tokenizer))
+    cache = [f"teacher.cache_dir={tmp_path / 'teacher_cache'}", f"teacher.top_k={v}"]
+    write_for_config(_compose(*common, *cache), progress=False)
+    dumps = {}
+    for name, extra in (("live", []), ("cached", cache)):
+        dump = tmp_path / f"dump_{name}"
+        dump.mkdir()
+        import os
+
+        env = dict(os.environ, ARKD_TEST_DUMP=str(dump), OMP_NUM_THREADS="1")
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               str(WORKER), *common, *extra, f"hydra.run.dir={tmp_path / name}"]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        dumps[name] = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    rank0, rank1 = dumps["cached"]
+    for key, value in rank0["student"].items():
+        assert torch.equal(value, rank1["student"][key]), key
+    for key, value in dumps["live"][0]["student"].items():
+        torch.testing.assert_close(rank0["student"][key], value, rtol=1e-4, atol=1e-4, msg=key)

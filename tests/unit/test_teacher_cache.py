@@ -392,3 +392,18 @@ def test_what_cannot_work_from_a_top_k_teacher_is_refused(tiny, caches, tmp_path
         Trainer(teacher=cache, loss=BidirectionalKLLoss(reduction="sum"),
                 config=TrainerConfig(max_steps=1, fused_linear=True), **common)  # fmt: skip
     Trainer(teacher=cache, loss=ForwardKLLoss(reduction="sum"), config=TrainerConfig(max_steps=1), **common)
+
+
+def test_bfloat16_storage_halves_the_log_probabilities_within_their_precision(tiny, caches, tmp_path):
+    tokenizer, _, collate, teacher, rows = tiny
+    v = len(tokenizer)
+    manifest = write_cache(tmp_path, teacher=teacher, rows=rows, identity=_identity(v, 8), collate=collate,
+                           dtype="bfloat16", shard_rows=10, batch_size=7, progress=False)  # fmt: skip
+    full = json.loads((caches[8] / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and manifest["tokens_total"] == full["tokens_total"]
+    assert manifest["bytes_total"] < 0.8 * full["bytes_total"]  # 4k + 4 instead of 8k + 4 bytes per token
+    batch = collate(rows[:6])
+    low, high = TeacherCache(tmp_path, _identity(v, 8))(batch), TeacherCache(caches[8], _identity(v, 8))(batch)
+    assert torch.equal(low.indices, high.indices)
+    torch.testing.assert_close(low.logprobs, high.logprobs, rtol=2**-7, atol=1e-3)  # bfloat16: 8 bits of mantissa
+    torch.testing.assert_close(low.log_tail, high.log_tail)  # the tail stays float32
