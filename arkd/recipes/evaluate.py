@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,7 @@ def _head_top_p(cfg: DictConfig) -> float:
 
 
 BACKENDS = ("hf", "vllm")
+PROCESS_TIMEOUT = timedelta(hours=4)
 
 
 def _check_backend(cfg: DictConfig, decoding) -> str:
@@ -312,7 +314,9 @@ def start_processes(setting: str) -> tuple[str, bool]:
     from accelerate import PartialState
 
     started = not (dist.is_available() and dist.is_initialized())
-    state = PartialState(cpu=setting == "cpu" or not torch.cuda.is_available())
+    # The other processes wait in a collective while the main one scores a dataset (Rouge-L and BERTScore of every
+    # seed), which can outlast torch's default timeout (30 minutes; less for NCCL): allow PROCESS_TIMEOUT.
+    state = PartialState(cpu=setting == "cpu" or not torch.cuda.is_available(), timeout=PROCESS_TIMEOUT)
     return str(state.device), started
 
 
