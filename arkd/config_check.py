@@ -341,7 +341,7 @@ def _build_cheap_objects(cfg: Any) -> None:
     from omegaconf import DictConfig, OmegaConf
 
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    for group in ("loss", "policy", "reward", "probe"):
+    for group in ("loss", "policy", "reward", "probe", "rollout"):
         if node.get(group) is None:
             continue
         try:

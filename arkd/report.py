@@ -231,6 +231,13 @@ def report_markdown(report: dict[str, Any], plot: Path | None = None) -> str:
         f"{training.get('skipped_steps', 0)} skipped; best {training.get('best_metric')} "
         f"{training.get('best_value')}.",
     ]
+    if training.get("rollout"):
+        share = training.get("rollout_share")
+        lines += [
+            "",
+            f"Rollout `{training['rollout']}`: generation took {training.get('rollout_seconds', 0):.1f} s"
+            + (f", {100 * share:.1f}% of the training time." if share is not None else "."),
+        ]
     signal = report.get("alpha_signal")
     if signal:
         agreement = signal.get("sign_agreement")

@@ -49,6 +49,7 @@ from arkd.policy.lookahead import BatchScorer, StepPreview, as_params, global_no
 from arkd.policy.strategies import StepContext
 from arkd.progress import progress_bar
 from arkd.reward import reduce_tokens, token_alignment
+from arkd.rollout import DatasetResponses
 from arkd.run_log import MetricsLogger
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -481,6 +482,8 @@ class Trainer:
             (the recipe's shares the rows over the processes: ``arkd.evaluation.sharding.generate_sharded``).
         score_fn: ``(predictions, references) -> float``: Rouge-L x 100.
         logger: a :class:`MetricsLogger` (None: one is created in ``output_dir`` on the main process).
+        rollout: an ``arkd.rollout.RolloutSource`` that turns each dataset batch into the batch trained on (None: the
+            dataset's responses, ``arkd.rollout.DatasetResponses``).
     """
 
     def __init__(
@@ -503,6 +506,7 @@ class Trainer:
         predict_fn: Callable[[torch.nn.Module, Sequence[Any]], list[str]] | None = None,
         score_fn: Callable[[list[str], list[list[str]]], float] | None = None,
         logger: MetricsLogger | None = None,
+        rollout: Any = None,
     ) -> None:
         if teacher is None and (config.kd_weight != 0 or loss is not None):
             raise ValueError("a KD run needs a teacher: set `teacher=...` (or use `loss=cross_entropy` for SFT).")
@@ -561,6 +565,33 @@ class Trainer:
             self.teacher = prepare_teacher(accelerator, teacher)
         self.logger = logger or MetricsLogger(self.run_dir, enabled=self.is_main)
         accelerator.gradient_accumulation_steps = config.grad_accum
+        self.rollout = self._bind_rollout(rollout if rollout is not None else DatasetResponses())
+        self._rollout_seconds = 0.0
+        self._rollout_counts = [0.0, 0.0]  # the window's student share summed over sequences, sequences
+        self.rollout_seconds_total = 0.0  # generation time of this fit() (the recipe's summary)
+
+    def _bind_rollout(self, rollout: Any) -> Any:
+        """Give the rollout source the models it generates with (the student as trained, unwrapped)."""
+        from accelerate.utils import DistributedType
+
+        acc, name = self.accelerator, type(rollout).__name__
+        if rollout.generates and acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ValueError(
+                f"{name} generates with the full student on every process, which {acc.distributed_type.value} "
+                "shards: use DDP (launch/accelerate/multi_gpu_ddp.yaml) or rollout=none."
+            )
+        if rollout.needs_validation and not (self.validation_batches and self.cfg.eval_interval > 0):
+            raise ValueError(
+                f"{name} adapts on the validation loss: set trainer.eval_interval > 0 and give validation data."
+            )
+        if rollout.tokenizer is None:
+            rollout.configure(tokenizer=self.tokenizer, seed=0)
+        teacher = self.accelerator.unwrap_model(self.teacher) if self.teacher is not None else None
+        rollout.bind(
+            student=acc.unwrap_model(self.student), teacher=teacher, device=acc.device, rank=acc.process_index,
+            world_size=acc.num_processes,
+        )  # fmt: skip
+        return rollout
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -572,6 +603,7 @@ class Trainer:
         healthy = self.weights_finite() and self._skipped_share() <= self.cfg.max_skipped_fraction
         model_state = acc.get_state_dict(self.student)
         rng_states = pdist.gather_objects(ckpt.capture_rng_state())
+        rollout_states = pdist.gather_objects(self.rollout.state_dict())  # one per process (its own buffer)
         path = None
         if self.is_main:
             config_file = self.run_dir / "config.yaml"
@@ -584,6 +616,7 @@ class Trainer:
                 "probe": self.probe.state_dict() if self.probe is not None else None,
                 "loss": self.loss.state_dict() if self.loss is not None else None,
                 "data": self.batches.state_dict(),
+                "rollout": rollout_states,
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "world_size": acc.num_processes,
             }
@@ -635,6 +668,14 @@ class Trainer:
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data"])
+        rollout = state.get("rollout")
+        if rollout is not None:
+            if len(rollout) != self.accelerator.num_processes:
+                raise ValueError(
+                    f"the checkpoint holds the rollout state of {len(rollout)} process(es), this run has "
+                    f"{self.accelerator.num_processes}; resume with the same number of processes"
+                )
+            self.rollout.load_state_dict(rollout[self.accelerator.process_index])
         self.state.load_state_dict(state["train"])
         rng = ckpt.read_rng_state(path, self.accelerator.process_index)
         if rng is not None:
@@ -744,11 +785,18 @@ class Trainer:
         window = []
         for _ in range(self.cfg.grad_accum):
             batch = next(self.batches)
+            started = time.perf_counter()
+            train_batch = self.rollout.draw(batch, step=self.state.step + 1, max_steps=self.cfg.max_steps)
+            self._rollout_seconds += time.perf_counter() - started
+            share = train_batch.get("on_policy")
+            if share is not None:
+                self._rollout_counts[0] += float(share.sum())
+            self._rollout_counts[1] += float(train_batch["input_ids"].shape[0])
             if self._next is not None and self._next[0] is batch:  # peeked by the last step's reward or probe
                 _, device_batch, teacher_logits = self._next
                 window.append((device_batch, teacher_logits))
             else:
-                window.append(({k: v.to(self.accelerator.device) for k, v in batch.items()}, None))
+                window.append(({k: v.to(self.accelerator.device) for k, v in train_batch.items()}, None))
             self._next = None
         return window
 
@@ -756,7 +804,10 @@ class Trainer:
         """The next training batch (on the device) and its teacher logits, kept for the next step."""
         if self._next is None:
             batch = self.batches.peek()
-            device_batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            started = time.perf_counter()
+            train_batch = self.rollout.preview(batch, step=self.state.step + 2, max_steps=self.cfg.max_steps)
+            self._rollout_seconds += time.perf_counter() - started
+            device_batch = {k: v.to(self.accelerator.device) for k, v in train_batch.items()}
             self._next = (batch, device_batch, self._teacher_logits(device_batch))
         return self._next[1], self._next[2]
 
@@ -836,6 +887,7 @@ class Trainer:
         out.student_hidden = h
         out.tokens = int(m.sum())
         options = {"temperature": cfg.temperature, "mu": cfg.feature_mu, **self._feature_options}
+        options["on_policy"] = batch.get("on_policy")
         if self.loss is not None and cfg.kd_weight != 0:
             if choose_alpha is not None:
                 if h is not None:
@@ -911,6 +963,7 @@ class Trainer:
         """One optimizer step over one accumulation window; returns the statistics to log."""
         acc, cfg = self.accelerator, self.cfg
         started = time.perf_counter()
+        self._rollout_seconds, self._rollout_counts = 0.0, [0.0, 0.0]
 
         # accelerate syncs gradients (DDP) and lets the optimizer step on the window's last micro-batch only.
         acc.gradient_accumulation_steps, acc.step = cfg.grad_accum, 0
@@ -1028,6 +1081,7 @@ class Trainer:
             "padding_share": float(padding[0]) / max(float(padding[1]), 1.0),
         }
         if not finite:
+            row.update(self._rollout_row())
             return self._skip(row, loss_value, global_tokens)
 
         # 5. Counterfactual measurements from the optimiser state before the step: paired reward and probe.
@@ -1065,6 +1119,7 @@ class Trainer:
             skipped_steps=self.state.skipped_steps,
             **extra,
         )
+        row.update(self._rollout_row())
         if self.strategy is not None:
             # The strategy's own statistics (policy entropy, concentration, rewards, ...); the trainer's window-wide
             # alpha statistics and losses win.
@@ -1073,6 +1128,21 @@ class Trainer:
             row = merged
         row.setdefault("policy_entropy", None)
         return row
+
+    def _rollout_row(self) -> dict[str, Any]:
+        """``rollout_student_fraction`` (the student's share of the window's sequences, all processes) and
+        ``rollout_seconds`` (this step's generation time, the slowest process), with the source's own statistics."""
+        acc = self.accelerator
+        counts = acc.reduce(torch.tensor(self._rollout_counts, device=acc.device, dtype=torch.float64), reduction="sum")
+        seconds = torch.tensor(self._rollout_seconds, device=acc.device, dtype=torch.float64)
+        if acc.num_processes > 1:
+            seconds = acc.reduce(seconds, reduction="max")
+        self.rollout_seconds_total += float(seconds)
+        return {
+            "rollout_student_fraction": float(counts[0]) / max(float(counts[1]), 1.0),
+            "rollout_seconds": float(seconds),
+            **self.rollout.last_log(),
+        }
 
     def _skip(self, row: dict[str, Any], loss_value: float, global_tokens: int) -> dict[str, Any]:
         """A non-finite step: skip it (count it) or stop, as ``trainer.on_nonfinite`` says."""
@@ -1189,6 +1259,8 @@ class Trainer:
             self._clean_stale()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        if self.rollout.validates_at_start and self.state.step == 0:
+            self._initial_validation()
         self.student.train()
         bar = progress_bar(
             total=cfg.max_steps,
@@ -1271,6 +1343,16 @@ class Trainer:
             )
         return None
 
+    def _initial_validation(self) -> None:
+        """The validation before the first step, for a rollout source that adapts on it (logged as step 0)."""
+        rng = ckpt.capture_rng_state()
+        try:
+            row = self.validate()
+        finally:
+            ckpt.restore_rng_state(rng)
+        self.logger.log({"step": 0, "split": "validation", **row})
+        self.rollout.observe_validation(row)
+
     def _validate_and_keep_best(self, step: int) -> None:
         if not self.validation_batches and not self.validation_examples:
             return
@@ -1285,6 +1367,7 @@ class Trainer:
         finally:
             ckpt.restore_rng_state(rng)
         self.logger.log({"step": step, "split": "validation", **row})
+        self.rollout.observe_validation(row)
         score = row.get(self.cfg.best_metric)
         if score is None or not math.isfinite(score):
             return

@@ -11,6 +11,9 @@ student's next-token distribution (softmax of logits / temperature):
   cumulative teacher mass is <= mu (the top-1 token always belongs to it); g_head = sum_{v in head} |p_v - q_v|,
   g_tail = sum_{v not in head} |p_v - q_v|.
 - ``top1_agreement`` = 1[argmax p = argmax q], ``teacher_confidence`` = max_v p_v
+- ``on_policy``: the student's share of the distribution the token's sequence was sampled from (1: the student's
+  own sample, 0: a dataset or teacher response, ``1 - a`` for MiniLLM's mixture; ``arkd.rollout``), the same on
+  every counted token of a sequence; 0 when the batch carries no ``on_policy``.
 - ``todi_alpha`` = sum_v p_v sigmoid(log p_v - log q_v): the teacher-weighted mean of ToDi's per-vocabulary weights,
   a token-level summary used by ``ToDiHeuristic`` (not an input of the policy network).
 
@@ -38,6 +41,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "tail_gap",
     "top1_agreement",
     "teacher_confidence",
+    "on_policy",
 )
 
 
@@ -49,7 +53,7 @@ class Features:
 
     Attributes:
         fkl, rkl, teacher_entropy, student_entropy, head_gap, tail_gap, top1_agreement, teacher_confidence,
-        todi_alpha: ``[B, T]`` per-token statistics (see the module docstring).
+        on_policy, todi_alpha: ``[B, T]`` per-token statistics (see the module docstring).
         mask: ``[B, T]`` bool, True where the token is counted.
         temperature: the temperature the distributions were computed at.
         mu: AKL's head mass threshold used for ``head_gap`` / ``tail_gap``.
@@ -63,6 +67,7 @@ class Features:
     tail_gap: torch.Tensor
     top1_agreement: torch.Tensor
     teacher_confidence: torch.Tensor
+    on_policy: torch.Tensor
     todi_alpha: torch.Tensor
     mask: torch.Tensor
     temperature: float = 1.0
@@ -152,6 +157,7 @@ def compute_features(
     temperature: float = 1.0,
     mu: float = 0.5,
     chunk_size: int | None = None,
+    on_policy: torch.Tensor | None = None,
 ) -> Features:
     """Per-token teacher-student statistics from logits the step already has.
 
@@ -169,6 +175,8 @@ def compute_features(
         temperature: softmax temperature of both distributions (> 0).
         mu: AKL's head mass threshold in (0, 1].
         chunk_size: rows per chunk (None: ``CHUNK_ELEMENTS // V``, at least 1).
+        on_policy: ``[B]`` the student's share of each sequence's sampling distribution (the batch's
+            ``on_policy``, ``arkd.rollout``); None: 0.
 
     Returns:
         A ``Features`` with ``[B, T]`` statistics (0 where not counted).
@@ -186,7 +194,7 @@ def compute_features(
         raise ValueError(f"compute_features: chunk_size must be >= 1, got {chunk_size}")
     s_flat = student_logits.detach().reshape(-1, student_logits.shape[-1])
     rows_logits = lambda rows: s_flat.index_select(0, rows).float()  # noqa: E731
-    return _chunked(rows_logits, teacher_logits, mask, temperature, mu, chunk_size)
+    return _chunked(rows_logits, teacher_logits, mask, temperature, mu, chunk_size, on_policy=on_policy)
 
 
 @torch.no_grad()
@@ -200,6 +208,7 @@ def compute_features_from_hidden(
     temperature: float = 1.0,
     mu: float = 0.5,
     chunk_size: int | None = None,
+    on_policy: torch.Tensor | None = None,
 ) -> Features:
     """:func:`compute_features` from the student's final hidden states ``[B, T, H]`` and output weight ``[V, H]``
     (and bias): each chunk's student logits ``h W^T + b`` are built in fp32 and dropped, so the ``[B, T, V]`` student
@@ -223,10 +232,10 @@ def compute_features_from_hidden(
         return F.linear(h_flat.index_select(0, rows).float(), weight, b)
 
     shape = (*student_hidden.shape[:2], teacher_logits.shape[-1])
-    return _chunked(rows_logits, teacher_logits, mask, temperature, mu, chunk_size, shape=shape)
+    return _chunked(rows_logits, teacher_logits, mask, temperature, mu, chunk_size, shape=shape, on_policy=on_policy)
 
 
-def _chunked(student_rows, teacher_logits, mask, temperature, mu, chunk_size, shape=None) -> Features:
+def _chunked(student_rows, teacher_logits, mask, temperature, mu, chunk_size, shape=None, on_policy=None) -> Features:
     """The statistics of the counted rows, ``chunk_size`` rows at a time (``student_rows(row_indices)`` gives the
     student's fp32 logits of those rows)."""
     b, t, v = shape or teacher_logits.shape
@@ -244,10 +253,15 @@ def _chunked(student_rows, teacher_logits, mask, temperature, mu, chunk_size, sh
         for name, value in stats.items():
             out[name][chunk] = value
     views = {name: value.view(b, t) for name, value in out.items()}
+    if on_policy is not None:
+        share = torch.as_tensor(on_policy, dtype=torch.float32, device=device).reshape(-1)
+        if share.numel() != b:
+            raise ValueError(f"compute_features: on_policy must be [B] = [{b}], got shape {tuple(share.shape)}")
+        views["on_policy"] = torch.where(mask, share.unsqueeze(1).expand(b, t), 0.0)
     return Features(**views, mask=mask, temperature=float(temperature), mu=float(mu))
 
 
-_STATISTICS = (*FEATURE_NAMES, "todi_alpha")
+_STATISTICS = (*FEATURE_NAMES, "todi_alpha")  # on_policy: from the batch, not the logits
 
 
 @torch.no_grad()

@@ -116,12 +116,16 @@ class LearnedPolicy(AlphaStrategy):
         self.in_features = len(FEATURE_NAMES) + 3
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            # The on_policy input gets zero-initialised weights of its own: the other weights are drawn as before that
+            # feature existed, and a run without generated batches (on_policy 0 everywhere, so those weights keep a
+            # zero gradient) computes exactly what it computed then (docs/policy.md).
             self.network = PolicyNetwork(
                 self.in_features,
                 hidden_size=hidden_size,
                 num_layers=num_layers,
                 init_alpha=init_alpha,
                 init_concentration=init_concentration,
+                zero_inputs=(ON_POLICY_COLUMN,),
             )
             self._rng_state = torch.get_rng_state()
         pdist.broadcast_parameters(self.network)
@@ -391,6 +395,8 @@ class LearnedPolicy(AlphaStrategy):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "zero_weight" not in state["network"]:
+            state = _with_on_policy_input(state, self.network.zero_weight)  # a checkpoint written before the on_policy feature existed
         if state.get("granularity") != self.granularity:
             raise ValueError(
                 f"LearnedPolicy.load_state_dict: checkpoint granularity {state.get('granularity')!r} does not match "
@@ -408,3 +414,27 @@ class LearnedPolicy(AlphaStrategy):
         self._buffer = [tuple(t.clone() for t in entry) for entry in state["buffer"]]
         self._pending = []
         self._candidates = []
+
+
+#: The network input of the ``on_policy`` feature (after the other statistics, before the three context inputs).
+ON_POLICY_COLUMN = FEATURE_NAMES.index("on_policy")
+
+
+def _with_on_policy_input(state: dict, zero_weight: torch.Tensor) -> dict:
+    """A policy state written before the ``on_policy`` feature, with that input added: its zero weights (appended
+    after the other parameters, so Adam's numbering of those stays), a zero column in the PPO buffer's states and a
+    neutral running-norm entry (mean 0, var 1): the resumed policy computes what it computed before."""
+    state = dict(state)
+    state["network"] = {**state["network"], "zero_weight": torch.zeros_like(zero_weight)}
+    optimizer = state["optimizer"]
+    groups = [dict(g) for g in optimizer["param_groups"]]
+    groups[-1]["params"] = [*groups[-1]["params"], max(p for g in groups for p in g["params"]) + 1]
+    state["optimizer"] = {**optimizer, "param_groups": groups}
+    norm = dict(state["norm"])
+    column = ON_POLICY_COLUMN
+    norm["mean"] = torch.cat([norm["mean"][:column], norm["mean"].new_zeros(1), norm["mean"][column:]])
+    norm["var"] = torch.cat([norm["var"][:column], norm["var"].new_ones(1), norm["var"][column:]])
+    state["norm"] = norm
+    zeros = lambda x: torch.cat([x[..., :column], x.new_zeros(*x.shape[:-1], 1), x[..., column:]], dim=-1)  # noqa: E731
+    state["buffer"] = [(zeros(entry[0]), *entry[1:]) for entry in state["buffer"]]
+    return state

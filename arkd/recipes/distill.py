@@ -323,6 +323,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, str(cfg.trainer.lr_schedule), int(cfg.trainer.warmup_steps), max_steps)
     reward = instantiate(cfg.reward) if strategy is not None and strategy.needs_reward else None
     probe = _build_probe(cfg, strategy)
+    rollout = _build_rollout(cfg, tokenizer, train_dataset, teacher)
 
     # Validation: loss on (a subset of) the validation split, Rouge-L of generations on a subset.
     validation = list(splits["validation"])
@@ -378,6 +379,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         predict_fn=predict_fn,
         score_fn=rouge_l,
         logger=logger,
+        rollout=rollout,
     )
     if resume_from is not None:
         accelerator.print(f"arkd: resuming from {resume_from}")
@@ -394,6 +396,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "best_value": state.best_value,
         "best_step": state.best_step if state.best_step >= 0 else None,
         "train_seconds": train_seconds,
+        "rollout": _rollout_choice(cfg),
+        "rollout_seconds": trainer.rollout_seconds_total,
+        "rollout_share": trainer.rollout_seconds_total / train_seconds if train_seconds > 0 else None,
     }
 
     # Final evaluation on the test split: teacher, student before and after; report files.
@@ -418,6 +423,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if accelerator.num_processes > 1:
         accelerator.end_training()  # destroys the process group
     return summary
+
+
+def _rollout_choice(cfg: DictConfig) -> str | None:
+    """The ``rollout`` option's name (Hydra's choice, else the source's class), None without the group."""
+    if cfg.get("rollout") is None:
+        return None
+    choices, _ = _hydra_record()
+    return choices.get("rollout") or str(cfg.rollout.get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def _build_rollout(cfg: DictConfig, tokenizer: Any, train_dataset: Any, teacher: Any) -> Any:
+    """The ``rollout`` source (None without the group: the dataset's responses), configured with the run's
+    tokenizer, seed, ``data.max_length``, cache directory and training prompts."""
+    if cfg.get("rollout") is None:
+        return None
+    from hydra.utils import instantiate
+
+    rollout = instantiate(cfg.rollout)
+    if rollout.generates and teacher is None and cfg.loss is not None:
+        raise ConfigError("the rollout generates for a distillation run, which needs a teacher: set `teacher=...`.")
+    return rollout.configure(
+        tokenizer=tokenizer,
+        seed=int(cfg.seed),
+        max_length=int(cfg.data.max_length),
+        cache_dir=str(cfg.cache_dir),
+        train_prompts=[item.prompt_ids for item in train_dataset.items],
+    )
 
 
 def _build_probe(cfg: DictConfig, strategy: Any) -> Any:

@@ -1,0 +1,131 @@
+"""The rollout sweep of docs/results.md: ``rollout`` x alpha strategy x seeds on the tiny job, then one table.
+
+    python scripts/rollout_sweep.py run --out runs/rollout_sweep            # 5 rollouts x 3 strategies x 3 seeds
+    python scripts/rollout_sweep.py summarize --out runs/rollout_sweep      # the markdown table
+
+Every run is ``arkd-train config=tiny`` with the cell's ``rollout`` and ``policy`` (fkl, rkl: constant alpha 1 / 0;
+learned: ARKD), its seed, and the settings every generating cell shares (``--max-new-tokens``, default 32: the tiny
+job's validation and report length). A run whose ``report.json`` exists is skipped, so an interrupted sweep continues.
+``summarize`` reads each run's ``report.json`` and ``metrics.jsonl``: the student's test Rouge-L after distillation
+(mean +- std over seeds), its paired difference from ``rollout=none`` with the same strategy and seed (mean and a
+95% Student-t interval), the share of sequences the student generated, generation's share of the training time and
+the wall time per optimiser step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROLLOUTS = {
+    "none": [],
+    "gkd_0.5": ["rollout=gkd", "rollout.lmbda=0.5"],
+    "gkd_1": ["rollout=gkd", "rollout.lmbda=1"],
+    "seqkd": ["rollout=seqkd"],
+    "distillm": ["rollout=distillm"],
+}
+POLICIES = ("fkl", "rkl", "learned")
+
+
+def _run_dir(out: Path, rollout: str, policy: str, seed: int) -> Path:
+    return out / rollout / policy / f"seed{seed}"
+
+
+def run(args: argparse.Namespace) -> None:
+    arkd_train = str(Path(sys.executable).with_name("arkd-train"))
+    for seed in args.seeds:
+        for rollout, overrides in ROLLOUTS.items():
+            for policy in POLICIES:
+                run_dir = _run_dir(args.out, rollout, policy, seed)
+                if (run_dir / "report.json").is_file():
+                    continue
+                shared = [f"rollout.max_new_tokens={args.max_new_tokens}"] if overrides else []
+                cmd = [arkd_train, "config=tiny", *overrides, *shared, f"policy={policy}", f"seed={seed}"]
+                cmd += [f"label={rollout}-{policy}", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
+                cmd += [f"trainer.max_steps={args.steps}"] if args.steps else []
+                print(" ".join(cmd[1:]), flush=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr[-2000:], file=sys.stderr, flush=True)
+
+
+def _t_interval(values: list[float]) -> tuple[float, float]:
+    from arkd.evaluation.stats import paired_difference
+
+    result = paired_difference(values, [0.0] * len(values))
+    return result.low, result.high
+
+
+def summarize(args: argparse.Namespace) -> None:
+    from arkd.run_log import read_metrics
+
+    table: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    for rollout in ROLLOUTS:
+        for policy in POLICIES:
+            for seed in args.seeds:
+                run_dir = _run_dir(args.out, rollout, policy, seed)
+                report_file = run_dir / "report.json"
+                if not report_file.is_file():
+                    continue
+                report = json.loads(report_file.read_text())
+                training = report["training"]
+                rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") != "validation"]
+                fractions = [r["rollout_student_fraction"] for r in rows if "rollout_student_fraction" in r]
+                last = rows[-1] if rows else {}
+                table.setdefault((rollout, policy), {})[seed] = {
+                    "rougeL": report["results"]["student_after"]["rougeL"]["mean"],
+                    "before": report["results"]["student_before"]["rougeL"]["mean"],
+                    "student": statistics.fmean(fractions) if fractions else float("nan"),
+                    "share": training.get("rollout_share") or 0.0,
+                    "step_ms": 1000 * training["train_seconds"] / max(training["steps"], 1),
+                    "probability": last.get("rollout_probability"),
+                }
+    print(
+        "| rollout | strategy | seeds | Rouge-L after | vs none (paired, 95% CI) | student-generated | "
+        "generation share | ms / step |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for (rollout, policy), runs in table.items():
+        seeds = sorted(runs)
+        scores = [runs[s]["rougeL"] for s in seeds]
+        mean = statistics.fmean(scores)
+        std = statistics.stdev(scores) if len(scores) > 1 else float("nan")
+        base = table.get(("none", policy), {})
+        diffs = [runs[s]["rougeL"] - base[s]["rougeL"] for s in seeds if s in base]
+        if rollout == "none" or len(diffs) < 2:
+            paired = "—"
+        else:
+            low, high = _t_interval(diffs)
+            paired = f"{statistics.fmean(diffs):+.2f} [{low:+.2f}, {high:+.2f}]"
+        student = statistics.fmean(runs[s]["student"] for s in seeds)
+        share = statistics.fmean(runs[s]["share"] for s in seeds)
+        step_ms = statistics.median(runs[s]["step_ms"] for s in seeds)
+        probability = [runs[s]["probability"] for s in seeds if runs[s]["probability"] is not None]
+        note = f" (final p {', '.join(f'{p:.1f}' for p in probability)})" if probability else ""
+        print(
+            f"| {rollout} | {policy} | {len(seeds)} | {mean:.2f} ± {std:.2f} | {paired} | {100 * student:.0f}%{note} "
+            f"| {100 * share:.1f}% | {step_ms:.0f} |"
+        )
+    befores = [r["before"] for runs in table.values() for r in runs.values()]
+    if befores and not any(math.isnan(b) for b in befores):
+        print(f"\nStudent before distillation: {statistics.fmean(befores):.2f} Rouge-L (the SFT'd student).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("run", "summarize"))
+    parser.add_argument("--out", type=Path, default=Path("runs/rollout_sweep"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the tiny job's 240)")
+    args = parser.parse_args()
+    (run if args.command == "run" else summarize)(args)
+
+
+if __name__ == "__main__":
+    main()
