@@ -580,6 +580,11 @@ class Trainer:
                 f"{name} generates with the full student on every process, which {acc.distributed_type.value} "
                 "shards: use DDP (launch/accelerate/multi_gpu_ddp.yaml) or rollout=none."
             )
+        if rollout.generates and self.teacher_source is not None:
+            raise ValueError(
+                f"{name} trains on generated responses, whose teacher log-probabilities the teacher cache "
+                "(teacher.cache_dir) does not hold: use the live teacher (teacher.cache_dir=null) or rollout=none."
+            )
         if rollout.needs_validation and not (self.validation_batches and self.cfg.eval_interval > 0):
             raise ValueError(
                 f"{name} adapts on the validation loss: set trainer.eval_interval > 0 and give validation data."
