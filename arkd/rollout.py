@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,14 @@ import torch
 
 from arkd import distributed as pdist
 from arkd.data.collate import TrainingCollator
-from arkd.evaluation.generation import DecodingConfig, _generation_config, left_pad
+from arkd.evaluation.generation import (
+    DecodingConfig,
+    _generation_config,
+    _sampling_processors,
+    left_pad,
+    row_generator,
+    sample_rows,
+)
 
 __all__ = [
     "DatasetResponses",
@@ -122,10 +130,15 @@ def sample_mixture(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Sample continuations of left-padded prompts from ``a * p + (1 - a) * q`` token by token, both models on their
     KV caches (p the teacher's, q the student's distribution at ``temperature``; ``a = teacher_weight``; top-p on the
-    mixture). Finished rows continue with ``pad_id``. Returns the new tokens ``[B, <= max_new_tokens]``."""
+    mixture). Each row draws with its own generator (``arkd.evaluation.generation.sample_rows``; None: fresh
+    generators seeded 0, 1, ...). Finished rows continue with ``pad_id``. Returns the new tokens
+    ``[B, <= max_new_tokens]``."""
+    if generators is None:
+        generators = [torch.Generator().manual_seed(row) for row in range(input_ids.shape[0])]
     position = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     mask = attention_mask
     s_out = student(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True)
@@ -137,7 +150,8 @@ def sample_mixture(
         q = torch.softmax(s_out.logits[:, -1].float() / temperature, dim=-1)
         p = torch.softmax(t_out.logits[:, -1].float() / temperature, dim=-1)
         probs = _top_p_filter(teacher_weight * p + (1.0 - teacher_weight) * q, top_p)
-        token = torch.multinomial(probs, 1).squeeze(-1)
+        uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+        token = sample_rows(probs.log(), uniforms).to(input_ids.device)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         finished = finished | (token == eos_id)
@@ -180,6 +194,7 @@ class RolloutSource:
         self.rank, self.world_size = 0, 1
         self._drawn = 0
         self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.generation_seconds = 0.0  # wall time spent generating, cumulative (the trainer logs its increments)
 
     # ------------------------------------------------------------------ set-up
     def configure(
@@ -267,20 +282,29 @@ class RolloutSource:
 
     def _generate(self, model: Any, prompts: list[list[int]], decoding: DecodingConfig, seed: int) -> list[list[int]]:
         """Sampled (or greedy) continuations of ``prompts`` by ``model``: one left-padded ``generate`` call with the
-        KV cache, under a random state of its own; responses cut as :meth:`_cut` says."""
+        KV cache, each row drawing from its own random stream (``arkd.evaluation.generation``'s per-row sampler,
+        seeded by ``seed`` and the row); responses cut as :meth:`_cut` says."""
+        from transformers import LogitsProcessorList
+
         eos, pad = self._ids()
         input_ids, attention_mask = left_pad(prompts, pad)
+        processors = []
+        if decoding.do_sample:
+            processors = _sampling_processors(decoding, [row_generator(seed, row) for row in range(len(prompts))])
         was_training = model.training
         model.eval()
+        started = time.perf_counter()
         try:
             with torch.no_grad(), _seeded(seed, self.device):
                 sequences = model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
                     generation_config=_generation_config(decoding, eos, pad),
+                    logits_processor=LogitsProcessorList(processors),
                 )
         finally:
             model.train(was_training)
+            self.generation_seconds += time.perf_counter() - started
         new = sequences[:, input_ids.shape[1] :].tolist()
         return [self._cut(p, g, eos, pad) for p, g in zip(prompts, new)]
 
@@ -494,15 +518,19 @@ class MiniLLMMixRollout(RolloutSource):
         input_ids, attention_mask = left_pad(prompts, pad)
         was_training = self.student.training
         self.student.eval()
+        started = time.perf_counter()
         try:
-            with _seeded(_derived_seed(self.seed, "mix", self.rank, index), self.device):
+            seed = _derived_seed(self.seed, "mix", self.rank, index)
+            with _seeded(seed, self.device):
                 new = sample_mixture(
                     self.student, self.teacher, input_ids.to(self.device), attention_mask.to(self.device),
                     teacher_weight=self.teacher_weight, temperature=self.temperature, top_p=self.top_p,
                     max_new_tokens=self.max_new_tokens, eos_id=eos, pad_id=pad,
+                    generators=[row_generator(seed, row) for row in range(len(prompts))],
                 )  # fmt: skip
         finally:
             self.student.train(was_training)
+            self.generation_seconds += time.perf_counter() - started
         responses = [self._cut(p, g, eos, pad) for p, g in zip(prompts, new.tolist())]
         return self._collate(prompts, responses, 1.0 - self.teacher_weight)
 

@@ -566,7 +566,7 @@ class Trainer:
         self.logger = logger or MetricsLogger(self.run_dir, enabled=self.is_main)
         accelerator.gradient_accumulation_steps = config.grad_accum
         self.rollout = self._bind_rollout(rollout if rollout is not None else DatasetResponses())
-        self._rollout_seconds = 0.0
+        self._rollout_seconds = 0.0  # the rollout's generation clock when the step began
         self._rollout_counts = [0.0, 0.0]  # the window's student share summed over sequences, sequences
         self.rollout_seconds_total = 0.0  # generation time of this fit() (the recipe's summary)
 
@@ -790,9 +790,7 @@ class Trainer:
         window = []
         for _ in range(self.cfg.grad_accum):
             batch = next(self.batches)
-            started = time.perf_counter()
             train_batch = self.rollout.draw(batch, step=self.state.step + 1, max_steps=self.cfg.max_steps)
-            self._rollout_seconds += time.perf_counter() - started
             share = train_batch.get("on_policy")
             if share is not None:
                 self._rollout_counts[0] += float(share.sum())
@@ -809,9 +807,7 @@ class Trainer:
         """The next training batch (on the device) and its teacher logits, kept for the next step."""
         if self._next is None:
             batch = self.batches.peek()
-            started = time.perf_counter()
             train_batch = self.rollout.preview(batch, step=self.state.step + 2, max_steps=self.cfg.max_steps)
-            self._rollout_seconds += time.perf_counter() - started
             device_batch = {k: v.to(self.accelerator.device) for k, v in train_batch.items()}
             self._next = (batch, device_batch, self._teacher_logits(device_batch))
         return self._next[1], self._next[2]
@@ -968,7 +964,7 @@ class Trainer:
         """One optimizer step over one accumulation window; returns the statistics to log."""
         acc, cfg = self.accelerator, self.cfg
         started = time.perf_counter()
-        self._rollout_seconds, self._rollout_counts = 0.0, [0.0, 0.0]
+        self._rollout_seconds, self._rollout_counts = self.rollout.generation_seconds, [0.0, 0.0]
 
         # accelerate syncs gradients (DDP) and lets the optimizer step on the window's last micro-batch only.
         acc.gradient_accumulation_steps, acc.step = cfg.grad_accum, 0
@@ -1139,7 +1135,8 @@ class Trainer:
         ``rollout_seconds`` (this step's generation time, the slowest process), with the source's own statistics."""
         acc = self.accelerator
         counts = acc.reduce(torch.tensor(self._rollout_counts, device=acc.device, dtype=torch.float64), reduction="sum")
-        seconds = torch.tensor(self._rollout_seconds, device=acc.device, dtype=torch.float64)
+        spent = self.rollout.generation_seconds - self._rollout_seconds  # this step's generation (and previews)
+        seconds = torch.tensor(spent, device=acc.device, dtype=torch.float64)
         if acc.num_processes > 1:
             seconds = acc.reduce(seconds, reduction="max")
         self.rollout_seconds_total += float(seconds)

@@ -395,8 +395,8 @@ class LearnedPolicy(AlphaStrategy):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if "zero_weight" not in state["network"]:
-            state = _with_on_policy_input(state, self.network.zero_weight)  # a checkpoint written before the on_policy feature existed
+        if "zero_weight" not in state["network"]:  # a checkpoint written before the on_policy feature existed
+            state = _with_on_policy_input(state, self.network.zero_weight)
         if state.get("granularity") != self.granularity:
             raise ValueError(
                 f"LearnedPolicy.load_state_dict: checkpoint granularity {state.get('granularity')!r} does not match "

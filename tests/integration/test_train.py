@@ -181,11 +181,25 @@ class _Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch, dropout):
+# DistiLLM's schedule from p = 0.5 with a small buffer and validation every 2 steps: fresh student samples, replays
+# and a probability that may rise all happen within the 6 steps; the peeked batch is a generated one.
+DISTILLM = [
+    "rollout=distillm",
+    "rollout.init_probability=0.5",
+    "rollout.capacity=12",
+    "rollout.max_new_tokens=8",
+    "trainer.eval_interval=2",
+]
+
+
+@pytest.mark.parametrize(
+    ("dropout", "rollout"), [(0.0, []), (0.1, []), (0.1, DISTILLM)], ids=["plain", "dropout", "distillm"]
+)
+def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch, dropout, rollout):
     """Dropout on: the resumed run must draw the same dropout masks as the uninterrupted one (the loader's fresh
     iterator after a resume draws from its own generator, never from the global one that dropout uses). The paired
-    reward peeks at the next batch every step, so the checkpoint is written with a peeked batch pending."""
+    reward peeks at the next batch every step, so the checkpoint is written with a peeked batch pending. With
+    rollout=distillm the replay buffer, the adaptive probability and a generated peeked batch are in the checkpoint."""
     from arkd.recipes.distill import run
     from arkd.trainer import Trainer
 
@@ -208,6 +222,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch, 
         "reward.interval=1",
         "validation.max_new_tokens=2",
         "report.enabled=false",
+        *rollout,
     ]
     straight = run(_compose(*common, f"output_dir={tmp_path / 'a'}"))
     assert straight["steps"] == 6
@@ -238,6 +253,74 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch, 
         torch.testing.assert_close(value, policy_b["network"][name], rtol=0, atol=1e-6, msg=name)
     losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if r.get("split") != "validation"]  # noqa: E731
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
+    rollout_a = read_state(tmp_path / "a" / "checkpoints" / "step_0000006")["rollout"]
+    rollout_b = read_state(tmp_path / "b" / "checkpoints" / "step_0000006")["rollout"]
+    assert len(rollout_a) == len(rollout_b) == 1 and rollout_a[0]["drawn"] == rollout_b[0]["drawn"] == 6
+    assert rollout_a[0]["pending_index"] == rollout_b[0]["pending_index"] == 6  # the peeked 7th batch
+    for key, value in rollout_a[0]["pending"].items():
+        assert torch.equal(value, rollout_b[0]["pending"][key]), key
+    if rollout:
+        a_state, b_state = rollout_a[0], rollout_b[0]
+        assert a_state["probability"] == b_state["probability"] and len(a_state["buffer_prompts"]) > 0
+        for key in ("buffer_prompts", "buffer_responses"):
+            assert len(a_state[key]) == len(b_state[key])
+            assert all(torch.equal(x, y) for x, y in zip(a_state[key], b_state[key]))
+        fractions = [
+            r["rollout_student_fraction"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r
+        ]
+        assert set(fractions) <= {0.0, 1.0} and 1.0 in fractions
+
+
+SHORT = [
+    "config=tiny",
+    "init_sft.teacher=null",
+    "init_sft.student=null",
+    "data.splits.n_train=64",
+    "data.splits.n_validation=4",
+    "data.batch_size=8",
+    "trainer.max_steps=5",
+    "trainer.eval_interval=0",
+    "trainer.save_interval=0",
+    "trainer.log_interval=1",
+    "trainer.progress=false",
+    "reward.interval=1",
+    "validation.max_new_tokens=2",
+    "report.enabled=false",
+]
+
+
+def test_gkd_at_lmbda_0_is_the_plain_run_bit_for_bit_and_at_lmbda_1_never_trains_on_the_dataset(tmp_path, monkeypatch):
+    from arkd.recipes.distill import run
+    from arkd.trainer import Trainer
+
+    common = [*SHORT, f"cache_dir={tmp_path / 'cache'}"]
+    run(_compose(*common, f"output_dir={tmp_path / 'none'}"))
+    run(_compose(*common, "rollout=gkd", "rollout.lmbda=0", f"output_dir={tmp_path / 'zero'}"))
+    a = load_weights(tmp_path / "none" / "final" / "model.safetensors")
+    b = load_weights(tmp_path / "zero" / "final" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    rows = [r for r in read_metrics(tmp_path / "zero" / "metrics.jsonl") if "loss" in r]
+    assert [r["rollout_student_fraction"] for r in rows] == [0.0] * 5 and all(r["rollout_seconds"] == 0 for r in rows)
+
+    seen = []
+    original = Trainer._loss_step
+    scorer = Trainer._scorer
+
+    def record(self, batch, *args, **kwargs):
+        seen.append(batch["on_policy"].tolist())
+        return original(self, batch, *args, **kwargs)
+
+    def record_scored(self, parts):
+        seen.extend(part[0]["on_policy"].tolist() for part in parts)  # the reward's held-out and same batches
+        return scorer(self, parts)
+
+    monkeypatch.setattr(Trainer, "_loss_step", record)
+    monkeypatch.setattr(Trainer, "_scorer", record_scored)
+    one = [*common, "rollout=gkd", "rollout.lmbda=1", "rollout.max_new_tokens=6", f"output_dir={tmp_path / 'one'}"]
+    run(_compose(*one))
+    assert len(seen) >= 5 and all(share == [1.0] * 8 for share in seen)
+    rows = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    assert [r["rollout_student_fraction"] for r in rows] == [1.0] * 5 and all(r["rollout_seconds"] > 0 for r in rows)
 
 
 def _free_port() -> int:
@@ -247,7 +330,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun is not installed")
-def test_two_gloo_processes_keep_identical_weights(tmp_path):
+@pytest.mark.parametrize("rollout", [[], ["rollout=distillm", "rollout.init_probability=0.5", "rollout.capacity=12",
+                                          "rollout.max_new_tokens=6"]], ids=["dataset", "distillm"])  # fmt: skip
+def test_two_gloo_processes_keep_identical_weights(tmp_path, rollout):
+    """With rollout=distillm each process generates for its own shard and keeps its own replay buffer."""
     run_dir, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
     env = _env(tmp_path)
@@ -263,6 +349,7 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
         "trainer.cpu=true",
         *SMALL,
         "reward.interval=1",
+        *rollout,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -274,6 +361,12 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
     # Rank 0 alone wrote the run directory; the report covers the three models.
     assert (run_dir / "report.json").is_file() and (run_dir / "metrics.jsonl").is_file()
     assert not any(p.name.startswith("rank1") for p in run_dir.iterdir())
+    states = read_state(latest_checkpoint(run_dir / "checkpoints"))["rollout"]
+    assert len(states) == 2 and states[0]["drawn"] == states[1]["drawn"]
+    if rollout:  # the same schedule on both processes, each with the samples of its own shard
+        assert states[0]["probability"] == states[1]["probability"]
+        assert len(states[0]["buffer_prompts"]) == len(states[1]["buffer_prompts"]) > 0
+        assert any(not torch.equal(a, b) for a, b in zip(states[0]["buffer_prompts"], states[1]["buffer_prompts"]))
     # Both processes generated the report's rows: 8 test rows dealt 4 and 4.
     report = json.loads((run_dir / "report.json").read_text())
     assert report["num_processes"] == 2 and report["rows_per_process"] == [4, 4]
