@@ -232,3 +232,137 @@ def write_synthetic_splits(
 def synthetic_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """Texts (prompt followed by the answer) of ``n`` synthetic rows, e.g. to train the offline tokenizer."""
     return [ex.prompt + ex.response for ex in generate_synthetic(n, seed)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The trade-off testbed: tasks with several correct answers of a known, skewed distribution (config=tiny_tradeoff).
+#
+# Every family below answers a prompt with one of several valid answers, drawn from a distribution with a dominant
+# mode and a long tail (Zipf weights 1 / rank^1.5 over the candidates). Training rows carry ONE answer sampled from
+# that distribution, so a teacher trained on them learns the distribution itself; held-out rows carry EVERY valid
+# answer as a reference, most probable first, so Rouge-L (the maximum over references) rewards any valid answer and
+# the teacher-forced metrics see the whole answer set. A student too small to copy the teacher's distribution must
+# choose between covering its mass (forward KL) and committing to its mode (reverse KL).
+
+ADJECTIVES = tuple(sorted(OPPOSITES))
+ZIPF_EXPONENT = 1.5
+# "Say it another way": paraphrase templates of a (noun, adjective) pair, the first the most common.
+PARAPHRASES = (
+    "the {n} is {a}",
+    "a {a} {n}",
+    "this {n} is {a}",
+    "the {n} looks {a}",
+    "that {n} is very {a}",
+    "what a {a} {n}",
+    "my {n} is {a}",
+)
+
+TradeoffRow = tuple[str, str, list[tuple[str, float]]]  # instruction, input, [(answer, probability)], most likely first
+
+
+def zipf_weights(k: int, exponent: float = ZIPF_EXPONENT) -> list[float]:
+    """Probabilities proportional to 1 / rank^exponent over ranks 1..k."""
+    raw = [1.0 / (rank**exponent) for rank in range(1, k + 1)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def _pick(rng: random.Random) -> TradeoffRow:
+    words = rng.sample(WORDS, rng.randint(5, 7))
+    return "Pick one of the words.", " ".join(words), list(zip(words, zipf_weights(len(words))))
+
+
+def _pick_two(rng: random.Random) -> TradeoffRow:
+    # Two of the words in any order: an ordered draw without replacement (Plackett-Luce with the Zipf weights).
+    words = rng.sample(WORDS, rng.randint(4, 6))
+    weights = zipf_weights(len(words))
+    answers = []
+    for i, first in enumerate(words):
+        rest = 1.0 - weights[i]
+        for j, second in enumerate(words):
+            if i != j:
+                answers.append((f"{first} {second}", weights[i] * weights[j] / rest))
+    answers.sort(key=lambda a: -a[1])
+    return "Name two of the words.", " ".join(words), answers
+
+
+def _paraphrase(rng: random.Random) -> TradeoffRow:
+    noun, adjective = rng.choice(WORDS), rng.choice(ADJECTIVES)
+    weights = zipf_weights(len(PARAPHRASES))
+    answers = [(t.format(n=noun, a=adjective), w) for t, w in zip(PARAPHRASES, weights)]
+    return "Say it another way.", f"{noun} {adjective}", answers
+
+
+TRADEOFF_FAMILIES: dict[str, Callable[[random.Random], TradeoffRow]] = {
+    "pick": _pick,
+    "pick_two": _pick_two,
+    "paraphrase": _paraphrase,
+}
+
+
+def _tradeoff_row(family: str, rng: random.Random) -> tuple[str, str, list[tuple[str, float]]]:
+    instruction, inp, answers = TRADEOFF_FAMILIES[family](rng)
+    return instruction, inp, answers
+
+
+def tradeoff_splits(
+    n_train: int,
+    n_validation: int,
+    n_test: int,
+    *,
+    seed: int = 0,
+    families: Sequence[str] | None = None,
+) -> dict[str, list[Example]]:
+    """Train / validation / test splits of the trade-off families (:data:`TRADEOFF_FAMILIES`).
+
+    Training rows have one reference, an answer *sampled* from the row's skewed answer distribution; validation and
+    test rows have every valid answer as a reference, the most probable first. Held-out prompts never occur in the
+    training split, and no prompt is in both validation and test.
+
+    Raises:
+        ValueError: non-positive sizes, unknown families, or too few distinct prompts for the held-out splits.
+    """
+    for name, size in (("n_train", n_train), ("n_validation", n_validation), ("n_test", n_test)):
+        if size < 1:
+            raise ValueError(f"{name} must be at least 1, got {size}")
+    names = list(TRADEOFF_FAMILIES) if families is None else list(families)
+    unknown = [f for f in names if f not in TRADEOFF_FAMILIES]
+    if not names or unknown:
+        raise ValueError(
+            f"unknown or no trade-off families {unknown or names}; expected names from {', '.join(TRADEOFF_FAMILIES)}"
+        )
+    rng = random.Random(seed)
+
+    def example(family: str, instruction: str, inp: str, refs: list[str]) -> Example:
+        return Example(instruction, inp, refs, format_prompt(instruction, inp), topic=family)
+
+    held_out: dict[str, Example] = {}
+    need = n_validation + n_test
+    attempts = 0
+    while len(held_out) < need:
+        attempts += 1
+        if attempts > 100 * need:
+            raise ValueError(
+                f"could only find {len(held_out)} distinct held-out prompts of {need} for families {names}; "
+                "expected fewer validation / test rows"
+            )
+        family = names[len(held_out) % len(names)]
+        instruction, inp, answers = _tradeoff_row(family, rng)
+        ex = example(family, instruction, inp, [a for a, _ in answers])
+        held_out.setdefault(ex.prompt, ex)
+    held = list(held_out.values())
+    rng.shuffle(held)
+    train: list[Example] = []
+    attempts = 0
+    while len(train) < n_train:
+        attempts += 1
+        if attempts > 100 * n_train:
+            raise ValueError(f"could not draw {n_train} training rows outside the held-out prompts of {names}")
+        family = names[len(train) % len(names)]
+        instruction, inp, answers = _tradeoff_row(family, rng)
+        if format_prompt(instruction, inp) in held_out:
+            continue
+        (sampled,) = rng.choices([a for a, _ in answers], weights=[w for _, w in answers])
+        train.append(example(family, instruction, inp, [sampled]))
+    rng.shuffle(train)
+    return {"train": train, "validation": held[:n_validation], "test": held[n_validation:]}
