@@ -151,7 +151,8 @@ def test_size_experiments_share_a_base():
 def test_experiment_composes_and_instantiates(name, local_gpt2, local_families, dolly_like):
     overrides = [f"config={name}", "output_dir=unused"]
     cfg = _compose(*overrides)
-    if cfg.data.splits._target_ != "arkd.data.synthetic.synthetic_splits":  # Dolly: offline stand-ins
+    synthetic = ("arkd.data.synthetic.synthetic_splits", "arkd.data.synthetic.tradeoff_splits")
+    if cfg.data.splits._target_ not in synthetic:  # Dolly: offline stand-ins
         overrides += [
             f"data.splits.train.source={dolly_like['train']}",
             "data.splits.train.format=auto",
@@ -164,7 +165,7 @@ def test_experiment_composes_and_instantiates(name, local_gpt2, local_families, 
         overrides += [f"tokenizer.name_or_path={local}", f"model.name_or_path={local}"]
         if cfg.teacher is not None:
             overrides.append(f"teacher.name_or_path={local}")
-    if name == "tiny":
+    if name in ("tiny", "tiny_tradeoff"):
         overrides += ["data.splits.n_train=50"]
     cfg = _compose(*overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
