@@ -3,7 +3,9 @@
 The trainer receives built objects (student, teacher, tokenizer, batches, alpha strategy, loss, reward, probe,
 optimizer, scheduler, accelerator) and runs optimizer steps. One optimizer step (:meth:`Trainer.train_step`) is:
 
-1. draw the accumulation window (``grad_accum`` micro-batches per process) and count its response tokens across the
+1. draw the accumulation window (``grad_accum`` micro-batches per process; each dataset batch goes through the
+   rollout source, :mod:`arkd.rollout`, which may replace its responses by generated ones) and count its response
+   tokens across the
    window and all processes: every loss is a *sum* over tokens divided once by that count, so batch 4 x 1 step and
    batch 2 x 2 steps give the same gradient, and so do 1 and N processes;
 2. for each micro-batch (:meth:`Trainer._loss_step` -> :class:`StepOutput`): teacher forward (eval mode, no_grad;

@@ -19,6 +19,12 @@ most 1.10 (aim 1.05).
     python scripts/bench_step.py                       # the tiny job's models (CPU)
     python scripts/bench_step.py --memory 50257 151936  # peak memory of a step: logits vs trainer.fused_linear
     python scripts/bench_step.py --device cuda --teacher-layers 12 --teacher-width 768 --batch-size 16
+    python scripts/bench_step.py --rollout --teacher-layers 1 --batch-size 16  # cost per step of each rollout
+
+``--rollout`` times one step of ``ConstantAlpha(0.5)`` under each ``rollout`` option (none, gkd at lmbda 0.5 and 1,
+seqkd, distillm at a fixed probability of 0.5 and minillm_mix, all with ``--rollout-new-tokens`` new tokens) and
+prints each ``variant / none`` with generation's share of the step. The benchmark's models are untrained, so they
+rarely stop before ``--rollout-new-tokens``: the lengths, and so the costs, are the worst case of that setting.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ def build(args: argparse.Namespace):
     return tokenizer, dataset, collate, teacher, student
 
 
-def make_trainer(args, parts, strategy, reward, probe, out: Path):
+def make_trainer(args, parts, strategy, reward, probe, out: Path, rollout=None):
     from accelerate import Accelerator
 
     from arkd.data import build_dataloader
@@ -76,6 +82,7 @@ def make_trainer(args, parts, strategy, reward, probe, out: Path):
         config=TrainerConfig(max_steps=10**9, log_interval=10**9, output_dir=str(out), progress=False),
         reward=reward,
         probe=probe,
+        rollout=rollout,
     )
 
 
@@ -157,6 +164,61 @@ def memory(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def rollouts(args: argparse.Namespace) -> None:
+    """ms per step of each rollout option with a constant alpha, as ratios to rollout=none (see the docstring)."""
+    import tempfile
+
+    from arkd.policy import ConstantAlpha
+    from arkd.rollout import DatasetResponses, DistiLLMRollout, GKDRollout, MiniLLMMixRollout, SeqKDRollout
+
+    if args.clock is None:
+        args.clock = "process" if args.device == "cpu" and args.threads == 1 else "wall"
+    torch.set_num_threads(args.threads)
+    parts = build(args)
+    tokenizer, dataset = parts[0], parts[1]
+    n = args.rollout_new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = {
+            "none": DatasetResponses(),
+            "gkd lmbda=0.5": GKDRollout(lmbda=0.5, max_new_tokens=n),
+            "gkd lmbda=1": GKDRollout(lmbda=1.0, max_new_tokens=n),
+            "seqkd": SeqKDRollout(max_new_tokens=n),
+            "distillm p=0.5": DistiLLMRollout(init_probability=0.5, max_new_tokens=n),
+            "minillm_mix": MiniLLMMixRollout(max_new_tokens=n),
+        }
+        specs["distillm p=0.5"].needs_validation = False  # p stays 0.5 here: no validation to adapt on
+        variants = {}
+        for i, (name, rollout) in enumerate(specs.items()):
+            rollout.configure(
+                tokenizer=tokenizer, seed=0, max_length=128, cache_dir=Path(tmp) / "cache",
+                train_prompts=[item.prompt_ids for item in dataset.items],
+            )  # fmt: skip
+            variants[name] = make_trainer(
+                args, parts, ConstantAlpha(alpha=0.5), None, None, Path(tmp) / str(i), rollout
+            )
+        for trainer in variants.values():
+            timed(trainer, args.warmup, args.device, args.clock)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        generation: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, trainer in variants.items():
+                before = trainer.rollout.generation_seconds
+                start = time.perf_counter()
+                times[name].append(timed(trainer, args.steps, args.device, args.clock))
+                wall = time.perf_counter() - start
+                generation[name].append((trainer.rollout.generation_seconds - before) / max(wall, 1e-9))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    for name, value in median.items():
+        print(
+            f"{name:>16}: {1000 * value:8.2f} ms/step  x{value / median['none']:.2f} of none, generation "
+            f"{100 * statistics.median(generation[name]):.0f}% of the wall time (median of {args.rounds} rounds x "
+            f"{args.steps} steps, {args.clock} clock, batch {args.batch_size}, {n} new tokens)"
+        )
+    if args.json is not None:
+        result = {"ms_per_step": {k: round(1000 * v, 2) for k, v in median.items()}, "new_tokens": n}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -188,6 +250,8 @@ def main() -> None:
     parser.add_argument("--memory-width", type=int, default=256, help="hidden size of the --memory models")
     parser.add_argument("--memory-batch-size", type=int, default=8, help="batch size of the --memory steps")
     parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rollout", action="store_true", help="time the rollout options instead (see above)")
+    parser.add_argument("--rollout-new-tokens", type=int, default=32, help="rollout.max_new_tokens of --rollout")
     args = parser.parse_args()
     if args.memory_child is not None:
         vocab, fused, learned = (int(x) for x in args.memory_child)
@@ -195,6 +259,9 @@ def main() -> None:
         return
     if args.memory:
         memory(args)
+        return
+    if args.rollout:
+        rollouts(args)
         return
     if args.clock is None:
         args.clock = "process" if args.device == "cpu" and args.threads == 1 else "wall"

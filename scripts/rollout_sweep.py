@@ -1,6 +1,7 @@
 """The rollout sweep of docs/results.md: ``rollout`` x alpha strategy x seeds on the tiny job, then one table.
 
     python scripts/rollout_sweep.py run --out runs/rollout_sweep            # 5 rollouts x 3 strategies x 3 seeds
+    python scripts/rollout_sweep.py run --out runs/rollout_sweep --steps 120 --workers 2   # docs/results.md's run
     python scripts/rollout_sweep.py summarize --out runs/rollout_sweep      # the markdown table
 
 Every run is ``arkd-train config=tiny`` with the cell's ``rollout`` and ``policy`` (fkl, rkl: constant alpha 1 / 0;
@@ -37,7 +38,10 @@ def _run_dir(out: Path, rollout: str, policy: str, seed: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     arkd_train = str(Path(sys.executable).with_name("arkd-train"))
+    commands = []
     for seed in args.seeds:
         for rollout, overrides in ROLLOUTS.items():
             for policy in POLICIES:
@@ -48,10 +52,16 @@ def run(args: argparse.Namespace) -> None:
                 cmd = [arkd_train, "config=tiny", *overrides, *shared, f"policy={policy}", f"seed={seed}"]
                 cmd += [f"label={rollout}-{policy}", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
                 cmd += [f"trainer.max_steps={args.steps}"] if args.steps else []
-                print(" ".join(cmd[1:]), flush=True)
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stderr[-2000:], file=sys.stderr, flush=True)
+                commands.append(cmd)
+
+    def one(cmd: list[str]) -> None:
+        print(" ".join(cmd[1:]), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:  # in order: whole seeds finish first
+        list(pool.map(one, commands))
 
 
 def _t_interval(values: list[float]) -> tuple[float, float]:
@@ -123,6 +133,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the tiny job's 240)")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once")
     args = parser.parse_args()
     (run if args.command == "run" else summarize)(args)
 

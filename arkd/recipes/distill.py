@@ -163,6 +163,20 @@ def _check(cfg: DictConfig) -> None:
             "the teacher is missing: set `teacher.name_or_path=PATH_OR_HUB_NAME` (e.g. runs/gpt2_xl_sft/final, "
             "written by `arkd-train config=gpt2_xl_sft`)."
         )
+    if cfg.get("rollout") is not None:
+        from hydra.utils import get_class
+
+        source = get_class(str(cfg.rollout._target_))
+        choice = _rollout_choice(cfg)
+        if source.needs_validation and int(cfg.trainer.eval_interval) == 0:
+            raise ConfigError(
+                f"rollout={choice} adapts on the validation loss: set trainer.eval_interval > 0 (e.g. 60)."
+            )
+        if source.generates and kd and cfg.teacher.get("cache_dir"):
+            raise ConfigError(
+                f"rollout={choice} trains on generated responses, which the teacher cache (teacher.cache_dir) does "
+                "not hold: use the live teacher (teacher.cache_dir=null) or rollout=none."
+            )
     if cfg.output_dir is None:
         raise ConfigError("output_dir is not set: expected the run directory (arkd-train sets it from hydra.run.dir).")
 
@@ -430,7 +444,15 @@ def _rollout_choice(cfg: DictConfig) -> str | None:
     if cfg.get("rollout") is None:
         return None
     choices, _ = _hydra_record()
-    return choices.get("rollout") or str(cfg.rollout.get("_target_", "")).rsplit(".", 1)[-1]
+    if choices.get("rollout"):
+        return choices["rollout"]
+    from arkd.config_paths import config_dir
+
+    target = str(cfg.rollout.get("_target_", ""))
+    for option in sorted((Path(config_dir()) / "rollout").glob("*.yaml")):  # run(cfg) outside arkd-train
+        if f"_target_: {target}" in option.read_text():
+            return option.stem
+    return target.rsplit(".", 1)[-1]
 
 
 def _build_rollout(cfg: DictConfig, tokenizer: Any, train_dataset: Any, teacher: Any) -> Any:

@@ -382,3 +382,17 @@ def test_a_policy_with_a_loss_that_ignores_alpha_is_said_and_recorded(tmp_path):
     assert "arkd: loss=forward_kl does not take alpha, so policy=akl is not used" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["strategy"]["name"] == "loss=forward_kl" and summary["strategy"]["takes_alpha"] is False
+
+
+def test_rollout_options_a_run_cannot_honour_are_refused_in_one_sentence(tmp_path):
+    from arkd.errors import ConfigError
+    from arkd.recipes.distill import _check
+
+    base = ["config=tiny", f"output_dir={tmp_path}"]
+    with pytest.raises(
+        ConfigError, match=r"^rollout=distillm adapts on the validation loss: set trainer.eval_interval"
+    ):
+        _check(_compose(*base, "rollout=distillm", "trainer.eval_interval=0"))
+    with pytest.raises(ConfigError, match=r"^rollout=gkd trains on generated responses, which the teacher cache"):
+        _check(_compose(*base, "rollout=gkd", f"teacher.cache_dir={tmp_path / 'cache'}"))
+    _check(_compose(*base, "rollout=seqkd"))  # accepted
