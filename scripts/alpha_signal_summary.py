@@ -92,8 +92,9 @@ def markdown(items: list[dict]) -> str:
 
 
 def compare(items: list[dict], reference: str) -> str:
-    """Friedman over labels x shared seeds, then Holm-corrected paired intervals against ``reference``."""
-    from arkd.evaluation.stats import paired_difference, student_t_cdf
+    """Friedman over labels x shared seeds, then Holm-corrected paired intervals against ``reference``
+    (arkd.evaluation.stats: the same functions as arkd-compare)."""
+    from arkd.evaluation.stats import friedman, holm_levels, paired_difference, paired_t_p_value
 
     scores: dict[str, dict] = {}
     for it in items:
@@ -104,30 +105,23 @@ def compare(items: list[dict], reference: str) -> str:
     labels = sorted(scores)
     seeds = sorted(set.intersection(*(set(v) for v in scores.values())))
     lines = [f"Rouge-L over seeds {seeds} (paired by seed), reference `{reference}`.", ""]
-    try:
-        from scipy.stats import friedmanchisquare
-
-        if len(labels) >= 3 and len(seeds) >= 2:
-            stat, p = friedmanchisquare(*[[scores[label][s] for s in seeds] for label in labels])
-            lines.append(f"Friedman over {len(labels)} labels x {len(seeds)} seeds: chi^2 = {stat:.2f}, p = {p:.3f}.")
-    except ImportError:
-        lines.append("Friedman: SciPy is not installed here (pip install scipy).")
-    others = [label for label in labels if label != reference]
-    diffs = {}
-    for label in others:
-        a = [scores[label][s] for s in seeds]
-        b = [scores[reference][s] for s in seeds]
-        d = paired_difference(a, b)
-        t = d.mean / (d.std / len(seeds) ** 0.5) if d.std > 0 else float("inf")
-        diffs[label] = (d, 2 * (1 - student_t_cdf(abs(t), len(seeds) - 1)))
-    lines += ["", "| label - reference | mean | sd | p | Holm level | corrected interval |", "|---" * 6 + "|"]
-    for rank, label in enumerate(sorted(others, key=lambda name: diffs[name][1])):
-        d, p = diffs[label]
-        level = 0.05 / (len(others) - rank)
-        wide = paired_difference([scores[label][s] for s in seeds], [scores[reference][s] for s in seeds],
-                                 confidence=1 - level)  # fmt: skip
+    if len(labels) >= 3 and len(seeds) >= 2:
+        test = friedman([[scores[label][s] for label in labels] for s in seeds])
         lines.append(
-            f"| {label} - {reference} | {d.mean:+.2f} | {d.std:.2f} | {p:.3f} | {level:.4f} | "
+            f"Friedman over {len(labels)} labels x {len(seeds)} seeds: chi^2 = {test.statistic:.2f}, "
+            f"p = {test.p_value:.3f}."
+        )
+    others = [label for label in labels if label != reference]
+    pairs = {label: ([scores[label][s] for s in seeds], [scores[reference][s] for s in seeds]) for label in others}
+    p_values = [paired_t_p_value(*pairs[label]) for label in others]
+    levels = dict(zip(others, holm_levels(p_values, 0.05)))
+    p_of = dict(zip(others, p_values))
+    lines += ["", "| label - reference | mean | sd | p | Holm level | corrected interval |", "|---" * 6 + "|"]
+    for label in sorted(others, key=p_of.__getitem__):
+        d = paired_difference(*pairs[label])
+        wide = paired_difference(*pairs[label], confidence=1 - levels[label])
+        lines.append(
+            f"| {label} - {reference} | {d.mean:+.2f} | {d.std:.2f} | {p_of[label]:.3f} | {levels[label]:.4f} | "
             f"[{wide.low:+.2f}, {wide.high:+.2f}] |"
         )
     return "\n".join(lines) + "\n"

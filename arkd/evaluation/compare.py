@@ -31,11 +31,23 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from arkd.evaluation.results import METRIC_TITLES, summary_cell, validate_report
-from arkd.evaluation.stats import mean_std, paired_difference
+from arkd.evaluation.results import HIGHER_IS_BETTER, METRIC_TITLES, summary_cell, validate_report
+from arkd.evaluation.stats import (
+    friedman,
+    holm_adjust,
+    holm_levels,
+    mean_std,
+    paired_difference,
+    paired_t_p_value,
+    ranks_within_blocks,
+)
 
 __all__ = [
+    "CONTROLS",
     "MODELS",
+    "control_role",
+    "omnibus_tests",
+    "per_seed_ranks",
     "compare",
     "comparison_markdown",
     "find_run_dirs",
@@ -64,6 +76,25 @@ _METRIC_ORDER = (
     "distinct_2",
     "self_bleu",
 )
+
+
+# The two controls of a strategy matrix (docs/results.md), by the label their runs are given, and what each measures.
+CONTROLS = {
+    "learned_frozen": "A/A noise floor: the learned policy frozen at its initial output (policy.lr=0)",
+    "constant_at_learned_mean": "adapting control: does adapting matter? a constant alpha at the learned runs' mean",
+}
+
+
+def control_role(strategy: str) -> str | None:
+    """What a control run measures (:data:`CONTROLS`), for a control's label or an unlabelled ``learned[lr=0]`` run;
+    None for any other strategy."""
+    if strategy in CONTROLS:
+        return CONTROLS[strategy]
+    if strategy.startswith("learned[") and any(
+        part.strip() in ("lr=0", "lr=0.0") for part in strategy[len("learned[") : -1].split(",")
+    ):
+        return CONTROLS["learned_frozen"]
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,7 +427,8 @@ def paired_differences(
             seeds = sorted(set(ref) & set(other))
             if not seeds:
                 continue
-            diff = paired_difference([ref[s] for s in seeds], [other[s] for s in seeds], confidence=confidence)
+            a, b = [ref[s] for s in seeds], [other[s] for s in seeds]
+            diff = paired_difference(a, b, confidence=confidence)
             out.append(
                 {
                     "strategy": strategy,
@@ -409,8 +441,97 @@ def paired_differences(
                     "high": diff.high,
                     "confidence": diff.confidence,
                     "significant": diff.significant,
+                    "p_value": paired_t_p_value(a, b),
+                    "_pair": (a, b),
                 }
             )
+    # Holm over the comparisons of each dataset: adjusted p values and intervals at each comparison's Holm level.
+    for dataset in {d["dataset"] for d in out}:
+        group = [d for d in out if d["dataset"] == dataset]
+        ps = [d["p_value"] for d in group]
+        alpha = 1.0 - confidence
+        for d, adjusted, level in zip(group, holm_adjust(ps), holm_levels(ps, alpha)):
+            d["holm_p"] = adjusted
+            d["holm_level"] = level
+            if math.isnan(level):
+                d["holm_low"] = d["holm_high"] = math.nan
+            else:
+                wide = paired_difference(*d["_pair"], confidence=1.0 - level)
+                d["holm_low"], d["holm_high"] = wide.low, wide.high
+            d["holm_significant"] = bool(d["n"] > 1 and not math.isnan(adjusted) and adjusted < alpha)
+    for d in out:
+        del d["_pair"]
+    return out
+
+
+def _complete_blocks(table: dict[str, dict[str, dict[str, Any]]], dataset: str) -> tuple[list[str], list[int]]:
+    """The strategies with a score on ``dataset`` and the seeds every one of them ran."""
+    strategies = [s for s, row in table.items() if dataset in row]
+    if not strategies:
+        return [], []
+    seeds = set(table[strategies[0]][dataset]["seeds"])
+    for s in strategies[1:]:
+        seeds &= set(table[s][dataset]["seeds"])
+    return strategies, sorted(seeds)
+
+
+def _matrix(table, dataset: str, strategies: Sequence[str], seeds: Sequence[int]) -> list[list[float]]:
+    cells = {s: dict(zip(table[s][dataset]["seeds"], table[s][dataset]["values"])) for s in strategies}
+    return [[cells[s][seed] for s in strategies] for seed in seeds]
+
+
+def omnibus_tests(records: Sequence[dict[str, Any]], metric: str = "rougeL") -> dict[str, dict[str, Any]]:
+    """Friedman's test over strategies x seeds of ``metric``, per dataset (the seeds every strategy ran).
+
+    Returns:
+        ``{dataset: {"test": "friedman", "statistic", "p_value", "n_strategies", "n_seeds", "strategies",
+        "seeds"}}``; a dataset with fewer than 3 strategies or 2 shared seeds gets ``statistic`` and ``p_value``
+        None and a ``note``.
+    """
+    table = summary_table(records, metric)
+    out = {}
+    for dataset in _ordered(d for row in table.values() for d in row):
+        strategies, seeds = _complete_blocks(table, dataset)
+        base = {"strategies": strategies, "seeds": seeds}
+        try:
+            result = friedman(_matrix(table, dataset, strategies, seeds)).to_dict()
+        except ValueError as err:
+            result = {
+                "test": "friedman",
+                "statistic": None,
+                "p_value": None,
+                "n_strategies": len(strategies),
+                "n_seeds": len(seeds),
+                "note": str(err),
+            }
+        out[dataset] = {**result, **base}
+    return out
+
+
+def per_seed_ranks(records: Sequence[dict[str, Any]], metric: str = "rougeL") -> dict[str, dict[str, Any]]:
+    """Each strategy's rank on every seed (1 = best; ties share their mean rank), per dataset, over the seeds every
+    strategy ran. "Best" is the higher value, except for fkl and rkl (lower is better); for a trade-off metric
+    (head / tail recall, distinct-n, self-BLEU), rank 1 is simply the highest value.
+
+    Returns:
+        ``{dataset: {"seeds", "higher_is_better", "ranks": {strategy: [rank per seed]}, "mean_rank": {strategy:
+        mean}}}``.
+    """
+    table = summary_table(records, metric)
+    higher = HIGHER_IS_BETTER.get(metric, True)
+    out = {}
+    for dataset in _ordered(d for row in table.values() for d in row):
+        strategies, seeds = _complete_blocks(table, dataset)
+        if not seeds:
+            continue
+        ranks = ranks_within_blocks(_matrix(table, dataset, strategies, seeds), higher_is_better=higher)
+        by_strategy = {s: [ranks[i][j] for i in range(len(seeds))] for j, s in enumerate(strategies)}
+        out[dataset] = {
+            "seeds": seeds,
+            "higher_is_better": HIGHER_IS_BETTER.get(metric),
+            "ranks": by_strategy,
+            "mean_rank": {s: math.fsum(r) / len(r) for s, r in by_strategy.items()},
+        }
     return out
 
 
@@ -515,6 +636,27 @@ def comparison_markdown(result: dict[str, Any]) -> str:
             + ", ".join(f"`{p}`" for p in result["incomplete"])
             + ".",
         ]
+    controls = result.get("controls") or {}
+    if controls:
+        lines += ["", "Controls:"] + [f"- `{name}`: {role}." for name, role in controls.items()]
+    by_dataset = result.get("omnibus_by_dataset") or {}
+    if by_dataset:
+        lines += [
+            "",
+            "## Omnibus tests (before any pairwise difference)",
+            "",
+            "Friedman's test over strategies x seeds (the seeds every strategy ran): is there any strategy effect at "
+            "all? Pairwise differences below are worth reading only where this rejects.",
+            "",
+            "| metric | dataset | strategies | seeds | chi^2 | p |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for metric, tests in by_dataset.items():
+            for dataset, t in tests.items():
+                lines.append(
+                    f"| {METRIC_TITLES.get(metric, metric)} | {dataset} | {t['n_strategies']} | {t['n_seeds']} | "
+                    f"{_fmt(t['statistic'])} | {_fmt(t['p_value'], 4)} |"
+                )
     for metric in result["metrics"]:
         table = result["tables"][metric]
         datasets = result["datasets"][metric]
@@ -533,35 +675,71 @@ def comparison_markdown(result: dict[str, Any]) -> str:
                 text = _cell(row.get(d))
                 cells.append(f"**{text}**" if d in row and row[d]["mean"] == best[d] else text)
             n = max((c["n"] for c in row.values()), default=0)
-            lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {n} |")
+            lines.append(f"| {_named(strategy, controls)} | " + " | ".join(cells) + f" | {n} |")
         for model, name in (("student_before", "student before distillation"), ("teacher", "teacher")):
             ref_table = result["reference_models"].get(metric, {}).get(model)
             if ref_table:
                 cells = [_cell(ref_table.get(d)) for d in datasets]
                 n = max((c["n"] for c in ref_table.values()), default=0)
                 lines.append(f"| *{name}* | " + " | ".join(cells) + f" | {n} |")
+        for dataset, test in (result.get("omnibus_by_dataset") or {}).get(metric, {}).items():
+            if test["p_value"] is not None:
+                lines += [
+                    "",
+                    f"Omnibus ({dataset}): Friedman chi^2 = {test['statistic']:.2f}, p = {test['p_value']:.4f} over "
+                    f"{test['n_strategies']} strategies x {test['n_seeds']} seeds.",
+                ]
+        for dataset, info in (result.get("ranks") or {}).get(metric, {}).items():
+            direction = info["higher_is_better"]
+            sense = "1 = highest" if direction is None else ("1 = best (highest)" if direction else "1 = best (lowest)")
+            lines += [
+                "",
+                f"Per-seed ranks on {dataset} ({sense}; seeds {', '.join(str(s) for s in info['seeds'])}):",
+                "",
+                "| strategy | ranks | mean rank |",
+                "|---|---|---:|",
+            ]
+            for strategy in sorted(info["mean_rank"], key=info["mean_rank"].__getitem__):
+                ranks_text = ", ".join(f"{r:g}" for r in info["ranks"][strategy])
+                lines.append(f"| {_named(strategy, controls)} | {ranks_text} | {info['mean_rank'][strategy]:.2f} |")
         diffs = result["differences"][metric]
         if diffs:
             lines += [
                 "",
-                f"Paired difference {reference} − strategy over the same seeds ({level}% Student-t interval; "
-                "* : the interval excludes 0):",
+                f"Paired difference {reference} − strategy over the same seeds ({level}% Student-t interval, "
+                f"uncorrected; * : it excludes 0). Holm: p adjusted over the {len(diffs)} comparisons and the interval "
+                "at each comparison's Holm level († : significant after the correction):",
                 "",
-                "| strategy | dataset | n | mean diff | std | interval |",
-                "|---|---|---:|---:|---:|---|",
+                "| strategy | dataset | n | mean diff | std | interval | p | Holm p | Holm interval |",
+                "|---|---|---:|---:|---:|---|---:|---:|---|",
             ]
             for d in diffs:
                 mark = " *" if d["significant"] else ""
+                mark += " †" if d.get("holm_significant") else ""
                 interval = f"[{_fmt(d['low'])}, {_fmt(d['high'])}]" if d["n"] > 1 else "– (one seed)"
+                holm = (
+                    f"[{_fmt(d.get('holm_low'))}, {_fmt(d.get('holm_high'))}]"
+                    if d["n"] > 1 and d.get("holm_low") is not None
+                    else "–"
+                )
                 lines.append(
-                    f"| {d['strategy']} | {d['dataset']} | {d['n']} | {d['mean']:+.2f}{mark} | {_fmt(d['std'])} | "
-                    f"{interval} |"
+                    f"| {_named(d['strategy'], controls)} | {d['dataset']} | {d['n']} | {d['mean']:+.2f}{mark} | "
+                    f"{_fmt(d['std'])} | {interval} | {_fmt(d.get('p_value'), 4)} | {_fmt(d.get('holm_p'), 4)} | "
+                    f"{holm} |"
                 )
         elif reference not in table:
             lines += ["", f"No paired differences: no `{reference}` run."]
     if result.get("figures"):
         lines += [""] + [f"![{name}]({Path(p).name})" for name, p in result["figures"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _named(strategy: str, controls: dict[str, str]) -> str:
+    """A strategy's table name; a control carries its role (the A/A noise floor, the adapting control)."""
+    role = controls.get(strategy)
+    if role is None:
+        return strategy
+    return f"{strategy} (*{role.split(':')[0]}*)"
 
 
 def _mean_over_datasets(cell_row: dict[str, dict[str, Any]]) -> float:
@@ -605,7 +783,10 @@ def compare(
 
     Returns:
         ``{"reference", "confidence", "metrics", "strategies", "seeds", "datasets", "tables", "reference_models",
-        "differences", "records", "runs", "incomplete", "figures"}``.
+        "differences", "omnibus", "omnibus_by_dataset", "ranks", "controls", "records", "runs", "incomplete",
+        "figures"}``. Every paired difference also has ``p_value`` (paired t), ``holm_p``, ``holm_level``,
+        ``holm_low`` / ``holm_high`` and ``holm_significant`` (Holm over the comparisons of its metric and dataset).
+        ``heatmap_metrics.png`` (strategy x metric) and ``head_tail_recall.png`` are drawn when the metrics exist.
     """
     records, incomplete = load_run_records(roots)
     present = {r["metric"] for r in records if r["model"] == "student_after"}
@@ -626,6 +807,8 @@ def compare(
             paired_differences(records, metric, reference=reference, confidence=confidence),
             key=lambda d: (rank[d["strategy"]], d["dataset"]),
         )
+    omnibus_by_dataset = {metric: omnibus_tests(records, metric) for metric in metrics}
+    ranks = {metric: per_seed_ranks(records, metric) for metric in metrics}
     # Reference models do not depend on the strategy: average each seed's value over the strategies' runs.
     for metric in metrics:
         ref_models[metric] = {}
@@ -651,6 +834,17 @@ def compare(
         "tables": tables,
         "reference_models": ref_models,
         "differences": differences,
+        # Friedman over strategies x seeds, reported before any pairwise difference: per metric the first dataset's
+        # test ({"test": "friedman", "statistic", "p_value", "n_strategies", "n_seeds", ...}); all in
+        # omnibus_by_dataset.
+        "omnibus": {
+            metric: {**next(iter(by.values())), "dataset": next(iter(by))}
+            for metric, by in omnibus_by_dataset.items()
+            if by
+        },
+        "omnibus_by_dataset": omnibus_by_dataset,
+        "ranks": ranks,
+        "controls": {s: control_role(s) for s in strategies if control_role(s)},
         "records": records,
         "runs": sorted({r["run"] for r in records}),
         "incomplete": [str(p) for p in incomplete],
@@ -670,6 +864,41 @@ def compare(
         values = [[table[s][d]["mean"] if d in table[s] else None for d in cols] for s in rows]
         title = f"{METRIC_TITLES.get(metric, metric)} (mean over {len(result['seeds'])} seeds)"
         result["figures"]["heatmap"] = str(plot_heatmap(rows, cols, values, out / "heatmap.png", title=title))
+    from arkd.evaluation.plots import plot_head_tail, plot_metric_heatmap
+
+    main_dataset = {m: datasets[m][0] for m in metrics if datasets[m]}
+    shown = [m for m in metrics if m in main_dataset]
+    if len(shown) > 1:
+        rows = [s for s in strategies if all(main_dataset[m] in tables[m].get(s, {}) for m in shown[:1])]
+        values = [
+            [tables[m][s][main_dataset[m]]["mean"] if main_dataset[m] in tables[m].get(s, {}) else None for m in shown]
+            for s in rows
+        ]
+        path = plot_metric_heatmap(
+            rows,
+            [METRIC_TITLES.get(m, m) for m in shown],
+            values,
+            out / "heatmap_metrics.png",
+            higher_is_better=[HIGHER_IS_BETTER.get(m) for m in shown],
+            title=f"strategy x metric on {main_dataset[shown[0]]} (mean over seeds)",
+        )
+        result["figures"]["heatmap_metrics"] = str(path)
+    if "head_recall" in main_dataset and "tail_recall" in main_dataset:
+        both = [
+            s
+            for s in strategies
+            if main_dataset["head_recall"] in tables["head_recall"].get(s, {})
+            and main_dataset["tail_recall"] in tables["tail_recall"].get(s, {})
+        ]
+        if both:
+            cells = {m: [tables[m][s][main_dataset[m]] for s in both] for m in ("head_recall", "tail_recall")}
+            path = plot_head_tail(
+                both,
+                [(c["mean"], c["std"]) for c in cells["head_recall"]],
+                [(c["mean"], c["std"]) for c in cells["tail_recall"]],
+                out / "head_tail_recall.png",
+            )
+            result["figures"]["head_tail_recall"] = str(path)
     by_strategy: dict[str, dict[int, str]] = {}
     for r in records:
         by_strategy.setdefault(r["strategy"], {})[r["seed"]] = r["run"]

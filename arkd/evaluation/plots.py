@@ -159,6 +159,106 @@ def plot_heatmap(
     return _save(fig, path)
 
 
+def plot_metric_heatmap(
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    values: Sequence[Sequence[float | None]],
+    path: str | os.PathLike,
+    *,
+    higher_is_better: Sequence[bool | None] | None = None,
+    title: str = "strategy x metric (mean over seeds)",
+) -> Path:
+    """A strategy x metric heatmap: each cell shows the metric's value; its colour is the value scaled within its
+    column (0: the column's worst or lowest, 1: its best or highest), since the metrics have different scales.
+
+    Args:
+        row_labels: ``R`` strategy names.
+        col_labels: ``C`` metric names.
+        values: ``R x C`` numbers (None: missing).
+        path: the PNG to write.
+        higher_is_better: per column, True / False orients the colour so that bright is better; None (a trade-off
+            metric such as tail recall or distinct-n): bright is higher.
+        title: the figure title.
+    """
+    import numpy as np
+
+    if len(values) != len(row_labels) or any(len(r) != len(col_labels) for r in values):
+        raise ValueError(
+            f"values must be {len(row_labels)} rows x {len(col_labels)} columns to match the labels; got "
+            f"{[len(r) for r in values]}."
+        )
+    directions = list(higher_is_better) if higher_is_better is not None else [None] * len(col_labels)
+    if len(directions) != len(col_labels):
+        raise ValueError(
+            f"higher_is_better has {len(directions)} entries; expected one per column ({len(col_labels)})."
+        )
+    grid = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    if np.isnan(grid).all():
+        raise ValueError("the heatmap has no value; expected at least one number.")
+    scaled = np.full_like(grid, np.nan)
+    for j, direction in enumerate(directions):
+        column = grid[:, j]
+        if np.isnan(column).all():
+            continue
+        low, high = np.nanmin(column), np.nanmax(column)
+        scaled[:, j] = 0.5 if high == low else (column - low) / (high - low)
+        if direction is False:
+            scaled[:, j] = 1.0 - scaled[:, j]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.25 * len(col_labels) + 3.0, 0.5 * len(row_labels) + 1.8))
+    image = ax.imshow(np.ma.masked_invalid(scaled), cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+    names = [f"{c}\n({'higher' if d else 'lower'} better)" if d is not None else f"{c}\n(trade-off)" for c, d in
+             zip(col_labels, directions)]  # fmt: skip
+    ax.set_xticks(range(len(col_labels)), labels=names, fontsize=8)
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                color = "black" if scaled[i, j] > 0.5 else "white"
+                ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color=color, fontsize=8)
+    fig.colorbar(image, ax=ax, label="scaled within the column")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_head_tail(
+    strategies: Sequence[str],
+    head: Sequence[tuple[float, float]],
+    tail: Sequence[tuple[float, float]],
+    path: str | os.PathLike,
+    *,
+    title: str = "student mass on the teacher's head and tail, relative to the teacher's",
+) -> Path:
+    """Per strategy the pair (head recall, tail recall), mean ± std over seeds, in two panels with the teacher's
+    own value (1.0) marked: modes versus tail at a glance.
+
+    Args:
+        strategies: ``S`` names.
+        head: ``S`` pairs ``(mean, std)`` of head_recall.
+        tail: ``S`` pairs ``(mean, std)`` of tail_recall.
+        path: the PNG to write.
+        title: the figure title.
+    """
+    if not (len(strategies) == len(head) == len(tail)) or not strategies:
+        raise ValueError(
+            f"expected one (mean, std) head and tail pair per strategy; got {len(strategies)} strategies, "
+            f"{len(head)} head and {len(tail)} tail pairs."
+        )
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 0.4 * len(strategies) + 1.8), sharey=True)
+    positions = list(range(len(strategies)))
+    for ax, pairs, name in ((axes[0], head, "head recall"), (axes[1], tail, "tail recall")):
+        ax.barh(positions, [m for m, _ in pairs], xerr=[sd for _, sd in pairs], color="tab:blue", alpha=0.75)
+        ax.axvline(1.0, color="black", ls="--", lw=1, label="teacher (1.0)")
+        ax.set_xlabel(name)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(positions, labels=list(strategies))
+    axes[0].invert_yaxis()
+    axes[1].legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Seeds are few (3 to 5), so intervals use Student's t distribution, not a normal approximation or a bootstrap. The
 t quantile is computed here (bisection on the CDF, which is the regularised incomplete beta function evaluated with
-Lentz's continued fraction) so that arkd needs no SciPy.
+Lentz's continued fraction). The omnibus test over strategies x seeds is Friedman's (:func:`friedman`, SciPy), and
+many paired comparisons are corrected with Holm's step-down procedure (:func:`holm_adjust`, :func:`holm_levels`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["PairedDifference", "mean_std", "paired_difference", "student_t_cdf", "student_t_quantile"]
+__all__ = [
+    "Omnibus",
+    "PairedDifference",
+    "friedman",
+    "holm_adjust",
+    "holm_levels",
+    "mean_std",
+    "paired_difference",
+    "paired_t_p_value",
+    "ranks_within_blocks",
+    "student_t_cdf",
+    "student_t_quantile",
+]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -125,3 +138,102 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, confidence: flo
         return PairedDifference(mean, std, n, math.nan, math.nan, confidence)
     half = student_t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
     return PairedDifference(mean, std, n, mean - half, mean + half, confidence)
+
+
+def paired_t_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p value of the paired t test of ``a - b`` (1.0 when every difference is 0; 0.0 when they are all
+    equal and non-zero; NaN for a single pair)."""
+    diff = paired_difference(a, b)
+    if diff.n < 2:
+        return math.nan
+    if diff.std == 0.0:
+        return 1.0 if diff.mean == 0.0 else 0.0
+    t = diff.mean / (diff.std / math.sqrt(diff.n))
+    return 2.0 * (1.0 - student_t_cdf(abs(t), diff.n - 1))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm-adjusted p values, in the input order: with p_(1) <= ... <= p_(m),
+    adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). NaN entries stay NaN and do not count in m."""
+    indexed = [(p, i) for i, p in enumerate(p_values) if not math.isnan(p)]
+    indexed.sort()
+    m = len(indexed)
+    out = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(indexed):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def holm_levels(p_values: Sequence[float], alpha: float = 0.05) -> list[float]:
+    """The per-comparison significance level Holm's procedure gives each p value, in the input order: alpha / (m - r)
+    for the comparison of rank r (0: the smallest p). Its interval at confidence ``1 - level`` excludes 0 exactly when
+    the unadjusted test at that level rejects."""
+    indexed = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    m = len(indexed)
+    out = [math.nan] * len(p_values)
+    for rank, (_, i) in enumerate(indexed):
+        out[i] = alpha / (m - rank)
+    return out
+
+
+def ranks_within_blocks(matrix: Sequence[Sequence[float]], *, higher_is_better: bool = True) -> list[list[float]]:
+    """Ranks (1 = best) of each row's entries, ties sharing their mean rank: ``matrix[block][treatment]``."""
+    out = []
+    for row in matrix:
+        keyed = sorted(range(len(row)), key=lambda j: -row[j] if higher_is_better else row[j])
+        ranks = [0.0] * len(row)
+        pos = 0
+        while pos < len(keyed):
+            end = pos
+            while end + 1 < len(keyed) and row[keyed[end + 1]] == row[keyed[pos]]:
+                end += 1
+            for k in range(pos, end + 1):
+                ranks[keyed[k]] = (pos + end) / 2.0 + 1.0
+            pos = end + 1
+        out.append(ranks)
+    return out
+
+
+@dataclass(frozen=True)
+class Omnibus:
+    """Friedman's test over treatments (strategies) x blocks (seeds)."""
+
+    statistic: float
+    p_value: float
+    n_strategies: int
+    n_seeds: int
+    test: str = "friedman"
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "test": self.test,
+            "statistic": self.statistic,
+            "p_value": self.p_value,
+            "n_strategies": self.n_strategies,
+            "n_seeds": self.n_seeds,
+        }
+
+
+def friedman(matrix: Sequence[Sequence[float]]) -> Omnibus:
+    """Friedman's chi-square test (SciPy's ``friedmanchisquare``, tie-corrected) on ``matrix[seed][strategy]``.
+
+    Raises:
+        ValueError: fewer than 3 strategies or 2 seeds, or rows of different lengths.
+    """
+    from scipy.stats import friedmanchisquare
+
+    n_seeds = len(matrix)
+    n_strategies = len(matrix[0]) if matrix else 0
+    if n_strategies < 3 or n_seeds < 2:
+        raise ValueError(
+            f"Friedman's test needs at least 3 strategies and 2 seeds, got {n_strategies} strategies x {n_seeds} seeds."
+        )
+    if any(len(row) != n_strategies for row in matrix):
+        raise ValueError("Friedman's test needs one value per strategy on every seed; got rows of different lengths.")
+    columns = [[row[j] for row in matrix] for j in range(n_strategies)]
+    if all(len(set(row)) == 1 for row in matrix):  # no variation within any seed: no evidence of any effect
+        return Omnibus(0.0, 1.0, n_strategies, n_seeds)
+    statistic, p_value = friedmanchisquare(*columns)
+    return Omnibus(float(statistic), float(p_value), n_strategies, n_seeds)

@@ -11,7 +11,9 @@ import yaml
 
 import arkd.cli.compare
 from arkd.evaluation.compare import (
+    CONTROLS,
     compare,
+    control_role,
     find_run_dirs,
     load_run_records,
     paired_differences,
@@ -312,7 +314,7 @@ def test_cli_writes_table_json_and_figures(matrix, tmp_path, capsys):
     assert "| *teacher* | 50.00 ± 0.00 | 3 |" in markdown
     assert "| *student before distillation* | 12.00 ± 2.00 | 3 |" in markdown
     half = T975_DF2 / math.sqrt(3)
-    assert f"| akl | synthetic | 3 | +10.00 * | 1.00 | [{10 - half:.2f}, {10 + half:.2f}] |" in markdown
+    assert f"| akl | synthetic | 3 | +10.00 * † | 1.00 | [{10 - half:.2f}, {10 + half:.2f}] |" in markdown
     assert f"| fkl | synthetic | 3 | +1.00 | 1.00 | [{1 - half:.2f}, {1 + half:.2f}] |" in markdown
     data = json.loads((out / "comparison.json").read_text())  # strict JSON (no NaN)
     assert data["strategies"] == ["fkl", "rkl", "akl", "learned"]
@@ -327,3 +329,51 @@ def test_cli_reports_bad_input_in_one_sentence(tmp_path, capsys):
     assert err.startswith("arkd-compare: ") and "no such directory" in err and "Traceback" not in err
     assert _load_script().main([str(tmp_path), "--out", str(tmp_path / "o"), "--confidence", "95"]) == 2
     assert "--confidence 95.0" in capsys.readouterr().err
+
+
+def test_omnibus_ranks_and_holm_in_comparison_json(matrix, tmp_path):
+    from arkd.evaluation.stats import holm_adjust, paired_t_p_value
+
+    out = tmp_path / "cmp"
+    compare([matrix], out, metrics=["rougeL"])
+    data = json.loads((out / "comparison.json").read_text())
+    # Friedman by hand over 3 seeds x 4 strategies (fkl, rkl, akl, learned), ranks ascending within each seed:
+    # seed 0: 29, 31, 20, 30 -> 2, 4, 1, 3; seed 1: 30, 35, 21, 32 -> 2, 4, 1, 3;
+    # seed 2: 34, 36, 25, 34 -> 2.5, 4, 1, 2.5
+    n, k = 3, 4
+    sums = [6.5, 12, 3, 8.5]
+    plain = 12.0 / (n * k * (k + 1)) * sum(r * r for r in sums) - 3 * n * (k + 1)
+    ties = 1 - (2**3 - 2) / (n * (k**3 - k))  # one tie of two in one seed
+    omnibus = data["omnibus"]["rougeL"]
+    assert omnibus["test"] == "friedman" and omnibus["n_strategies"] == 4 and omnibus["n_seeds"] == 3
+    assert omnibus["statistic"] == pytest.approx(plain / ties)
+    assert 0 < omnibus["p_value"] < 0.05
+    ranks = data["ranks"]["rougeL"]["synthetic"]
+    assert ranks["ranks"]["rkl"] == [1, 1, 1] and ranks["ranks"]["akl"] == [4, 4, 4]
+    assert ranks["ranks"]["learned"] == [2, 2, 2.5] and ranks["mean_rank"]["fkl"] == pytest.approx(8.5 / 3)
+    diffs = {d["strategy"]: d for d in data["differences"]["rougeL"]}
+    ps = [paired_t_p_value([ROUGE["learned"][s] for s in range(3)], [ROUGE[o][s] for s in range(3)]) for o in diffs]
+    for d, p, adjusted in zip(diffs.values(), ps, holm_adjust(ps)):
+        assert d["p_value"] == pytest.approx(p) and d["holm_p"] == pytest.approx(adjusted)
+        assert d["holm_low"] <= d["low"] and d["holm_high"] >= d["high"]  # Holm's intervals are never narrower
+    text = (out / "comparison.md").read_text()
+    assert text.index("Omnibus tests") < text.index("Paired difference")
+
+
+def test_controls_are_named_in_the_tables(tmp_path):
+    root = tmp_path / "sweep"
+    n = 0
+    for seed in (0, 1, 2):
+        for strategy, label in (("learned", None), ("learned", "learned_frozen"), ("fkl", "constant_at_learned_mean")):
+            run = make_run(root, str(n), strategy, seed, 30.0 + seed + n % 3)
+            if label:
+                report = json.loads((run / "report.json").read_text())
+                report["strategy"] = {"name": label}
+                (run / "report.json").write_text(json.dumps(report))
+            n += 1
+    result = compare([root], tmp_path / "cmp", metrics=["rougeL"])
+    assert set(result["controls"]) == {"learned_frozen", "constant_at_learned_mean"}
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "learned_frozen (*A/A noise floor*)" in text
+    assert "constant_at_learned_mean (*adapting control*)" in text
+    assert control_role("learned[lr=0]") == CONTROLS["learned_frozen"] and control_role("learned[lr=0.01]") is None
