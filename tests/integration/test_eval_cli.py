@@ -358,3 +358,45 @@ def test_real_vllm_backend(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     _main(argv, monkeypatch, tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["backend"] == "vllm" and results["datasets"]["dolly"]["n_rows"] == 3
+
+
+def test_teacher_path_adds_the_distribution_metrics(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from arkd.evaluation.distribution import distinct_n, self_bleu, teacher_forced_metrics
+    from arkd.models import load_model, load_tokenizer
+
+    # a second model with the same tokenizer as the teacher
+    tokenizer = load_tokenizer(tiny_model_dir)
+    teacher = build_tiny_model(len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=512, seed=1)
+    teacher_dir = tmp_path / "teacher"
+    save_pretrained(teacher, tokenizer, teacher_dir)
+    out = tmp_path / "run"
+    argv = [
+        f"model_path={tiny_model_dir}", f"teacher_path={teacher_dir}", f"data_dir={data_dir}", "datasets=[dolly]",
+        "seeds=[10,20]", "batch_size=2", "decoding.max_new_tokens=6", "bertscore.enabled=false", "progress=false",
+        f"output_dir={out}", "distribution.head_top_p=0.8",
+    ]  # fmt: skip
+    _main(argv, monkeypatch, tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    validate_results(results)
+    entry = results["datasets"]["dolly"]
+    assert set(entry) >= {"fkl", "rkl", "head_recall", "tail_recall", "distinct_1", "distinct_2", "self_bleu"}
+    assert results["settings"]["teacher"] == {"source": str(teacher_dir), "head_top_p": 0.8}
+    # the same numbers recomputed from the written generations and the two models
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    by_seed = {s: [r["generation"] for r in records if r["seed"] == s] for s in (10, 20)}
+    assert entry["distinct_2"]["mean"] == pytest.approx(distinct_n(by_seed[10] + by_seed[20], 2), abs=1e-5)
+    assert entry["self_bleu"]["mean"] == pytest.approx(self_bleu(by_seed), abs=1e-5)
+    rows = [{"prompt": r["prompt"], "references": r["references"]} for r in records if r["seed"] == 10]
+    tf = teacher_forced_metrics(load_model(tiny_model_dir), load_model(teacher_dir), tokenizer, rows, top_p=0.8)
+    for key in ("fkl", "rkl", "head_recall", "tail_recall"):
+        assert entry[key]["mean"] == pytest.approx(tf[key], abs=1e-5)
+        assert entry[key]["per_seed"] == {} and entry[key]["std"] is None
+    assert "Distribution-level metrics" in (out / "results.md").read_text()
+
+
+def test_bad_teacher_settings_are_one_sentence(tiny_model_dir, data_dir, tmp_path, capsys):
+    base = [f"model_path={tiny_model_dir}", f"data_dir={data_dir}", "datasets=[dolly]", "bertscore.enabled=false"]
+    code, err = _run_task([*base, f"output_dir={tmp_path}", f"teacher_path={tmp_path / 'absent'}"], capsys)
+    assert code == 2 and "teacher_path=" in err and "\n" not in err
+    code, err = _run_task([*base, f"output_dir={tmp_path}", "distribution.head_top_p=1.5"], capsys)
+    assert code == 2 and "distribution.head_top_p=1.5" in err
