@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> None:
                 commands.append(cmd)
 
     def one(cmd: list[str]) -> None:
+        if (Path(cmd[-1 if not args.steps else -2].split("=", 1)[1]) / "report.json").is_file():
+            return  # finished by another runner of the same sweep meanwhile
         print(" ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
