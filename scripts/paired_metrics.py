@@ -3,6 +3,10 @@ and Holm's correction over the metrics (the trade-off test of docs/results.md: d
 directions on different metrics?).
 
     python scripts/paired_metrics.py results/x/comparison.json fkl rkl [--dataset NAME] [--out FILE]
+    python scripts/paired_metrics.py results/x/comparison.json --correlate rougeL   # Spearman over every run
+
+``--correlate METRIC`` instead prints Spearman's rank correlation, over every run of every strategy (the student
+after distillation), between METRIC and each other metric: a description of where runs land, not a paired test.
 """
 
 from __future__ import annotations
@@ -46,15 +50,40 @@ def paired_metrics(comparison: dict, a: str, b: str, dataset: str | None = None)
     return "\n".join(lines) + "\n"
 
 
+def run_correlations(comparison: dict, metric: str) -> str:
+    from scipy.stats import spearmanr
+
+    runs: dict[tuple, dict[str, float]] = {}
+    for r in comparison["records"]:
+        if r["model"] == "student_after":
+            runs.setdefault((r["strategy"], r["seed"], r["dataset"]), {})[r["metric"]] = r["value"]
+    lines = [f"Spearman's rho between {metric} and each metric over the runs (strategies and seeds pooled).", ""]
+    lines += ["| metric | runs | rho | p |", "|---|---:|---:|---:|"]
+    for other in comparison["metrics"]:
+        if other == metric:
+            continue
+        pairs = [(v[metric], v[other]) for v in runs.values() if metric in v and other in v]
+        rho, p = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+        lines.append(f"| {METRIC_TITLES.get(other, other)} | {len(pairs)} | {rho:+.3f} | {p:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("comparison", type=Path, help="an arkd-compare comparison.json")
-    parser.add_argument("a")
-    parser.add_argument("b")
+    parser.add_argument("a", nargs="?")
+    parser.add_argument("b", nargs="?")
+    parser.add_argument("--correlate", default=None, metavar="METRIC", help="Spearman of METRIC against the others")
     parser.add_argument("--dataset", default=None, help="the dataset (default: each metric's first)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
-    text = paired_metrics(json.loads(args.comparison.read_text()), args.a, args.b, args.dataset)
+    comparison = json.loads(args.comparison.read_text())
+    if args.correlate:
+        text = run_correlations(comparison, args.correlate)
+    elif args.a and args.b:
+        text = paired_metrics(comparison, args.a, args.b, args.dataset)
+    else:
+        parser.error("give two strategies A B, or --correlate METRIC")
     print(text)
     if args.out is not None:
         args.out.write_text(text)

@@ -45,6 +45,11 @@ _EXPORTS = {
     "plot_alpha_trajectory": "plots",
     "plot_dynamics": "plots",
     "plot_heatmap": "plots",
+    "plot_metric_heatmap": "plots",
+    "plot_head_tail": "plots",
+    "distinct_n": "distribution",
+    "self_bleu": "distribution",
+    "teacher_forced_metrics": "distribution",
 }
 
 __all__ = sorted(_EXPORTS)
