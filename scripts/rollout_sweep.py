@@ -29,6 +29,8 @@ ROLLOUTS = {
     "gkd_1": ["rollout=gkd", "rollout.lmbda=1"],
     "seqkd": ["rollout=seqkd"],
     "distillm": ["rollout=distillm"],
+    # a sensitivity cell: DistiLLM's rule with a smaller loss_eps (the paper's 0.1 never fired on tiny)
+    "distillm_eps0.02": ["rollout=distillm", "rollout.loss_eps=0.02"],
 }
 POLICIES = ("fkl", "rkl", "learned")
 
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> None:
     commands = []
     for seed in args.seeds:
         for rollout, overrides in ROLLOUTS.items():
+            if args.rollouts and rollout not in args.rollouts:
+                continue
             for policy in POLICIES:
                 run_dir = _run_dir(args.out, rollout, policy, seed)
                 if (run_dir / "report.json").is_file():
@@ -136,6 +140,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the tiny job's 240)")
     parser.add_argument("--workers", type=int, default=1, help="runs at once")
+    parser.add_argument("--rollouts", nargs="+", default=None, help="only these cells (names of ROLLOUTS)")
     args = parser.parse_args()
     (run if args.command == "run" else summarize)(args)
 
