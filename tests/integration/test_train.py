@@ -321,6 +321,9 @@ def test_gkd_at_lmbda_0_is_the_plain_run_bit_for_bit_and_at_lmbda_1_never_trains
     assert len(seen) >= 5 and all(share == [1.0] * 8 for share in seen)
     rows = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     assert [r["rollout_student_fraction"] for r in rows] == [1.0] * 5 and all(r["rollout_seconds"] > 0 for r in rows)
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["rollout"] == "gkd" and 0 < summary["rollout_share"] < 1
+    assert summary["rollout_seconds"] == pytest.approx(sum(r["rollout_seconds"] for r in rows))
 
 
 def _free_port() -> int:

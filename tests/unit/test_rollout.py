@@ -279,3 +279,26 @@ def test_a_policy_state_from_before_the_on_policy_feature_loads_and_acts_the_sam
     x[:, ON_POLICY_COLUMN] = 0.0
     torch.testing.assert_close(fresh.network(x).mean, policy.network(x).mean, rtol=0, atol=0)
     assert fresh.network.zero_weight.abs().sum() == 0 and fresh.norm.mean.numel() == len(FEATURE_NAMES)
+
+
+def test_the_report_says_generation_s_share_of_the_training_time():
+    from arkd.report import report_markdown
+
+    score = {"mean": 20.0, "std": None, "per_seed": {"10": 20.0}}
+    report = {
+        "experiment": "tiny",
+        "test_rows": 8,
+        "decoding": {"do_sample": False, "max_new_tokens": 8, "no_repeat_ngram_size": 0},
+        "seeds": [10],
+        "results": {"student_after": {"rougeL": score, "exact_match": score}},
+        "student_after": "final",
+        "student_after_step": 6,
+        "training": {
+            "steps": 6,
+            "train_seconds": 10.0,
+            "rollout": "gkd",
+            "rollout_seconds": 2.5,
+            "rollout_share": 0.25,
+        },
+    }
+    assert "Rollout `gkd`: generation took 2.5 s, 25.0% of the training time." in report_markdown(report)
