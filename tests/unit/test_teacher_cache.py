@@ -386,12 +386,13 @@ def test_what_cannot_work_from_a_top_k_teacher_is_refused(tiny, caches, tmp_path
         student=student, tokenizer=tokenizer, batches=None, strategy=None, scheduler=None, reward=None,
         optimizer=torch.optim.SGD(student.parameters(), lr=0.1), accelerator=Accelerator(cpu=True),
     )  # fmt: skip
+    one_step = TrainerConfig(max_steps=1, output_dir=str(tmp_path))  # the run directory: never the working one
     with pytest.raises(ValueError, match="TotalVariationLoss needs the teacher's full logits"):
-        Trainer(teacher=cache, loss=TotalVariationLoss(reduction="sum"), config=TrainerConfig(max_steps=1), **common)
+        Trainer(teacher=cache, loss=TotalVariationLoss(reduction="sum"), config=one_step, **common)
     with pytest.raises(ValueError, match="trainer.fused_linear=true needs the teacher's full logits"):
         Trainer(teacher=cache, loss=BidirectionalKLLoss(reduction="sum"),
-                config=TrainerConfig(max_steps=1, fused_linear=True), **common)  # fmt: skip
-    Trainer(teacher=cache, loss=ForwardKLLoss(reduction="sum"), config=TrainerConfig(max_steps=1), **common)
+                config=TrainerConfig(max_steps=1, fused_linear=True, output_dir=str(tmp_path)), **common)  # fmt: skip
+    Trainer(teacher=cache, loss=ForwardKLLoss(reduction="sum"), config=one_step, **common)
 
 
 def test_bfloat16_storage_halves_the_log_probabilities_within_their_precision(tiny, caches, tmp_path):
