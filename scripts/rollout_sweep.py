@@ -53,13 +53,15 @@ def run(args: argparse.Namespace) -> None:
                 if (run_dir / "report.json").is_file():
                     continue
                 shared = [f"rollout.max_new_tokens={args.max_new_tokens}"] if overrides else []
-                cmd = [arkd_train, "config=tiny", *overrides, *shared, f"policy={policy}", f"seed={seed}"]
+                cmd = [arkd_train, f"config={args.config}", *overrides, *shared, f"policy={policy}", f"seed={seed}"]
                 cmd += [f"label={rollout}-{policy}", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
+                cmd += [f"report.seeds={args.report_seeds}"] if args.report_seeds else []
                 cmd += [f"trainer.max_steps={args.steps}"] if args.steps else []
                 commands.append(cmd)
 
     def one(cmd: list[str]) -> None:
-        if (Path(cmd[-1 if not args.steps else -2].split("=", 1)[1]) / "report.json").is_file():
+        run_dir = next(c.split("=", 1)[1] for c in cmd if c.startswith("hydra.run.dir="))
+        if (Path(run_dir) / "report.json").is_file():
             return  # finished by another runner of the same sweep meanwhile
         print(" ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -136,6 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("run", "summarize"))
     parser.add_argument("--out", type=Path, default=Path("runs/rollout_sweep"))
+    parser.add_argument("--config", default="tiny", help="the experiment (tiny, or tiny_tradeoff: the testbed)")
+    parser.add_argument("--report-seeds", default=None, help="report.seeds for every run, e.g. [10,20]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the tiny job's 240)")
