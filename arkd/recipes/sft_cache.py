@@ -1,14 +1,19 @@
 """The SFT cache: a model that needs a supervised fine-tuning before use (the tiny job's teacher and student) is trained
 once with the trainer and the cross-entropy loss, saved under ``cache_dir`` keyed by a hash of everything that decides
 its weights (its model config, SFT options and seed, the data and tokenizer configs, the number of processes and
-arkd's version), and loaded from there by every later run."""
+arkd's version), and loaded from there by every later run.
+
+Runs that need the same model at the same time (a parallel sweep) each train it in a work directory of their own;
+the first to finish publishes it by renaming, and the others keep the published copy and discard theirs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,20 @@ from arkd.recipes.build import build_model, make_loader, make_scheduler
 from arkd.trainer import Trainer, TrainerConfig, TrainingInterrupted
 
 __all__ = ["sft_cached"]
+
+
+def _publish(work: Path, path: Path) -> None:
+    """Move the trained model from ``work`` to ``path``, unless a concurrent run of the same SFT published it first
+    (then its copy is kept and this one discarded); an incomplete ``path`` (no weights) is replaced."""
+    shutil.copy(work / "metrics.jsonl", work / "final" / "sft_metrics.jsonl")
+    if path.exists() and not (path / "model.safetensors").is_file():
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        (work / "final").rename(path)
+    except OSError:  # the target appeared meanwhile (another run finished first): a non-empty directory
+        if not (path / "model.safetensors").is_file():
+            raise
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _config_hash(*parts: Any) -> str:
@@ -90,9 +109,11 @@ def sft_cached(
         scheduler = make_scheduler(
             optimizer, str(options.get("lr_schedule", "cosine")), int(options.get("warmup_steps", 0)), max_steps
         )
-        work = root / f".tmp-{path.name}"
-        if accelerator.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)
+        from arkd.distributed import broadcast_object
+
+        # This run's own work directory (the same on every process): a concurrent run of the same SFT never
+        # touches it.
+        work = root / broadcast_object(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         accelerator.wait_for_everyone()
         accelerator.gradient_accumulation_steps = 1
         trainer = Trainer(
@@ -129,10 +150,7 @@ def sft_cached(
                 None,
             ) from None
         if accelerator.is_main_process:
-            shutil.rmtree(path, ignore_errors=True)
-            (work / "final").rename(path)
-            shutil.copy(work / "metrics.jsonl", path / "sft_metrics.jsonl")
-            shutil.rmtree(work, ignore_errors=True)
+            _publish(work, path)
         accelerator.wait_for_everyone()
         accelerator.free_memory()
         accelerator.gradient_accumulation_steps = int(cfg.trainer.grad_accum)
