@@ -3,14 +3,18 @@
     python scripts/rollout_sweep.py run --out runs/rollout_sweep            # 5 rollouts x 3 strategies x 3 seeds
     python scripts/rollout_sweep.py run --out runs/rollout_sweep --steps 120 --workers 2   # docs/results.md's run
     python scripts/rollout_sweep.py summarize --out runs/rollout_sweep      # the markdown table
+    python scripts/rollout_sweep.py run --config tiny_tradeoff --out runs/rollout_tradeoff --steps 240 \
+        --rollouts none gkd_0.5 gkd_1 seqkd distillm                          # docs/results.md's testbed run
+    python scripts/rollout_sweep.py summarize --out runs/rollout_tradeoff --metrics fkl rkl tail_recall self_bleu
 
-Every run is ``arkd-train config=tiny`` with the cell's ``rollout`` and ``policy`` (fkl, rkl: constant alpha 1 / 0;
-learned: ARKD), its seed, and the settings every generating cell shares (``--max-new-tokens``, default 32: the tiny
-job's validation and report length). A run whose ``report.json`` exists is skipped, so an interrupted sweep continues.
-``summarize`` reads each run's ``report.json`` and ``metrics.jsonl``: the student's test Rouge-L after distillation
-(mean +- std over seeds), its paired difference from ``rollout=none`` with the same strategy and seed (mean and a
-95% Student-t interval), the share of sequences the student generated, generation's share of the training time and
-the wall time per optimiser step.
+Every run is ``arkd-train config=tiny`` (``--config``: another experiment, e.g. the testbed) with the cell's
+``rollout`` and ``policy`` (fkl, rkl: constant alpha 1 / 0; learned: ARKD), its seed, and the settings every
+generating cell shares (``--max-new-tokens``, default 32: the tiny job's validation and report length). A run whose
+``report.json`` exists is skipped, so an interrupted sweep continues. ``summarize`` reads each run's ``report.json``
+and ``metrics.jsonl``: the student's test Rouge-L after distillation (mean +- std over seeds), its paired difference
+from ``rollout=none`` with the same strategy and seed (mean and a 95% Student-t interval), the share of sequences the
+student generated, generation's share of the training time and the wall time per optimiser step; ``--metrics`` adds
+other student-after metrics of the report as columns (means).
 """
 
 from __future__ import annotations
@@ -95,19 +99,22 @@ def summarize(args: argparse.Namespace) -> None:
                 rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") != "validation"]
                 fractions = [r["rollout_student_fraction"] for r in rows if "rollout_student_fraction" in r]
                 last = rows[-1] if rows else {}
+                after = report["results"]["student_after"]
                 table.setdefault((rollout, policy), {})[seed] = {
-                    "rougeL": report["results"]["student_after"]["rougeL"]["mean"],
+                    **{m: after[m]["mean"] for m in args.metrics if m in after},
+                    "rougeL": after["rougeL"]["mean"],
                     "before": report["results"]["student_before"]["rougeL"]["mean"],
                     "student": statistics.fmean(fractions) if fractions else float("nan"),
                     "share": training.get("rollout_share") or 0.0,
                     "step_ms": 1000 * training["train_seconds"] / max(training["steps"], 1),
                     "probability": last.get("rollout_probability"),
                 }
+    extra = "".join(f" {m} |" for m in args.metrics)
     print(
-        "| rollout | strategy | seeds | Rouge-L after | vs none (paired, 95% CI) | student-generated | "
+        "| rollout | strategy | seeds | Rouge-L after | vs none (paired, 95% CI) |" + extra + " student-generated | "
         "generation share | ms / step |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|" + "---|" * len(args.metrics) + "---|---|---|")
     for (rollout, policy), runs in table.items():
         seeds = sorted(runs)
         scores = [runs[s]["rougeL"] for s in seeds]
@@ -125,8 +132,13 @@ def summarize(args: argparse.Namespace) -> None:
         step_ms = statistics.median(runs[s]["step_ms"] for s in seeds)
         probability = [runs[s]["probability"] for s in seeds if runs[s]["probability"] is not None]
         note = f" (final p {', '.join(f'{p:.1f}' for p in probability)})" if probability else ""
+        cells = "".join(
+            f" {statistics.fmean(runs[s][m] for s in seeds):.3g} |" if all(m in runs[s] for s in seeds) else " — |"
+            for m in args.metrics
+        )
         print(
-            f"| {rollout} | {policy} | {len(seeds)} | {mean:.2f} ± {std:.2f} | {paired} | {100 * student:.0f}%{note} "
+            f"| {rollout} | {policy} | {len(seeds)} | {mean:.2f} ± {std:.2f} | {paired} |{cells} "
+            f"{100 * student:.0f}%{note} "
             f"| {100 * share:.1f}% | {step_ms:.0f} |"
         )
     befores = [r["before"] for runs in table.values() for r in runs.values()]
@@ -139,6 +151,9 @@ def main() -> None:
     parser.add_argument("command", choices=("run", "summarize"))
     parser.add_argument("--out", type=Path, default=Path("runs/rollout_sweep"))
     parser.add_argument("--config", default="tiny", help="the experiment (tiny, or tiny_tradeoff: the testbed)")
+    parser.add_argument(
+        "--metrics", nargs="*", default=[], help="summarize: more student-after metrics as columns (e.g. tail_recall)"
+    )
     parser.add_argument("--report-seeds", default=None, help="report.seeds for every run, e.g. [10,20]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-new-tokens", type=int, default=32)
