@@ -159,6 +159,48 @@ def generate_synthetic(n: int, seed: int = 0, families: Sequence[str] | None = N
     return [_make(family, rng) for family in plan]
 
 
+def _draw_splits(
+    names: list[str],
+    rng: random.Random,
+    n_train: int,
+    n_validation: int,
+    n_test: int,
+    held_row: Callable[[str, random.Random], Example],
+    train_row: Callable[[str, random.Random], tuple[str, Callable[[], Example]]],
+    hint: str,
+) -> dict[str, list[Example]]:
+    """Distinct held-out prompts first (families in turn), then training rows whose prompts are not among them.
+
+    ``held_row(family, rng)`` makes a held-out example; ``train_row(family, rng)`` returns a training row's prompt
+    and a function that builds the row, called only when the prompt is kept (so a rejected row draws nothing more).
+    """
+    held_out: dict[str, Example] = {}
+    need = n_validation + n_test
+    attempts = 0
+    while len(held_out) < need:
+        attempts += 1
+        if attempts > 100 * need:
+            raise ValueError(
+                f"could only find {len(held_out)} distinct held-out prompts of {need} for families {names}; "
+                f"expected {hint}"
+            )
+        ex = held_row(names[len(held_out) % len(names)], rng)
+        held_out.setdefault(ex.prompt, ex)
+    held = list(held_out.values())
+    rng.shuffle(held)
+    train: list[Example] = []
+    attempts = 0
+    while len(train) < n_train:
+        attempts += 1
+        if attempts > 100 * n_train:
+            raise ValueError(f"could not draw {n_train} training rows outside the held-out prompts of {names}")
+        prompt, build = train_row(names[len(train) % len(names)], rng)
+        if prompt not in held_out:
+            train.append(build())
+    rng.shuffle(train)
+    return {"train": train, "validation": held[:n_validation], "test": held[n_validation:]}
+
+
 def synthetic_splits(
     n_train: int,
     n_validation: int,
@@ -183,31 +225,14 @@ def synthetic_splits(
             raise ValueError(f"{name} must be at least 1, got {size}")
     names = _check_families(families)
     rng = random.Random(seed)
-    held_out: dict[str, Example] = {}
-    attempts = 0
-    need = n_validation + n_test
-    while len(held_out) < need:
-        attempts += 1
-        if attempts > 100 * need:
-            raise ValueError(
-                f"could only find {len(held_out)} distinct held-out prompts of {need} for families {names}; "
-                "expected fewer validation / test rows or more families"
-            )
-        ex = _make(names[len(held_out) % len(names)], rng)
-        held_out.setdefault(ex.prompt, ex)
-    held = list(held_out.values())
-    rng.shuffle(held)
-    train: list[Example] = []
-    attempts = 0
-    while len(train) < n_train:
-        attempts += 1
-        if attempts > 100 * n_train:
-            raise ValueError(f"could not draw {n_train} training rows outside the held-out prompts of {names}")
-        ex = _make(names[len(train) % len(names)], rng)
-        if ex.prompt not in held_out:
-            train.append(ex)
-    rng.shuffle(train)
-    return {"train": train, "validation": held[:n_validation], "test": held[n_validation:]}
+
+    def train_row(family: str, rng: random.Random) -> tuple[str, Callable[[], Example]]:
+        ex = _make(family, rng)
+        return ex.prompt, lambda: ex
+
+    return _draw_splits(
+        names, rng, n_train, n_validation, n_test, _make, train_row, "fewer validation / test rows or more families"
+    )
 
 
 def write_synthetic_splits(
@@ -336,33 +361,17 @@ def tradeoff_splits(
     def example(family: str, instruction: str, inp: str, refs: list[str]) -> Example:
         return Example(instruction, inp, refs, format_prompt(instruction, inp), topic=family)
 
-    held_out: dict[str, Example] = {}
-    need = n_validation + n_test
-    attempts = 0
-    while len(held_out) < need:
-        attempts += 1
-        if attempts > 100 * need:
-            raise ValueError(
-                f"could only find {len(held_out)} distinct held-out prompts of {need} for families {names}; "
-                "expected fewer validation / test rows"
-            )
-        family = names[len(held_out) % len(names)]
+    def held_row(family: str, rng: random.Random) -> Example:
         instruction, inp, answers = _tradeoff_row(family, rng)
-        ex = example(family, instruction, inp, [a for a, _ in answers])
-        held_out.setdefault(ex.prompt, ex)
-    held = list(held_out.values())
-    rng.shuffle(held)
-    train: list[Example] = []
-    attempts = 0
-    while len(train) < n_train:
-        attempts += 1
-        if attempts > 100 * n_train:
-            raise ValueError(f"could not draw {n_train} training rows outside the held-out prompts of {names}")
-        family = names[len(train) % len(names)]
+        return example(family, instruction, inp, [a for a, _ in answers])
+
+    def train_row(family: str, rng: random.Random) -> tuple[str, Callable[[], Example]]:
         instruction, inp, answers = _tradeoff_row(family, rng)
-        if format_prompt(instruction, inp) in held_out:
-            continue
-        (sampled,) = rng.choices([a for a, _ in answers], weights=[w for _, w in answers])
-        train.append(example(family, instruction, inp, [sampled]))
-    rng.shuffle(train)
-    return {"train": train, "validation": held[:n_validation], "test": held[n_validation:]}
+
+        def finish() -> Example:  # the answer is drawn only for a row that is kept
+            (sampled,) = rng.choices([a for a, _ in answers], weights=[w for _, w in answers])
+            return example(family, instruction, inp, [sampled])
+
+        return format_prompt(instruction, inp), finish
+
+    return _draw_splits(names, rng, n_train, n_validation, n_test, held_row, train_row, "fewer validation / test rows")
