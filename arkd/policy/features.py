@@ -183,8 +183,9 @@ def compute_features(
     """
     if isinstance(teacher_logits, TopKTeacher):
         return compute_features_topk(
-            student_logits, teacher_logits, mask, temperature=temperature, mu=mu, chunk_size=chunk_size
-        )
+            student_logits, teacher_logits, mask, temperature=temperature, mu=mu, chunk_size=chunk_size,
+            on_policy=on_policy,
+        )  # fmt: skip
     _check_inputs(student_logits, teacher_logits, mask)
     if temperature <= 0:
         raise ValueError(f"compute_features: temperature must be > 0, got {temperature}")
@@ -252,9 +253,15 @@ def _chunked(student_rows, teacher_logits, mask, temperature, mu, chunk_size, sh
         )
         for name, value in stats.items():
             out[name][chunk] = value
+    return _features(out, mask, on_policy, temperature, mu)
+
+
+def _features(out: dict, mask: torch.Tensor, on_policy, temperature: float, mu: float) -> Features:
+    """``Features`` from the flat ``[B * T]`` statistics ``out`` and the batch's per-sequence ``on_policy`` share."""
+    b, t = mask.shape
     views = {name: value.view(b, t) for name, value in out.items()}
     if on_policy is not None:
-        share = torch.as_tensor(on_policy, dtype=torch.float32, device=device).reshape(-1)
+        share = torch.as_tensor(on_policy, dtype=torch.float32, device=mask.device).reshape(-1)
         if share.numel() != b:
             raise ValueError(f"compute_features: on_policy must be [B] = [{b}], got shape {tuple(share.shape)}")
         views["on_policy"] = torch.where(mask, share.unsqueeze(1).expand(b, t), 0.0)
@@ -273,6 +280,7 @@ def compute_features_topk(
     temperature: float = 1.0,
     mu: float = 0.5,
     chunk_size: int | None = None,
+    on_policy: torch.Tensor | None = None,
 ) -> Features:
     """:func:`compute_features` against a teacher known by its top-k log-probabilities and one tail bucket (the
     teacher cache): the teacher-side statistics are those of the coarsened distributions ``P`` and ``Q`` over the k
@@ -310,8 +318,7 @@ def compute_features_topk(
         stats = _topk_statistics(s_flat.index_select(0, chunk).float(), flat[chunk], temperature=temperature, mu=mu)
         for name, value in stats.items():
             out[name][chunk] = value
-    views = {name: value.view(b, t) for name, value in out.items()}
-    return Features(**views, mask=mask, temperature=float(temperature), mu=float(mu))
+    return _features(out, mask, on_policy, temperature, mu)
 
 
 def _topk_statistics(s: torch.Tensor, teacher: TopKTeacher, *, temperature: float, mu: float) -> dict:

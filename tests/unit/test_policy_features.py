@@ -214,3 +214,17 @@ def test_features_from_hidden_states_equal_the_features_of_the_full_logits():
         torch.testing.assert_close(getattr(light, name), getattr(full, name), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"must be \[V, H\]"):
         compute_features_from_hidden(hidden, weight[:, :5], teacher, mask)
+
+
+def test_on_policy_share_reaches_the_features_with_a_top_k_teacher():
+    from arkd.losses.topk import TopKTeacher
+
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(2, 4, 9, generator=g), torch.randn(2, 4, 9, generator=g)
+    mask = torch.tensor([[True, True, False, True], [False, True, True, True]])
+    share = torch.tensor([1.0, 0.25])
+    full = compute_features(s, t, mask, on_policy=share)
+    top = compute_features(s, TopKTeacher.from_logits(t, 3), mask, on_policy=share)
+    expected = torch.where(mask, share[:, None].expand(2, 4), 0.0)  # each sequence's share on its counted tokens
+    torch.testing.assert_close(full.on_policy, expected)
+    torch.testing.assert_close(top.on_policy, expected)
