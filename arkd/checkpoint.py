@@ -25,17 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from arkd import rng
 from arkd.errors import OutputError, describe_os_error
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -210,37 +209,8 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # Random states
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """The Python, NumPy and torch (CPU and CUDA) random states as plain tensors and values."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
-        "numpy": {
-            "name": np_name,
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+capture_rng_state = rng.capture  # the whole random state of a process (one per process in a checkpoint)
+restore_rng_state = rng.restore
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -304,17 +274,69 @@ def write_checkpoint(
         raise OutputError(
             f"cannot write the checkpoint {final}: {reason}; the earlier checkpoints are untouched."
         ) from None
-    if final.exists():  # a re-run of the same step (e.g. after a resume): replace it as a whole
-        old = root / f".old_{final.name}_{os.getpid()}"
+    swap_in(tmp, final, root / f".old_{final.name}_{os.getpid()}")  # a re-run of a step is replaced as a whole
+    _fsync_dir(root)
+    if keep_last:
+        rotate(root, keep_last)
+    return final
+
+
+def load_verified(path: Path, load: Callable[[Path], None]) -> None:
+    """``load(path)`` once ``path`` passes its manifest; a checkpoint that fails it or cannot be read raises
+    :class:`CheckpointError` (one sentence)."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"cannot resume from {path}: {problem}; expected a complete checkpoint written by arkd-train "
+            "(trainer.resume=auto falls back to the newest good one)."
+        )
+    try:
+        load(path)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(err).__name__}: {first[:300]}; expected a checkpoint of this run's "
+            "model, optimizer and strategy."
+        ) from err
+
+
+def swap_in(tmp: Path, final: Path, old: Path) -> None:
+    """Put the finished directory ``tmp`` at ``final``: an existing ``final`` is moved aside to ``old`` first and
+    removed once the new one is in place (a process killed between the two renames leaves ``old``, which
+    :func:`clean_stale_outputs` puts back)."""
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
-    if keep_last:
-        rotate(root, keep_last)
-    return final
+
+
+def publish_model(save: Callable[[Path], None], final: Path) -> None:
+    """Write a model directory atomically: ``save(tmp)`` into ``.tmp_NAME`` beside ``final``, then
+    :func:`swap_in`. A full or read-only disk raises :class:`OutputError` (one sentence) and leaves the previous
+    ``final`` untouched."""
+    tmp, old = final.parent / f".tmp_{final.name}", final.parent / f".old_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = describe_os_error(err) if isinstance(err, OSError) else " ".join(str(err).split())[:200]
+        raise OutputError(f"cannot write {final}: {reason}; the previous {final.name}/ is untouched.") from None
+    swap_in(tmp, final, old)
+
+
+def clean_stale_outputs(run_dir: Path, names: tuple[str, ...] = ("best", "final")) -> None:
+    """Remove what an interrupted :func:`publish_model` left in ``run_dir``; a model moved aside and not yet
+    replaced is put back."""
+    for name in names:
+        shutil.rmtree(run_dir / f".tmp_{name}", ignore_errors=True)
+        old = run_dir / f".old_{name}"
+        if old.is_dir() and not (run_dir / name).exists():  # killed between the two renames
+            old.rename(run_dir / name)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def rotate(root: str | os.PathLike, keep_last: int) -> list[Path]:

@@ -21,11 +21,18 @@ Every function is computed without autograd and returns detached values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from arkd import distributed as pdist
+from arkd import rng
+from arkd.data.collate import drop_last_position, model_inputs
 from arkd.losses.functional import bidirectional_kl
 from arkd.losses.topk import TopKTeacher, bidirectional_kl_topk
+
+if TYPE_CHECKING:
+    from arkd.policy.lookahead import BatchScorer, StepPreview
 
 GRANULARITIES = ("batch", "sequence", "token")
 HELD_OUT = ("next", "same")
@@ -139,6 +146,7 @@ class PairedReward:
     equal_norm: bool = False
 
     name = "paired"
+    needs_student_logits = False  # it scores previews of the step (works with trainer.fused_linear)
 
     def __post_init__(self) -> None:
         if int(self.interval) < 1:
@@ -158,6 +166,33 @@ class PairedReward:
         """``r_k = D(theta) - D(theta'_k)`` from the held-out D now and after each candidate's step."""
         return torch.tensor([base - s for s in scores], dtype=torch.float64)
 
+    def measure(
+        self,
+        preview: StepPreview,
+        held_out: BatchScorer,
+        same: BatchScorer,
+        candidates: list[list[torch.Tensor]],
+        offsets: list[dict[str, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The K candidates' rewards at one state: each candidate's previewed step scored on the held-out data (or
+        the step's own window, ``held_out: same``).
+
+        Args:
+            preview: the step's preview (its gradient, dg/dalpha, the optimiser's update).
+            held_out, same: D of the next training batch / of the step's own window at given parameters.
+            candidates: the candidate actions of the step's decisions (one list per decision).
+            offsets: for per-sequence / per-token candidates, each candidate's exact gradient difference (empty for
+                one alpha per step, where a candidate is a shift along dg/dalpha).
+        """
+        scorer = held_out if self.held_out == "next" else same
+        base = scorer()
+        if offsets:
+            scores = [scorer(preview.params_at(offset=offset, equal_norm=self.equal_norm)) for offset in offsets]
+        else:
+            shifts = [float(c) - preview.alpha_mean for c in candidates[0]]
+            scores = [scorer(preview.params_at(shift, equal_norm=self.equal_norm)) for shift in shifts]
+        return self.rewards(base, scores)
+
 
 @dataclass
 class SameBatchReward:
@@ -170,6 +205,7 @@ class SameBatchReward:
     interval: int = 4
 
     name = "same_batch"
+    needs_student_logits = True  # it compares the student's logits before and after the step
     candidates = 1
     held_out = "same"
     equal_norm = False
@@ -182,17 +218,36 @@ class SameBatchReward:
     def due(self, step: int) -> bool:
         return step % self.interval == 0
 
-    @staticmethod
-    def rewards(
-        s_before: torch.Tensor,
-        s_after: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        mask: torch.Tensor,
+    def measure(
+        self,
+        model: torch.nn.Module,
+        kept: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, Any]],
         *,
         temperature: float,
         granularity: str,
-    ) -> torch.Tensor:
-        """``D_before - D_after`` at ``granularity`` (``[]``, ``[B]`` or ``[B, T]``)."""
-        before = alignment(s_before, teacher_logits, mask, temperature=temperature, granularity=granularity)
-        after = alignment(s_after, teacher_logits, mask, temperature=temperature, granularity=granularity)
-        return improvement(before, after)
+    ) -> tuple[float, list[torch.Tensor]]:
+        """``D_before - D_after`` of each micro-batch after the step, under one dropout mask.
+
+        Args:
+            model: the student after the step (unwrapped: a plain forward on this process's batches).
+            kept: per micro-batch ``(batch, student logits before [B, T-1, V], teacher logits [B, T-1, V], mask
+                [B, T-1], random state before the training forward)``; the forward after replays that state.
+            temperature: of D.
+            granularity: of the per-batch rewards (``[]``, ``[B]`` or ``[B, T]`` each).
+
+        Returns:
+            The mean improvement per counted token over all micro-batches and processes, and each micro-batch's
+            improvement at ``granularity``.
+        """
+        device = next(model.parameters()).device
+        per_batch, sums = [], torch.zeros(2, dtype=torch.float64)
+        for batch, s_before, teacher_logits, mask, state in kept:
+            with torch.no_grad(), rng.replaying(state, device):
+                s_after = model(**model_inputs(batch)).logits
+            d_before = token_alignment(s_before, teacher_logits, mask, temperature=temperature)
+            d_after = token_alignment(drop_last_position(s_after), teacher_logits, mask, temperature=temperature)
+            gain = torch.where(mask, d_before - d_after, 0.0)
+            per_batch.append(reduce_tokens(gain, mask, granularity))
+            sums += torch.stack([gain.sum().double().cpu(), mask.sum().double().cpu()])
+        sums = pdist.all_reduce_sum(sums)
+        return float(sums[0] / sums[1].clamp_min(1)), per_batch

@@ -53,6 +53,7 @@ from arkd.evaluation.generation import (
     row_generator,
     sample_rows,
 )
+from arkd.rng import seeded
 
 __all__ = [
     "DatasetResponses",
@@ -77,22 +78,6 @@ def prompt_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
 def _derived_seed(*parts: Any) -> int:
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class _seeded:
-    """Run a block under ``torch.manual_seed(seed)`` and restore every random state after (CPU and the device)."""
-
-    def __init__(self, seed: int, device: torch.device) -> None:
-        self.seed, self.device = seed, device
-
-    def __enter__(self) -> None:
-        devices = [self.device] if self.device.type == "cuda" else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._fork.__exit__(*exc)
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -295,7 +280,7 @@ class RolloutSource:
         model.eval()
         started = time.perf_counter()
         try:
-            with torch.no_grad(), _seeded(seed, self.device):
+            with torch.no_grad(), seeded(seed, self.device):
                 sequences = model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
@@ -521,7 +506,7 @@ class MiniLLMMixRollout(RolloutSource):
         started = time.perf_counter()
         try:
             seed = _derived_seed(self.seed, "mix", self.rank, index)
-            with _seeded(seed, self.device):
+            with seeded(seed, self.device):
                 new = sample_mixture(
                     self.student, self.teacher, input_ids.to(self.device), attention_mask.to(self.device),
                     teacher_weight=self.teacher_weight, temperature=self.temperature, top_p=self.top_p,

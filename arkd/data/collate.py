@@ -41,6 +41,17 @@ def shift_for_next_token(logits: torch.Tensor, loss_mask: torch.Tensor) -> tuple
     return logits[:, :-1], loss_mask[:, 1:]
 
 
+def shift_labels(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens predicted and the counted positions, aligned with :func:`shift_for_next_token`'s logits:
+    ``input_ids[:, 1:]`` and ``loss_mask[:, 1:]`` as bool (``[B, T-1]`` each)."""
+    return batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].bool()
+
+
+def drop_last_position(logits: torch.Tensor) -> torch.Tensor:
+    """``logits[:, :-1]``: the predictions of tokens 1..T-1 (a teacher's logits next to shifted student logits)."""
+    return logits[:, :-1]
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, object]:
     """The keyword arguments of a model's forward for a training batch.
 

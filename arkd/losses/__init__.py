@@ -41,6 +41,7 @@ from .modules import (
     TAIDLoss,
     TokenWiseKLLoss,
     TotalVariationLoss,
+    accepts_hidden_states,
     accepts_topk_teacher,
     loss_capabilities,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "TokenWiseKLLoss",
     "TopKTeacher",
     "TotalVariationLoss",
+    "accepts_hidden_states",
     "accepts_topk_teacher",
     "adaptive_kl",
     "alpha_beta_divergence",

@@ -237,6 +237,30 @@ class BidirectionalKLLoss(DivergenceLoss):
             student_logits, teacher_logits, mask, temperature=self.temperature, reduction=self.reduction, **hyper
         )
 
+    def from_hidden(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        alpha: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The same loss from the student's final hidden states and output layer
+        (:func:`arkd.losses.fused_linear_bidirectional_kl`: no ``[tokens, V]`` student logits are built)."""
+        return fused_linear_bidirectional_kl(
+            student_hidden, student_weight, teacher_logits, mask, student_bias=bias,
+            alpha=self.alpha if alpha is None else alpha, temperature=self.temperature, reduction=self.reduction,
+            chunk_size=self.chunk_size,
+        )  # fmt: skip
+
+
+def accepts_hidden_states(loss: Any) -> bool:
+    """Whether ``loss`` can be computed from the student's final hidden states and output layer (``from_hidden``:
+    the bidirectional KL), as ``trainer.fused_linear=true`` needs."""
+    return callable(getattr(loss, "from_hidden", None))
+
 
 class GeneralizedJSDLoss(DivergenceLoss):
     """GKD's generalized JSD (TRL convention, ``beta`` in [0, 1]); see :func:`arkd.losses.generalized_jsd`."""

@@ -9,10 +9,12 @@ on its name. Rooms:
 - ``learned.py``: ARKD's Beta policy network trained from immediate rewards;
 - ``rl.py``: advantages and policy-gradient losses as pure functions;
 - ``lookahead.py``: the one preview of the trainer's real step for another alpha (greedy, probe, paired reward);
+- ``control.py``: alpha control (strategy, reward, probe and step preview) behind the calls a training loop makes;
 - ``probe.py``: the alpha-signal probe (does alpha matter right now, and which way?);
 - ``features.py``, ``network.py``: statistics, the MLP (the torch.distributed helpers are :mod:`arkd.distributed`).
 """
 
+from arkd.policy.control import AlphaControl, NoControl, StepControl
 from arkd.policy.features import (
     FEATURE_NAMES,
     Features,
@@ -39,6 +41,7 @@ from arkd.policy.strategies import (
 __all__ = [
     "FEATURE_NAMES",
     "AKLHeuristic",
+    "AlphaControl",
     "AlphaSignalProbe",
     "AlphaStrategy",
     "BatchScorer",
@@ -49,9 +52,11 @@ __all__ = [
     "GreedySearch",
     "LearnedPolicy",
     "LinearSchedule",
+    "NoControl",
     "PolicyNetwork",
     "RunningNorm",
     "StepContext",
+    "StepControl",
     "StepPreview",
     "ToDiHeuristic",
     "adam_step_preview",

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from arkd import distributed as pdist
+from arkd.data.collate import drop_last_position
 
 Params = dict[str, torch.Tensor]
 UpdateFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], Params]
@@ -169,9 +170,12 @@ class StepPreview:
         squares = [self._combined(n, delta, offset).float().pow(2).sum() for n in self.grad]
         return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
 
-    def scale(self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The factor the candidate's gradient is multiplied by: ``equal_norm``'s rescaling to ``|g(alpha)|``, then
-        ``torch.nn.utils.clip_grad_norm_``'s rule ``min(1, max_norm / (norm + 1e-6))``."""
+    def scale(
+        self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None, equal_norm: bool | None = None
+    ) -> torch.Tensor:
+        """The factor the candidate's gradient is multiplied by: ``equal_norm``'s rescaling to ``|g(alpha)|`` (None:
+        the preview's own setting), then ``torch.nn.utils.clip_grad_norm_``'s rule ``min(1, max_norm / (norm +
+        1e-6))``."""
         shifted = delta != 0.0 or offset is not None
         if delta != 0.0 and self.direction is None:
             raise RuntimeError("StepPreview.gradient: a shift needs the direction dg/dalpha, which was not computed")
@@ -179,7 +183,9 @@ class StepPreview:
             return torch.ones(())
         norm = self._norm(delta, offset) if shifted else self._base_norm()
         factor = torch.ones(())
-        if self.equal_norm and shifted and float(norm) > 0:
+        if equal_norm is None:
+            equal_norm = self.equal_norm
+        if equal_norm and shifted and float(norm) > 0:
             factor = self._base_norm() / norm
             norm = self._base_norm()
         if self.max_grad_norm and self.max_grad_norm > 0:
@@ -191,24 +197,40 @@ class StepPreview:
             self._grad_norm = global_norm(self.grad)
         return self._grad_norm
 
-    def gradient(self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None) -> Params:
+    def gradient(
+        self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None, equal_norm: bool | None = None
+    ) -> Params:
         """The candidate's gradient after ``equal_norm`` and clipping, as a dict (one tensor per parameter)."""
-        return dict(_LazyGradients(self, delta, offset).items())
+        return dict(_LazyGradients(self, delta, offset, equal_norm).items())
 
     @torch.no_grad()
-    def params_at(self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None) -> Params:
+    def params_at(
+        self, delta: float = 0.0, offset: Mapping[str, torch.Tensor] | None = None, equal_norm: bool | None = None
+    ) -> Params:
         """Every trainable parameter after the previewed step (parameters without a gradient stay). The candidate's
-        gradient is built one parameter at a time as the optimiser's update reads it."""
-        moved = self.update(self.params, _LazyGradients(self, delta, offset))
+        gradient is built one parameter at a time as the optimiser's update reads it.
+
+        Args:
+            delta: the uniform shift of alpha (along ``direction``).
+            offset: a candidate's exact gradient difference (per-sequence / per-token candidates).
+            equal_norm: compare at the norm of ``g(alpha)`` (None: the preview's own ``equal_norm``).
+        """
+        moved = self.update(self.params, _LazyGradients(self, delta, offset, equal_norm))
         return {name: moved.get(name, theta.detach()) for name, theta in self.params.items()}
 
 
 class _LazyGradients(Mapping):
     """``name -> (g + delta d + offset) * scale``, computed when read (never all at once)."""
 
-    def __init__(self, preview: StepPreview, delta: float, offset: Mapping[str, torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        preview: StepPreview,
+        delta: float,
+        offset: Mapping[str, torch.Tensor] | None,
+        equal_norm: bool | None = None,
+    ) -> None:
         self.preview, self.delta, self.offset = preview, float(delta), offset
-        self.factor = preview.scale(self.delta, offset)
+        self.factor = preview.scale(self.delta, offset, equal_norm)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         value = self.preview._combined(name, self.delta, self.offset)
@@ -282,7 +304,7 @@ class BatchScorer:
                     logits = self.model(**inputs).logits
                 else:
                     logits = functional_call(self.model, dict(params), args=(), kwargs=inputs).logits
-                d = self.alignment(logits[:, :-1], t, m)
+                d = self.alignment(drop_last_position(logits), t, m)
                 total += torch.stack([d[m].double().sum().cpu(), m.sum().double().cpu()])
                 self.forwards += 1
         finally:
@@ -299,7 +321,7 @@ class BatchScorer:
             out = self.model(**kwargs)
         else:
             out = functional_call(self.model, dict(params), args=(), kwargs=kwargs)
-        hidden = out.hidden_states[-1][:, :-1][m]
+        hidden = drop_last_position(out.hidden_states[-1])[m]
         weight = self._layer.weight
         bias = getattr(self._layer, "bias", None)
         if params is not None:

@@ -91,18 +91,14 @@ class AlphaSignalProbe:
         self, preview: StepPreview, held_out: BatchScorer, same: BatchScorer | None = None
     ) -> dict[str, float | None]:
         """One probe: the slopes, the t value over the window and the best grid alpha (the row to log)."""
-        equal_norm, preview.equal_norm = preview.equal_norm, self.equal_norm
-        try:
-            d_lo, d_hi = self.grid(preview)
-            points = {d_lo: None, 0.0: None, d_hi: None}
-            scores = {delta: held_out(preview.params_at(delta)) for delta in points}
-            width = d_hi - d_lo
-            slope = (scores[d_lo] - scores[d_hi]) / width
-            row: dict[str, float | None] = {"alpha_signal_slope": slope}
-            if self.same_batch and same is not None:
-                row["alpha_signal_slope_same"] = (same(preview.params_at(d_lo)) - same(preview.params_at(d_hi))) / width
-        finally:
-            preview.equal_norm = equal_norm
+        d_lo, d_hi = self.grid(preview)
+        at = lambda delta: preview.params_at(delta, equal_norm=self.equal_norm)  # noqa: E731 - one copy at a time
+        scores = {delta: held_out(at(delta)) for delta in dict.fromkeys((d_lo, 0.0, d_hi))}
+        width = d_hi - d_lo
+        slope = (scores[d_lo] - scores[d_hi]) / width
+        row: dict[str, float | None] = {"alpha_signal_slope": slope}
+        if self.same_batch and same is not None:
+            row["alpha_signal_slope_same"] = (same(at(d_lo)) - same(at(d_hi))) / width
         best = min(scores, key=lambda delta: scores[delta])
         self.slopes.append(slope)
         row["alpha_signal_t"] = t_value(self.slopes[-self.window :])

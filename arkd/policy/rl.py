@@ -11,7 +11,7 @@ Two credit schemes (docs/policy.md, "Credit"):
   (:func:`leave_one_out`). One reward per candidate; a candidate is a whole action (one alpha, or the joint vector of
   a batch's per-sequence / per-token alphas).
 - **self** (the legacy same-batch reward, kept for comparison): one reward per entry, centred within the update
-  (:func:`centred`).
+  across all processes (``LearnedPolicy`` subtracts the pooled mean).
 """
 
 from __future__ import annotations
@@ -35,12 +35,6 @@ def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
     if k < 2:
         raise ValueError(f"leave_one_out: needs at least 2 rewards of one state, got {k}")
     return (rewards - (rewards.sum() - rewards) / (k - 1)).to(torch.float64)
-
-
-def centred(rewards: torch.Tensor) -> torch.Tensor:
-    """``r - mean(r)`` within one update (``[n]``): a baseline that cannot lag the learning-rate schedule."""
-    rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
-    return rewards - rewards.mean() if rewards.numel() else rewards
 
 
 class RunningScale:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from arkd.compat import check_parts, check_rollout
 from arkd.errors import ConfigError
 from arkd.recipes.build import build_model, make_accelerator, make_loader, make_scheduler, quiet_libraries
 from arkd.recipes.sft_cache import sft_cached
@@ -166,17 +167,20 @@ def _check(cfg: DictConfig) -> None:
     if cfg.get("rollout") is not None:
         from hydra.utils import get_class
 
-        source = get_class(str(cfg.rollout._target_))
-        choice = _rollout_choice(cfg)
-        if source.needs_validation and int(cfg.trainer.eval_interval) == 0:
-            raise ConfigError(
-                f"rollout={choice} adapts on the validation loss: set trainer.eval_interval > 0 (e.g. 60)."
-            )
-        if source.generates and kd and cfg.teacher.get("cache_dir"):
-            raise ConfigError(
-                f"rollout={choice} trains on generated responses, which the teacher cache (teacher.cache_dir) does "
-                "not hold: use the live teacher (teacher.cache_dir=null) or rollout=none."
-            )
+        try:
+            check_rollout(
+                get_class(str(cfg.rollout._target_)), engine=None, name=_rollout_choice(cfg),
+                topk_teacher=kd and bool(cfg.teacher.get("cache_dir")), validates=int(cfg.trainer.eval_interval) > 0,
+            )  # fmt: skip
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if bool(cfg.trainer.get("fused_linear")) and cfg.loss is not None:
+        from hydra.utils import instantiate
+
+        try:
+            check_parts(loss=instantiate(cfg.loss), fused_linear=True)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if cfg.output_dir is None:
         raise ConfigError("output_dir is not set: expected the run directory (arkd-train sets it from hydra.run.dir).")
 
@@ -188,12 +192,9 @@ def _open_teacher_cache(cfg: DictConfig, tokenizer: Any, accelerator: Any) -> An
 
     from arkd.data.tokenization import resolve_add_bos
     from arkd.teacher_cache import TeacherCache, cache_identity
-    from arkd.trainer import TrainerConfig, _check_topk_support
 
     try:
-        _check_topk_support(
-            instantiate(cfg.loss), TrainerConfig(max_steps=1, fused_linear=bool(cfg.trainer.fused_linear))
-        )
+        check_parts(loss=instantiate(cfg.loss), topk_teacher=True, fused_linear=bool(cfg.trainer.fused_linear))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     add_bos = resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer)

@@ -290,8 +290,9 @@ SHORT = [
 
 
 def test_gkd_at_lmbda_0_is_the_plain_run_bit_for_bit_and_at_lmbda_1_never_trains_on_the_dataset(tmp_path, monkeypatch):
+    from arkd.objective import Objective
+    from arkd.policy.control import AlphaControl
     from arkd.recipes.distill import run
-    from arkd.trainer import Trainer
 
     common = [*SHORT, f"cache_dir={tmp_path / 'cache'}"]
     run(_compose(*common, f"output_dir={tmp_path / 'none'}"))
@@ -303,8 +304,8 @@ def test_gkd_at_lmbda_0_is_the_plain_run_bit_for_bit_and_at_lmbda_1_never_trains
     assert [r["rollout_student_fraction"] for r in rows] == [0.0] * 5 and all(r["rollout_seconds"] == 0 for r in rows)
 
     seen = []
-    original = Trainer._loss_step
-    scorer = Trainer._scorer
+    original = Objective.__call__
+    scorer = AlphaControl.scorer
 
     def record(self, batch, *args, **kwargs):
         seen.append(batch["on_policy"].tolist())
@@ -314,8 +315,8 @@ def test_gkd_at_lmbda_0_is_the_plain_run_bit_for_bit_and_at_lmbda_1_never_trains
         seen.extend(part[0]["on_policy"].tolist() for part in parts)  # the reward's held-out and same batches
         return scorer(self, parts)
 
-    monkeypatch.setattr(Trainer, "_loss_step", record)
-    monkeypatch.setattr(Trainer, "_scorer", record_scored)
+    monkeypatch.setattr(Objective, "__call__", record)
+    monkeypatch.setattr(AlphaControl, "scorer", record_scored)
     one = [*common, "rollout=gkd", "rollout.lmbda=1", "rollout.max_new_tokens=6", f"output_dir={tmp_path / 'one'}"]
     run(_compose(*one))
     assert len(seen) >= 5 and all(share == [1.0] * 8 for share in seen)

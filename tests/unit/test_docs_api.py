@@ -21,6 +21,9 @@ def test_training_loop_example_runs_and_learns(capsys):
     strategy = namespace["strategy"]
     log = strategy.last_log()
     assert log["policy_updated"] == 1.0 and 0.0 < log["policy_mean"] < 1.0
+    row = namespace["row"]  # the last step: a paired reward (every step) and a probe (every second step)
+    assert set(row) >= {"reward", "alpha_signal_slope", "alpha_signal_t", "alpha_signal_best"}
+    assert all(isinstance(row[key], float) for key in ("reward", "alpha_signal_slope"))
     assert "policy_mean" in capsys.readouterr().out
 
 

@@ -59,13 +59,42 @@ def test_reduce_tokens_edge_cases():
         R.reduce_tokens(values, mask, "document")
 
 
-def test_improvement_is_before_minus_after():
+def test_same_batch_reward_is_before_minus_after_under_one_dropout_mask():
+    """SameBatchReward.measure: the student's logits after the step (a forward that replays the training forward's
+    random state) against the logits before, per counted token, at each granularity (the naive reference: D from
+    torch.nn.functional before and after)."""
+    from types import SimpleNamespace
+
+    from arkd import rng
+
     s, t, mask = logits()
     closer = 0.5 * (s + t)
+
+    class After(torch.nn.Module):  # the student after the step: its next-token logits are `closer`, plus dropout
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids, attention_mask, **_):
+            noise = torch.nn.functional.dropout(torch.ones_like(closer), 0.5)  # replayed: the same mask each time
+            out = closer + 1e-3 * noise
+            return SimpleNamespace(logits=torch.cat([out, out[:, -1:]], dim=1))
+
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5, dtype=torch.long)}
+    state = rng.snapshot(torch.device("cpu"))
+    with rng.replaying(state, torch.device("cpu")):
+        after = After()(**batch).logits[:, :-1]
+    before_d, after_d = ref_token_d(s, t), ref_token_d(after, t)
+    reward = R.SameBatchReward(interval=1)
     for gran in ("batch", "sequence", "token"):
-        r = R.improvement(R.alignment(s, t, mask, granularity=gran), R.alignment(closer, t, mask, granularity=gran))
-        torch.testing.assert_close(r, R.SameBatchReward.rewards(s, closer, t, mask, temperature=1.0, granularity=gran))
-    assert float(R.SameBatchReward.rewards(s, closer, t, mask, temperature=1.0, granularity="batch")) > 0
+        mean, per_batch = reward.measure(After(), [(batch, s, t, mask, state)], temperature=1.0, granularity=gran)
+        gain = torch.where(mask, before_d - after_d, 0.0)
+        expected = {"batch": gain[mask].mean(), "token": gain}.get(gran)
+        if gran == "sequence":
+            expected = torch.stack([gain[b][mask[b]].mean() for b in range(3)])
+        torch.testing.assert_close(per_batch[0], expected)
+        assert mean == pytest.approx(float(gain[mask].mean()), rel=1e-5)
+    assert mean > 0  # closer to the teacher after the step
 
 
 def test_paired_reward_options_and_rewards():

@@ -260,7 +260,7 @@ def test_cached_teacher_at_k_equal_v_trains_as_the_live_teacher(tiny, caches, tm
     live_rows, live = _run(_trainer(tiny, tmp_path / "live", copy.deepcopy(teacher), steps=6), 6)
     cache = TeacherCache(caches[v], _identity(v, v))
     cached_trainer = _trainer(tiny, tmp_path / "cached", cache, steps=6)
-    assert cached_trainer.teacher is None and cached_trainer.teacher_source is cache
+    assert cached_trainer.teacher is None and cached_trainer.objective.teacher_source is cache
     cached_rows, cached = _run(cached_trainer, 6)
     for a, b in zip(live_rows, cached_rows):
         for key in ("loss", "fkl", "rkl", "alpha_mean", "grad_norm", "reward"):
@@ -311,10 +311,10 @@ def test_every_preview_and_reward_works_from_the_cache(tiny, caches, tmp_path, k
             trainer = _trainer(
                 tiny, tmp_path / where, source, steps=3, strategy=LearnedPolicy(granularity="sequence", seed=0)
             )
-            trainer.reward = SameBatchReward(interval=1)
+            trainer.control.reward = SameBatchReward(interval=1)
         else:
             trainer = _trainer(tiny, tmp_path / where, source, steps=3)
-            trainer.probe = AlphaSignalProbe(interval=1)
+            trainer.control.probe = AlphaSignalProbe(interval=1)
         return trainer
 
     live_rows, live = _run(build(copy.deepcopy(teacher), "live"), 3)

@@ -134,7 +134,7 @@ def test_gradient_accumulation_invariance(tiny, tmp_path):
 class _NaNAt(torch.nn.Module):
     """A KD loss that turns NaN on the given optimizer steps (the step counter is the trainer's)."""
 
-    takes_alpha = True
+    takes_alpha, needs_target_ids, has_schedule = True, False, False  # the KDLoss declarations
 
     def __init__(self, steps: set[int]) -> None:
         super().__init__()
@@ -452,7 +452,7 @@ def test_trainer_checkpoint_restores_everything(tiny, tmp_path):
     b.load_checkpoint(path)
     rest_b = [b.train_step()["loss"] for _ in range(2)]
     assert rest_a == pytest.approx(rest_b, rel=1e-6)
-    assert a.probe.slopes == pytest.approx(b.probe.slopes, rel=1e-6) and len(b.probe.slopes) == 2
+    assert a.control.probe.slopes == pytest.approx(b.control.probe.slopes, rel=1e-6) and len(b.control.probe.slopes) == 2
     for x, y in zip(a.student.parameters(), b.student.parameters()):
         torch.testing.assert_close(x, y)
     for x, y in zip(a.strategy.network.parameters(), b.strategy.network.parameters()):
@@ -481,7 +481,7 @@ def test_greedy_lookahead_predicts_the_step_the_trainer_takes(tiny, tmp_path):
             seen.append(batch)
             return batch
 
-    trainer.batches = Spy()
+    trainer.window.batches = Spy()  # the window draws the batches
     for _ in range(3):  # AdamW has moments from the second step on
         before = copy.deepcopy(trainer.student)
         row = trainer.train_step()
