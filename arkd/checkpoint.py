@@ -300,6 +300,15 @@ def load_verified(path: Path, load: Callable[[Path], None]) -> None:
         ) from err
 
 
+def weights_finite(model: torch.nn.Module, accelerator: Any) -> bool:
+    """Whether every parameter of ``model`` is finite, on every process (a collective under several)."""
+    bad = any(not bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.numel())
+    flag = torch.tensor(float(bad), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return flag.item() == 0
+
+
 def swap_in(tmp: Path, final: Path, old: Path) -> None:
     """Put the finished directory ``tmp`` at ``final``: an existing ``final`` is moved aside to ``old`` first and
     removed once the new one is in place (a process killed between the two renames leaves ``old``, which

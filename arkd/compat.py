@@ -11,7 +11,7 @@ from typing import Any
 
 from arkd.losses import accepts_hidden_states, accepts_topk_teacher
 
-__all__ = ["check_parts", "check_previews", "check_rollout"]
+__all__ = ["check_branches", "check_parts", "check_previews", "check_rollout"]
 
 _GENERATING_ENGINES = ("DEEPSPEED", "FSDP")
 
@@ -113,4 +113,22 @@ def check_previews(*, engine: str | None, fp16_scaler: bool) -> None:
             f"the step preview (greedy search, the alpha-signal probe, the paired reward) needs full parameters "
             f"and gradients on every process, which {engine} shards: use DDP (launch/accelerate/multi_gpu_ddp.yaml), "
             "or probe=off with reward=same_batch."
+        )
+
+
+def check_branches(control: Any, *, reward_rows: int) -> None:
+    """The horizon reward and the horizon probe: one alpha per step, and a reward split to score branches on."""
+    horizon_probe = control.probe is not None and control.probe.horizon > 0
+    if not (control.horizon or horizon_probe):
+        return
+    what = "reward=horizon" if control.horizon else "probe.horizon"
+    if control.strategy.granularity != "batch":
+        raise ValueError(
+            f"{what} holds one alpha for whole branches of steps; policy.granularity={control.strategy.granularity} "
+            "chooses one per sequence or token: use policy.granularity=batch."
+        )
+    if reward_rows == 0:
+        raise ValueError(
+            f"{what} scores its branches on a reward split (training rows no step trains on), and none was given: "
+            "set reward.rows > 0 (arkd-train carves them from the training data)."
         )

@@ -150,6 +150,19 @@ class Objective:
         out.loss = loss
         return out
 
+    @torch.no_grad()
+    def features(self, batch: dict[str, torch.Tensor], teacher_logits: Any, options: dict[str, Any]):
+        """The features of a micro-batch at the current weights, without a loss (a segment's start state)."""
+        targets, m = shift_labels(batch)
+        s = h = None
+        if self.fused_linear:
+            h = drop_last_position(self._student_hidden(batch))
+        else:
+            s, m = shift_for_next_token(self.student(**model_inputs(batch)).logits, batch["loss_mask"].bool())
+        out = StepOutput(loss=torch.zeros(()), student_logits=s, teacher_logits=drop_last_position(teacher_logits),
+                         mask=m, targets=targets, batch=batch, student_hidden=h)  # fmt: skip
+        return self._features(out, batch, options)
+
     def _features(self, out: StepOutput, batch: dict[str, torch.Tensor], options: dict[str, Any]):
         options = {"temperature": self.temperature, "mu": self.feature_mu, **options}
         options["on_policy"] = batch.get("on_policy")

@@ -146,6 +146,7 @@ class PairedReward:
     equal_norm: bool = False
 
     name = "paired"
+    branches = False  # measured at the step it credits (not over a horizon of real steps)
     needs_student_logits = False  # it scores previews of the step (works with trainer.fused_linear)
 
     def __post_init__(self) -> None:
@@ -205,6 +206,7 @@ class SameBatchReward:
     interval: int = 4
 
     name = "same_batch"
+    branches = False
     needs_student_logits = True  # it compares the student's logits before and after the step
     candidates = 1
     held_out = "same"
@@ -251,3 +253,59 @@ class SameBatchReward:
             sums += torch.stack([gain.sum().double().cpu(), mask.sum().double().cpu()])
         sums = pdist.all_reduce_sum(sums)
         return float(sums[0] / sums[1].clamp_min(1)), per_batch
+
+
+CONTINUE_FROM = ("best", "mean")
+
+
+@dataclass
+class HorizonReward:
+    """The paired reward over a horizon of real training steps (``reward=horizon``).
+
+    Training runs in segments of ``horizon`` optimiser steps. At the start of a decided segment the policy samples
+    ``candidates`` alphas at that state; from one in-memory snapshot of everything a run needs (weights, optimiser
+    moments, scheduler, data position, random state), each candidate trains for ``horizon`` real steps on the same
+    batches with its alpha held, and is scored by ``D = (FKL + RKL) / 2`` per token on the reward split (rows carved
+    out of the training data, which no step trains on). The reward of candidate k is ``D(start) - D(end of branch
+    k)``; the policy learns from the leave-one-out advantages at the segment's start state. The main line continues
+    from the best branch (``continue_from: best``, the default: the run takes the better of the trajectories it has
+    already paid for, at ``candidates`` x the steps of a plain run) or from a branch at the policy's mean alpha
+    (``mean``: one more branch, ``candidates + 1`` x).
+
+    Args:
+        horizon: optimiser steps per segment (the reward's horizon).
+        candidates: K >= 2 alphas per decided segment.
+        interval: decide every this many segments (the others train at the policy's mean without branching).
+        continue_from: ``best`` or ``mean``.
+        rows: rows of the training data held out as the reward split.
+    """
+
+    horizon: int = 32
+    candidates: int = 2
+    interval: int = 1
+    continue_from: str = "best"
+    rows: int = 64
+
+    name = "horizon"
+    branches = True  # the loop runs real branches of ``horizon`` steps
+    needs_student_logits = False
+    held_out = "reward"
+    equal_norm = False
+
+    def __post_init__(self) -> None:
+        for key, low in (("horizon", 1), ("candidates", 2), ("interval", 1), ("rows", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or int(value) != value or int(value) < low:
+                raise ValueError(f"reward.{key} must be an integer >= {low}, got {value!r}")
+            setattr(self, key, int(value))
+        if self.continue_from not in CONTINUE_FROM:
+            raise ValueError(f"reward.continue_from must be one of {CONTINUE_FROM}, got {self.continue_from!r}")
+
+    def due(self, step: int) -> bool:
+        """True when a segment starts after ``step`` steps and is decided (branched)."""
+        return step % self.horizon == 0 and (step // self.horizon) % self.interval == 0
+
+    @staticmethod
+    def rewards(base: float, scores: list[float]) -> torch.Tensor:
+        """``r_k = D(start) - D(end of branch k)`` on the reward split."""
+        return torch.tensor([base - s for s in scores], dtype=torch.float64)

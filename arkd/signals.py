@@ -38,6 +38,16 @@ class StopSignals:
                 flush=True,
             )
 
+    def agreed(self, accelerator: Any) -> int:
+        """The signal number when any process received SIGINT / SIGTERM (0 otherwise), agreed by all processes."""
+        value = float(self.received or 0)
+        if accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor(value, device=accelerator.device)
+            value = accelerator.reduce(flag, reduction="max").item()
+        return int(value)
+
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

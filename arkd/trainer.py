@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
+from arkd import branching, rng
 from arkd import checkpoint as ckpt
 from arkd import distributed as pdist
-from arkd import rng
-from arkd.compat import check_parts, check_previews, check_rollout
+from arkd.branching import Branches
+from arkd.compat import check_branches, check_parts, check_previews, check_rollout
 from arkd.data.stream import BatchStream
 from arkd.errors import NonFiniteLossError, RunFailedError, TrainingInterrupted
 from arkd.losses.topk import TopKTeacher
@@ -66,33 +67,28 @@ class Trainer:
     """Distil (or fine-tune) a student with an alpha strategy on accelerate.
 
     Args:
-        student: the student model (a causal LM returning ``.logits``); prepared here.
-        teacher: the teacher, or None for plain SFT (``kd_weight`` must then be 0). Frozen here. Or a teacher
-            source that is not a module: ``source(batch) -> arkd.losses.TopKTeacher`` (an
-            ``arkd.teacher_cache.TeacherCache``), whose top-k log-probabilities replace the teacher's logits
-            everywhere (the losses, the features, the rewards, the probe, validation); the loss must accept them
-            (``arkd.losses.accepts_topk_teacher``).
+        student: the student (a causal LM returning ``.logits``); prepared here.
+        teacher: the teacher (frozen here), a teacher source ``batch -> arkd.losses.TopKTeacher`` (the teacher cache,
+            whose top-k log-probabilities replace the teacher's logits everywhere), or None for plain SFT.
         tokenizer: saved next to the final and best models.
         batches: a :class:`BatchStream` (or any iterator of batch dicts with ``state_dict``/``load_state_dict``).
-        strategy: an ``arkd.policy.AlphaStrategy`` (or None for plain SFT).
-        loss: the KD loss module with ``reduction="sum"`` (its declared ``arkd.losses.KDLoss`` capabilities are
-            read once); None for plain SFT.
-        optimizer: the student's optimizer.
-        scheduler: a learning-rate scheduler stepped once per optimizer step (or None).
-        accelerator: an ``accelerate.Accelerator`` built with ``gradient_accumulation_steps=grad_accum``.
+        strategy: an ``arkd.policy.AlphaStrategy`` (None for plain SFT or a loss that takes no alpha).
+        loss: the KD loss module, ``reduction="sum"`` (None for plain SFT).
+        optimizer, scheduler: the student's optimizer and a schedule stepped once per optimizer step (or None).
+        accelerator: an ``accelerate.Accelerator``.
         config: a :class:`TrainerConfig`.
-        reward: the reward of learning strategies (``arkd.reward.PairedReward`` or ``SameBatchReward``); needed when
-            ``strategy.needs_reward``.
+        reward: the reward the strategy learns from (``arkd.reward``); needed when ``strategy.needs_reward``.
         probe: an ``arkd.policy.AlphaSignalProbe`` (None: no probe).
-        validation_batches: a list of batch dicts for the validation loss (sharded over processes here).
-        validation_examples: examples (with ``references``) for validation Rouge-L.
-        predict_fn: ``(model, examples) -> list[str]``: greedy or sampled generations for Rouge-L, one per example.
-            Under several processes every process calls it with all the examples and must get all the generations
-            (the recipe's shares the rows over the processes: ``arkd.evaluation.sharding.generate_sharded``).
+        validation_batches, validation_examples: validation loss batches (sharded over processes here) and examples
+            (with ``references``) for Rouge-L.
+        predict_fn: ``(model, examples) -> list[str]``, one generation per example; under several processes every
+            process gets all the generations (``arkd.evaluation.sharding.generate_sharded``).
         score_fn: ``(predictions, references) -> float``: Rouge-L x 100.
-        logger: a :class:`MetricsLogger` (None: one is created in ``output_dir`` on the main process).
-        rollout: an ``arkd.rollout.RolloutSource`` that turns each dataset batch into the batch trained on (None: the
-            dataset's responses, ``arkd.rollout.DatasetResponses``).
+        logger: a :class:`MetricsLogger` (None: one in ``output_dir`` on the main process).
+        rollout: an ``arkd.rollout.RolloutSource`` turning each dataset batch into the batch trained on (None: the
+            dataset's responses).
+        reward_batches: the reward split (rows no step trains on) that the horizon reward and the horizon probe score
+            their branches on (sharded over processes).
     """
 
     def __init__(
@@ -116,6 +112,7 @@ class Trainer:
         score_fn: Callable[[list[str], list[list[str]]], float] | None = None,
         logger: MetricsLogger | None = None,
         rollout: Any = None,
+        reward_batches: list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.cfg, self.accelerator, self.tokenizer, self.batches = config, accelerator, tokenizer, batches
         teacher_source = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
@@ -155,6 +152,14 @@ class Trainer:
         check_rollout(self.window.rollout, engine=engine, topk_teacher=teacher_source is not None,
                       validates=bool(self.validator.batches) and config.eval_interval > 0)  # fmt: skip
         self.rollout = self.window.bind_rollout(student=self.student, teacher=self.teacher, tokenizer=tokenizer)
+        self.reward_batches = list(reward_batches or [])
+        self.branches = Branches(
+            self.control, snapshot=self.snapshot, restore=self.restore, train_step=self.train_step,
+            score=branching.reward_score(self.reward_batches, self.objective, self.control, accelerator),
+            features=branching.next_features(self.window, self.objective, self.control), max_steps=config.max_steps,
+            **(self.control.probe.horizon_options() if self.control.probe is not None else {}),
+        )  # fmt: skip
+        check_branches(self.control, reward_rows=len(self.reward_batches))
 
     @property
     def strategy(self) -> Any:
@@ -243,13 +248,7 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Whether every parameter of the student is finite, on every process (a collective)."""
-        acc = self.accelerator
-        model = acc.unwrap_model(self.student)
-        bad = any(not bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.numel())
-        flag = torch.tensor(float(bad), device=acc.device)
-        if acc.num_processes > 1:
-            flag = acc.reduce(flag, reduction="sum")
-        return flag.item() == 0
+        return ckpt.weights_finite(self.accelerator.unwrap_model(self.student), self.accelerator)
 
     def _skipped_share(self) -> float:
         return self.state.skipped_steps / max(self.state.step, 1)
@@ -272,6 +271,26 @@ class Trainer:
             ckpt.publish_model(save, self.run_dir / name)
         acc.wait_for_everyone()
         return True
+
+    def snapshot(self, with_strategy: bool = False) -> dict[str, Any]:
+        """Everything a branch restarts from, copied in memory (the checkpoint's contents; the strategy's only when
+        asked: a horizon reward's policy learns across its branches)."""
+        state = branching.state_copy(self.checkpoint_state())
+        if not with_strategy:
+            state["strategy"] = None
+        model = self.accelerator.unwrap_model(self.student)
+        weights = branching.state_copy(model.state_dict())
+        return {"weights": weights, "state": state, "rollout": branching.state_copy(self.rollout.state_dict()),
+                "rng": rng.capture()}  # fmt: skip
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Put the run back to a :meth:`snapshot` (the peeked batch is drawn again)."""
+        self.accelerator.unwrap_model(self.student).load_state_dict(snap["weights"])
+        self._restore(branching.state_copy(snap["state"]))
+        self.rollout.load_state_dict(branching.state_copy(snap["rollout"]))
+        self.state.load_state_dict(dict(snap["state"]["train"]))
+        self.window.reset()
+        rng.restore(snap["rng"])
 
     # ----------------------------------------------------------------------------------------------------------------
     # The step
@@ -323,11 +342,7 @@ class Trainer:
         if self.scheduler is not None and not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.step, self.state.skipped_in_a_row, self.state.tokens_seen = (
-            step + 1,
-            0,
-            self.state.tokens_seen + tokens,
-        )
+        self.state.advance(tokens)
         if self.objective.caps is not None and self.objective.caps.has_schedule:
             self.loss.update(row["kd"])
 
@@ -411,16 +426,18 @@ class Trainer:
                            disable=not (self.is_main and cfg.progress))  # fmt: skip
         with StopSignals(announce=self.is_main) as signals:
             while self.state.step < cfg.max_steps:
-                row = self.train_step()
+                first = self.state.step  # a horizon segment runs several steps, validated and saved at its end
+                rows = self.branches.run(first) if self.branches.due(first) else [self.train_step()]
                 step = self.state.step
-                self._log(row, step)
-                bar.update(1)
+                for row in rows:
+                    self._log(row, row["step"])
+                    bar.update(1)
                 alpha = {"alpha": f"{row['alpha_mean']:.3f}"} if row.get("alpha_mean") is not None else {}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", **alpha)
-                stop = self._agreed_signal(signals.received)
-                if not stop and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
+                stop = signals.agreed(self.accelerator)
+                if not stop and (_crossed(first, step, cfg.eval_interval) or step == cfg.max_steps):
                     self._validate_and_keep_best(step)
-                if stop or (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.max_steps:
+                if stop or _crossed(first, step, cfg.save_interval) or step == cfg.max_steps:
                     path = self.save_checkpoint()
                 if stop:
                     bar.close()
@@ -432,7 +449,7 @@ class Trainer:
                         path,
                     )
         bar.close()
-        failure = self._failure()
+        failure = self.state.verdict(self.cfg, self.run_dir / "checkpoints", self.weights_finite())
         if failure is not None:
             self.logger.close()
             raise RunFailedError(failure)
@@ -447,33 +464,6 @@ class Trainer:
         if step % self.cfg.log_interval == 0 or step == self.cfg.max_steps or measured:
             self.logger.log(row)
             self.state.history.append({k: v for k, v in row.items() if isinstance(v, (int, float))})
-
-    def _agreed_signal(self, received: int | None) -> int:
-        """The signal number when any process received SIGINT / SIGTERM (0 otherwise), agreed by all processes."""
-        value = float(received or 0)
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(value, device=self.accelerator.device)
-            value = self.accelerator.reduce(flag, reduction="max").item()
-        return int(value)
-
-    def _failure(self) -> str | None:
-        """One sentence on why the finished run failed, or None when it succeeded."""
-        cfg, state = self.cfg, self.state
-        good = [p for _, p in ckpt.list_checkpoints(self.run_dir / "checkpoints") if ckpt.is_healthy(p)]
-        keep = f"the last healthy checkpoint is {good[-1]}" if good else "no healthy checkpoint was kept"
-        if not self.weights_finite():
-            return (
-                f"the run failed: the student's weights are not finite after step {state.step} (a diverged run; "
-                f"lower optimizer.lr or set trainer.max_grad_norm); final/ was not written and {keep}."
-            )
-        share = self._skipped_share()
-        if share > cfg.max_skipped_fraction:
-            return (
-                f"the run failed: {state.skipped_steps} of {state.step} steps ({100 * share:.0f}%) were skipped for a "
-                f"non-finite loss or gradient, more than trainer.max_skipped_fraction={cfg.max_skipped_fraction}; "
-                f"final/ was not written and {keep}."
-            )
-        return None
 
     def _validate(self, step: int) -> dict[str, float]:
         """Validate (RNG-neutral), log the row and show it to the rollout source (DistiLLM adapts on it)."""
@@ -491,3 +481,8 @@ class Trainer:
         row = self._validate(step)
         if self.validator.improves(row, self.state.best_value) and self._save_model("best"):
             self.state.best_value, self.state.best_step = row[self.cfg.best_metric], step
+
+
+def _crossed(first: int, last: int, every: int) -> bool:
+    """Whether steps ``first + 1 .. last`` include a multiple of ``every`` (0: never)."""
+    return bool(every) and last // every > first // every

@@ -4,6 +4,7 @@ counters that survive a resume (:class:`TrainState`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["TrainState", "TrainerConfig"]
@@ -111,6 +112,26 @@ class TrainState:
         self.step += 1
         self.skipped_in_a_row = 0
         self.tokens_seen += tokens
+
+    def verdict(self, cfg: TrainerConfig, checkpoints: Path, weights_finite: bool) -> str | None:
+        """One sentence on why the finished run failed (non-finite weights, too many skipped steps), or None."""
+        from arkd import checkpoint as ckpt
+
+        good = [p for _, p in ckpt.list_checkpoints(checkpoints) if ckpt.is_healthy(p)]
+        keep = f"the last healthy checkpoint is {good[-1]}" if good else "no healthy checkpoint was kept"
+        if not weights_finite:
+            return (
+                f"the run failed: the student's weights are not finite after step {self.step} (a diverged run; "
+                f"lower optimizer.lr or set trainer.max_grad_norm); final/ was not written and {keep}."
+            )
+        share = self.skipped_steps / max(self.step, 1)
+        if share > cfg.max_skipped_fraction:
+            return (
+                f"the run failed: {self.skipped_steps} of {self.step} steps ({100 * share:.0f}%) were skipped for a "
+                f"non-finite loss or gradient, more than trainer.max_skipped_fraction={cfg.max_skipped_fraction}; "
+                f"final/ was not written and {keep}."
+            )
+        return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():

@@ -66,6 +66,10 @@ class Window:
         )  # fmt: skip
         return rollout
 
+    def reset(self) -> None:
+        """Forget a peeked batch (the stream was put back to a position before it: it is drawn again)."""
+        self._next = None
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 

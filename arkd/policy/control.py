@@ -104,6 +104,8 @@ class AlphaControl:
         self.model, self.optimizer = model, optimizer
         self.max_steps, self.max_grad_norm = max_steps, max_grad_norm
         self.temperature, self.from_hidden = temperature, from_hidden
+        self._held: float | None = None
+        self._shift: float | None = None
         if self.previews and (model is None or optimizer is None):
             raise ValueError(
                 "this alpha control previews steps (a paired reward, the probe or greedy search): give model= and "
@@ -127,7 +129,8 @@ class AlphaControl:
         s = self.strategy
         if s is None:
             return False
-        paired = s.needs_reward and self.reward is not None and int(self.reward.candidates) >= 2
+        paired = s.needs_reward and self.reward is not None and not self.reward.branches
+        paired = paired and int(self.reward.candidates) >= 2
         return paired or self.probe is not None or s.chooses_after_gradient
 
     @property
@@ -146,10 +149,11 @@ class AlphaControl:
         strategy = self.strategy
         if strategy is None:
             return Plan()
-        due = strategy.needs_reward and self.reward is not None and self.reward.due(step + 1)
+        due = self.reward is not None and not self.reward.branches and self.reward.due(step + 1)
+        due = strategy.needs_reward and due
         k = int(self.reward.candidates) if due else 0
         probe = self.probe is not None and self.probe.due(step + 1)
-        after = strategy.chooses_after_gradient
+        after = strategy.chooses_after_gradient and self._held is None and self._shift is None
         batch_level = strategy.granularity == "batch"
         return Plan(
             candidates=k,
@@ -160,6 +164,33 @@ class AlphaControl:
             direction=after or probe or (due and k >= 2 and batch_level),
             batch_level=batch_level,
         )
+
+    @property
+    def horizon(self) -> int:
+        """Steps per segment of a reward measured over real training steps (0: a per-step reward or none)."""
+        if self.strategy is None or self.reward is None or not self.reward.branches:
+            return 0
+        return int(self.reward.horizon)
+
+    def segment_due(self, step: int) -> bool:
+        """Whether a decided segment of the horizon reward starts after ``step`` steps."""
+        return self.horizon > 0 and self.strategy.needs_reward and self.reward.due(step)
+
+    def begin_segment(self, step: int, features: Features) -> tuple[float, list[float]]:
+        """The decision at a segment's start state: the policy's mean alpha and its K sampled candidates."""
+        ctx = StepContext(features=features, progress=step / self.max_steps, step=step,
+                          candidates=int(self.reward.candidates))  # fmt: skip
+        mean = float(torch.as_tensor(self.strategy.select(ctx)).float().mean())
+        return mean, [float(c) for c in self.strategy.candidate_actions()]
+
+    def finish_segment(self, rewards: torch.Tensor) -> None:
+        """Credit the segment's candidates (leave-one-out across them) at the segment's start state."""
+        self.strategy.update(rewards)
+
+    def hold(self, alpha: float | None = None, *, shift: float | None = None) -> None:
+        """Apply ``alpha`` at every step (a branch of the horizon reward), or the strategy's own alpha moved by
+        ``shift`` and clamped to [0, 1] (a branch of the horizon probe), until ``hold()``."""
+        self._held, self._shift = alpha, shift
 
     def begin(self, step: int) -> StepControl:
         """Start optimiser step ``step + 1`` (``step`` steps taken)."""
@@ -224,12 +255,18 @@ class StepControl:
         """Alpha for a micro-batch: one decision per optimiser step at batch granularity (on the first micro-batch's
         features), one per micro-batch otherwise; greedy's provisional alpha until the gradient is known."""
         strategy = self.control.strategy
-        if strategy.chooses_after_gradient:  # replaced after the window's gradient is known
+        if self.control._held is not None:  # a branch of the horizon reward or probe: alpha held for its steps
+            alpha = torch.tensor(self.control._held, dtype=torch.float32, device=features.device)
+            self._shared.append(alpha)
+            return alpha
+        if strategy.chooses_after_gradient and self.control._shift is None:  # replaced once the gradient is known
             return torch.tensor(PROVISIONAL_ALPHA, device=features.device)
         if self.plan.batch_level and self._shared:
             return self._shared[0]
         ctx = self._context(features, candidates=self.plan.candidates)
         alpha = torch.as_tensor(strategy.select(ctx), dtype=torch.float32, device=features.device)
+        if self.control._shift is not None:
+            alpha = (alpha + self.control._shift).clamp(0.0, 1.0)
         if self.plan.candidates:
             self.candidates.append([c.to(features.device) for c in strategy.candidate_actions()])
         self._shared.append(alpha)

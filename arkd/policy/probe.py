@@ -49,6 +49,12 @@ class AlphaSignalProbe:
         window: probes pooled by ``alpha_signal_t`` (and per window in the report).
         same_batch: also score the step's own batch (two more student forwards).
         equal_norm: compare the grid points at the norm of the applied step's gradient.
+        horizon: also ask the question over this many real training steps (0: not): every ``horizon_interval``
+            steps, two branches from one snapshot train ``horizon`` steps at alpha - delta and alpha + delta and are
+            scored on the reward split (``arkd.branching``); logs ``alpha_signal_horizon_slope``.
+        horizon_interval: steps between horizon probes (at multiples of it, step 0 included).
+        rows: training rows arkd-train holds out of distillation as the reward split the horizon probe scores on
+            (unless ``reward=horizon`` holds out its own ``reward.rows``).
     """
 
     def __init__(
@@ -59,6 +65,9 @@ class AlphaSignalProbe:
         window: int = 6,
         same_batch: bool = True,
         equal_norm: bool = False,
+        horizon: int = 0,
+        horizon_interval: int = 96,
+        rows: int = 64,
     ) -> None:
         if int(interval) < 1:
             raise ValueError(f"probe.interval must be >= 1, got {interval}")
@@ -66,12 +75,20 @@ class AlphaSignalProbe:
             raise ValueError(f"probe.delta must be in (0, 1], got {delta}")
         if int(window) < 3:
             raise ValueError(f"probe.window must be >= 3 (a t value needs 3 slopes), got {window}")
+        for key, value, low in (("horizon", horizon, 0), ("horizon_interval", horizon_interval, 1), ("rows", rows, 1)):
+            if isinstance(value, bool) or int(value) != value or int(value) < low:
+                raise ValueError(f"probe.{key} must be an integer >= {low}, got {value!r}")
+        self.horizon, self.horizon_interval, self.rows = int(horizon), int(horizon_interval), int(rows)
         self.interval = int(interval)
         self.delta = float(delta)
         self.window = int(window)
         self.same_batch = bool(same_batch)
         self.equal_norm = bool(equal_norm)
         self.slopes: list[float] = []
+
+    def horizon_options(self) -> dict[str, Any]:
+        """The horizon probe's options for ``arkd.branching.Branches``."""
+        return {"probe_horizon": self.horizon, "probe_interval": self.horizon_interval, "probe_delta": self.delta}
 
     def due(self, step: int) -> bool:
         """True when optimiser step ``step`` (1-based) is probed."""

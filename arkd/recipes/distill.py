@@ -309,6 +309,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         add_bos=resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer),
     )
     _check_batch_sizes(cfg, len(train_dataset), accelerator.num_processes)
+    # The reward split of the horizon reward / probe: training rows that distillation never trains on (the SFT stages
+    # before it use the whole split, so teacher and student-before are those of every other run).
+    held = _reward_rows(cfg)
+    if held >= len(splits["train"]):
+        raise ConfigError(
+            f"reward.rows: got {held}, expected fewer than the {len(splits['train'])} training rows (they are held out "
+            "of distillation as the reward split)."
+        )
+    distill_dataset = train_dataset
+    if held:
+        distill_dataset = TokenizedDataset(
+            splits["train"][:-held], tokenizer, max_prompt_length=int(cfg.data.max_prompt_length),
+            max_length=int(cfg.data.max_length), overlong_prompt="drop",
+            add_bos=resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer),
+        )  # fmt: skip
+        _check_batch_sizes(cfg, len(distill_dataset), accelerator.num_processes)
     prepared = partial(
         sft_cached, cfg=cfg, tokenizer=tokenizer, train_dataset=train_dataset, collate=collate, accelerator=accelerator
     )
@@ -338,7 +354,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, str(cfg.trainer.lr_schedule), int(cfg.trainer.warmup_steps), max_steps)
     reward = instantiate(cfg.reward) if strategy is not None and strategy.needs_reward else None
     probe = _build_probe(cfg, strategy)
-    rollout = _build_rollout(cfg, tokenizer, train_dataset, teacher)
+    rollout = _build_rollout(cfg, tokenizer, distill_dataset, teacher)
 
     # Validation: loss on (a subset of) the validation split, Rouge-L of generations on a subset.
     validation = list(splits["validation"])
@@ -372,7 +388,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         teacher=teacher,
         tokenizer=tokenizer,
         batches=make_loader(
-            train_dataset,
+            distill_dataset,
             collate,
             int(cfg.data.batch_size),
             int(cfg.seed),
@@ -395,6 +411,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         score_fn=rouge_l,
         logger=logger,
         rollout=rollout,
+        reward_batches=_validation_batches(list(splits["train"][-held:]) if held else [], tokenizer, cfg, collate),
     )
     if resume_from is not None:
         accelerator.print(f"arkd: resuming from {resume_from}")
@@ -473,6 +490,23 @@ def _build_rollout(cfg: DictConfig, tokenizer: Any, train_dataset: Any, teacher:
         cache_dir=str(cfg.cache_dir),
         train_prompts=[item.prompt_ids for item in train_dataset.items],
     )
+
+
+def _reward_rows(cfg: DictConfig) -> int:
+    """Training rows held out of distillation as the reward split: ``reward.rows`` for a reward measured over real
+    training steps (``reward=horizon``), else ``probe.rows`` when the probe asks at a horizon; 0 otherwise."""
+    from hydra.utils import get_class
+
+    if cfg.get("loss") is None or cfg.get("policy") is None:
+        return 0
+    learns = get_class(str(cfg.policy._target_)).needs_reward
+    if learns and cfg.get("reward") is not None and get_class(str(cfg.reward._target_)).branches:
+        return int(cfg.reward.rows)
+    probe = cfg.get("probe")
+    if probe is None or int(probe.get("horizon", 0)) == 0:
+        return 0
+    enabled = probe.get("enabled", "auto")
+    return int(probe.get("rows", 64)) if enabled is True or (enabled == "auto" and learns) else 0
 
 
 def _build_probe(cfg: DictConfig, strategy: Any) -> Any:

@@ -3,10 +3,9 @@ by construction. The probe must find its sign and the policy must drift that way
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from _toys import CONTEXTS, ContextLoader, TableLM, V
 
 from arkd.losses import BidirectionalKLLoss
 from arkd.policy import AlphaSignalProbe, LearnedPolicy
@@ -14,41 +13,6 @@ from arkd.reward import PairedReward
 from arkd.trainer import BatchStream, Trainer, TrainerConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-V, CONTEXTS = 8, 16
-
-
-class TableLM(torch.nn.Module):
-    """Next-token logits looked up per input token: ``logits[b, t] = table[input_ids[b, t]]``."""
-
-    def __init__(self, table: torch.Tensor, trainable: bool) -> None:
-        super().__init__()
-        self.table = torch.nn.Parameter(table.clone(), requires_grad=trainable)
-
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
-class ContextLoader:
-    """Endless batches of ``[context, anything]`` rows; the token after the context is the one distilled."""
-
-    def __init__(self, batch_size: int, seed: int) -> None:
-        self.batch_size, self.seed, self.position = batch_size, seed, 0
-
-    def __iter__(self):
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.position)
-            self.position += 1
-            ids = torch.stack([torch.randint(0, CONTEXTS, (self.batch_size,), generator=g),
-                               torch.zeros(self.batch_size, dtype=torch.long)], dim=1)  # fmt: skip
-            mask = torch.tensor([[False, True]]).expand(self.batch_size, 2).clone()
-            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask}
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
 
 
 def _tables(case: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
