@@ -142,8 +142,9 @@ def test_one_step_reward_prefers_the_wrong_alpha_and_the_horizon_reward_the_righ
     """Both rewards decide at the same states (the first step of each block, a fresh copy of the problem) and credit
     the same policy; only the horizon differs. The one-step paired reward drifts the policy toward reverse KL, which
     ends the run worse; the horizon reward toward the FKL-leaning alpha that is best over its horizon."""
-    one = _trainer(tmp_path / "one", LearnedPolicy(seed=seed, lr=0.02), PairedReward(interval=H, candidates=2),
-                   seed=seed, offset=1)  # fmt: skip  (reward at steps H, 2H, ...: the first batch of each block)
+    one = _trainer(
+        tmp_path / "one", LearnedPolicy(seed=seed, lr=0.02), PairedReward(interval=H, candidates=2), seed=seed, offset=1
+    )  # fmt: skip  (reward at steps H, 2H, ...: the first batch of each block)
     one_rows = _fit_rows(one)
     decided = [r["policy_mean"] for r in one_rows if r.get("reward") is not None]
     horizon = _trainer(tmp_path / "horizon", LearnedPolicy(seed=seed, lr=0.02), HorizonReward(horizon=H), seed=seed)

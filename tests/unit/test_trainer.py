@@ -452,7 +452,9 @@ def test_trainer_checkpoint_restores_everything(tiny, tmp_path):
     b.load_checkpoint(path)
     rest_b = [b.train_step()["loss"] for _ in range(2)]
     assert rest_a == pytest.approx(rest_b, rel=1e-6)
-    assert a.control.probe.slopes == pytest.approx(b.control.probe.slopes, rel=1e-6) and len(b.control.probe.slopes) == 2
+    assert (
+        a.control.probe.slopes == pytest.approx(b.control.probe.slopes, rel=1e-6) and len(b.control.probe.slopes) == 2
+    )
     for x, y in zip(a.student.parameters(), b.student.parameters()):
         torch.testing.assert_close(x, y)
     for x, y in zip(a.strategy.network.parameters(), b.strategy.network.parameters()):
