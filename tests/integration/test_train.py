@@ -271,6 +271,69 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch, 
         assert set(fractions) <= {0.0, 1.0} and 1.0 in fractions
 
 
+def test_horizon_reward_resumes_exactly_and_holds_out_its_reward_rows(tmp_path, monkeypatch):
+    """reward=horizon through arkd-train: a run killed inside a segment resumes from the checkpoint at the segment's
+    start and ends with the straight run's weights and policy; the reward split's rows are never trained on."""
+    from arkd.recipes.distill import run
+    from arkd.trainer import Trainer
+
+    common = [
+        "config=tiny", f"cache_dir={tmp_path / 'cache'}", "init_sft.teacher=null", "init_sft.student=null",
+        "data.splits.n_train=96", "data.splits.n_validation=4", "data.batch_size=8", "model.dropout=0.1",
+        "reward=horizon", "reward.horizon=3", "reward.rows=16", "trainer.max_steps=9", "trainer.save_interval=3",
+        "trainer.eval_interval=0", "trainer.keep_last=0", "trainer.log_interval=1", "trainer.progress=false",
+        "validation.max_new_tokens=2", "report.enabled=false",
+    ]  # fmt: skip
+    trained: list[list[int]] = []
+    original_draw = __import__("arkd.window", fromlist=["Window"]).Window.draw
+
+    def record_draw(self, step):
+        window = original_draw(self, step)
+        for batch, _ in window:
+            trained.extend(
+                tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+            )
+        return window
+
+    monkeypatch.setattr("arkd.window.Window.draw", record_draw)
+    straight = run(_compose(*common, f"output_dir={tmp_path / 'a'}"))
+    assert straight["steps"] == 9
+    cfg = _compose(*common, f"output_dir={tmp_path / 'x'}")
+    from hydra.utils import instantiate
+
+    from arkd.data import TokenizedDataset
+
+    train, tokenizer = list(instantiate(cfg.data.splits)["train"]), instantiate(cfg.tokenizer)
+    lengths = {"max_prompt_length": int(cfg.data.max_prompt_length), "max_length": int(cfg.data.max_length)}
+    rows = TokenizedDataset(train, tokenizer, **lengths)
+    tokens = {item.index: tuple(item.prompt_ids + item.response_ids) for item in rows.items}
+    held = {tokens[i] for i in range(80, 96)} - {tokens[i] for i in range(80)}  # rows only in the reward split
+    assert held and not held & set(trained)  # no step (branch or main line) trained on a reward row
+    assert len({tokens[i] for i in range(80)} & set(trained)) > 40  # the rows are compared in the trained form
+
+    original = Trainer.train_step
+
+    def crash_in_the_third_segment(self):
+        if self.state.step == 7:  # inside the segment that starts after step 6 (checkpoint step_0000006)
+            raise _Crash("killed")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_in_the_third_segment)
+    with pytest.raises(_Crash):
+        run(_compose(*common, f"output_dir={tmp_path / 'b'}"))
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_0000006"
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run(_compose(*common, f"output_dir={tmp_path / 'b'}", "trainer.resume=auto"))["steps"] == 9
+    a = load_weights(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_weights(tmp_path / "b" / "final" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    policy_a = read_state(tmp_path / "a" / "checkpoints" / "step_0000009")["strategy"]["network"]
+    policy_b = read_state(tmp_path / "b" / "checkpoints" / "step_0000009")["strategy"]["network"]
+    assert all(torch.equal(policy_a[name], policy_b[name]) for name in policy_a)
+    rows = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r.get("horizon_alphas")]
+    assert [r["step"] for r in rows] == [1, 4, 7] and all(len(r["horizon_scores"]) == 2 for r in rows)
+
+
 SHORT = [
     "config=tiny",
     "init_sft.teacher=null",
