@@ -239,7 +239,18 @@ def report_markdown(report: dict[str, Any], plot: Path | None = None) -> str:
             + (f", {100 * share:.1f}% of the training time." if share is not None else "."),
         ]
     signal = report.get("alpha_signal")
-    if signal:
+    if signal and signal.get("horizon_probes"):
+        agree = signal.get("horizon_one_step_agreement")
+        t = _fmt(signal.get("horizon_slope_t"))
+        agreement = (
+            "" if agree is None else f"; its sign agrees with the one-step probe's in {100 * agree:.0f} % of probes"
+        )
+        lines += [
+            "",
+            f"Horizon probe: {signal['horizon_probes']} probes of {signal['horizon']} real steps each; mean d reward / "
+            f"d alpha on the reward split {signal['horizon_mean_slope']:+.3g} (t = {t}){agreement}.",
+        ]
+    if signal and signal.get("probes"):
         agreement = signal.get("sign_agreement")
         drift = signal.get("policy_alpha_drift")
         lines += [

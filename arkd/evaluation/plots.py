@@ -37,7 +37,8 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list
 
 def plot_alpha_trajectory(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Plot ``alpha_mean`` over training steps with a ± ``alpha_std`` band (paper Figure 5), and below it the
-    alpha-signal probe's slope (``alpha_signal_slope``, next batch; ``alpha_signal_slope_same``) when logged.
+    alpha-signal probe's slope (``alpha_signal_slope``, next batch; ``alpha_signal_slope_same``) and the horizon
+    probe's (``alpha_signal_horizon_slope``, on its own axis) when logged.
 
     Args:
         rows: ``metrics.jsonl`` rows (validation rows are ignored).
@@ -58,8 +59,9 @@ def plot_alpha_trajectory(rows: Sequence[dict[str, Any]], path: str | os.PathLik
     low = [m - (stds.get(s) or 0.0) for s, m in zip(steps, means)]
     high = [m + (stds.get(s) or 0.0) for s, m in zip(steps, means)]
     probe_steps, slopes = _series(train, "alpha_signal_slope")
+    far_steps, far = _series(train, "alpha_signal_horizon_slope")
     plt = _pyplot()
-    if probe_steps:
+    if probe_steps or far_steps:
         fig, (ax, bx) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
     else:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -70,16 +72,25 @@ def plot_alpha_trajectory(rows: Sequence[dict[str, Any]], path: str | os.PathLik
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     ax.set_title(title or "alpha trajectory")
-    if probe_steps:
-        # the alpha-signal probe: d reward / d alpha on the next batch (and on the step's own batch)
+    if probe_steps or far_steps:
+        # the alpha-signal probe: d reward / d alpha after one step on the next batch (and on the step's own batch);
+        # the horizon probe's after H real steps on the reward split, on its own axis (a larger scale)
         bx.axhline(0.0, color="0.4", lw=0.8)
-        bx.plot(probe_steps, slopes, "o-", ms=3, lw=1.0, label="d reward / d alpha, next batch")
+        if probe_steps:
+            bx.plot(probe_steps, slopes, "o-", ms=3, lw=1.0, label="one step, next batch")
         same_steps, same = _series(train, "alpha_signal_slope_same")
         if same_steps:
-            bx.plot(same_steps, same, "s--", ms=2.5, lw=0.8, alpha=0.7, label="same batch")
+            bx.plot(same_steps, same, "s--", ms=2.5, lw=0.8, alpha=0.7, label="one step, same batch")
         bx.set_ylabel("alpha signal (nats / unit alpha)")
         bx.grid(alpha=0.3)
-        bx.legend(loc="best", fontsize=8)
+        bx.legend(loc="upper left", fontsize=8)
+        if far_steps:
+            horizon = next(int(r["alpha_signal_horizon"]) for r in train if r.get("alpha_signal_horizon"))
+            cx = bx.twinx()
+            cx.axhline(0.0, color="C3", lw=0.6, ls=":")
+            cx.plot(far_steps, far, "D-", color="C3", ms=4, lw=1.2, label=f"after {horizon} steps, reward split")
+            cx.set_ylabel(f"{horizon}-step signal", color="C3")
+            cx.legend(loc="upper right", fontsize=8)
         ax = bx
     ax.set_xlabel("step")
     return _save(fig, path)

@@ -140,8 +140,9 @@ def summarize(rows: Iterable[Mapping[str, Any]], window: int) -> dict[str, Any] 
     """
     rows = [r for r in rows if r.get("split", "train") == "train"]
     slopes = [float(r["alpha_signal_slope"]) for r in rows if r.get("alpha_signal_slope") is not None]
+    horizon = _horizon_summary(rows)
     if not slopes:
-        return None
+        return horizon
     same = [float(r["alpha_signal_slope_same"]) for r in rows if r.get("alpha_signal_slope_same") is not None]
     ts = [t_value(slopes[i : i + window]) for i in range(0, len(slopes) - window + 1, window)]
     significant = [t for t in ts if t is not None and abs(t) > 2]
@@ -163,4 +164,28 @@ def summarize(rows: Iterable[Mapping[str, Any]], window: int) -> dict[str, Any] 
         "slope_t": t_value(slopes),
         "sign_agreement": agreement,
         "policy_alpha_drift": drift,
+        **(horizon or {}),
+    }
+
+
+def _horizon_summary(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The horizon probe's part of the block (None without horizon probes): ``horizon`` (steps), ``horizon_probes``,
+    ``horizon_mean_slope``, ``horizon_slope_t`` and ``horizon_one_step_agreement``, the share of horizon probes whose
+    sign is that of the one-step probe logged nearest in steps (None without one-step probes)."""
+    far = [(int(r["step"]), float(r["alpha_signal_horizon_slope"])) for r in rows
+           if r.get("alpha_signal_horizon_slope") is not None]  # fmt: skip
+    if not far:
+        return None
+    near = [(int(r["step"]), float(r["alpha_signal_slope"])) for r in rows if r.get("alpha_signal_slope") is not None]
+    agree = None
+    if near:
+        signs = [(s > 0) == (min(near, key=lambda n: abs(n[0] - step))[1] > 0) for step, s in far]
+        agree = sum(signs) / len(signs)
+    values = [s for _, s in far]
+    return {
+        "horizon": next(int(r["alpha_signal_horizon"]) for r in rows if r.get("alpha_signal_horizon")),
+        "horizon_probes": len(values),
+        "horizon_mean_slope": sum(values) / len(values),
+        "horizon_slope_t": t_value(values),
+        "horizon_one_step_agreement": agree,
     }

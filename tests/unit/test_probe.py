@@ -71,3 +71,23 @@ def test_probe_validation():
         AlphaSignalProbe(delta=0.0)
     with pytest.raises(ValueError, match="probe.window"):
         AlphaSignalProbe(window=2)
+
+
+def test_summarize_horizon_probes_by_hand(tmp_path):
+    """The horizon probe's block: mean, t over its slopes and the share whose sign matches the nearest one-step probe
+    (hand-computed); the trajectory figure draws both."""
+    from arkd.evaluation.plots import plot_alpha_trajectory
+
+    rows = [{"step": s, "alpha_mean": 0.5, "alpha_signal_slope": v} for s, v in [(8, -1e-3), (16, -2e-3), (24, 1e-3)]]
+    rows += [{"step": s, "alpha_mean": 0.5, "alpha_signal_horizon": 32, "alpha_signal_horizon_slope": v}
+             for s, v in [(1, 0.2), (17, 0.4), (25, 0.3)]]  # fmt: skip
+    out = summarize(rows, window=3)
+    assert out["horizon"] == 32 and out["horizon_probes"] == 3
+    assert out["horizon_mean_slope"] == pytest.approx(0.3)
+    assert out["horizon_slope_t"] == pytest.approx(0.3 / (0.1 / 3**0.5))
+    assert out["horizon_one_step_agreement"] == pytest.approx(1 / 3)  # nearest: step 8 (-), 16 (-), 24 (+)
+    assert out["probes"] == 3 and out["mean_slope"] == pytest.approx(-2e-3 / 3)
+    only_far = summarize([r for r in rows if "alpha_signal_horizon" in r], window=3)
+    assert only_far["horizon_probes"] == 3 and only_far["horizon_one_step_agreement"] is None
+    path = plot_alpha_trajectory(rows, tmp_path / "a.png")
+    assert path.stat().st_size > 0
