@@ -10,7 +10,7 @@ and both carry ``schema_version`` (:data:`SCHEMA_VERSION`). They differ only in 
 - ``results.json`` (one model, several datasets): ``label``, ``model``, ``settings``, ``datasets: {name: {"source",
   "n_rows", <metric>: block}}``, ``versions``, ``environment``, ``config`` (see :mod:`arkd.evaluation.reports`);
 - ``report.json`` (three models, the run's test split): ``experiment``, ``strategy`` (the run's strategy name and
-  preset, :func:`arkd.evaluation.compare.strategy_name`), ``results: {teacher | student_before | student_after:
+  preset, :func:`arkd.naming.strategy_name`), ``results: {teacher | student_before | student_after:
   {<metric>: block}}``, ``decoding``, ``seeds``, ``training``, ``examples``, ``config``.
 
 Other top-level blocks are allowed and kept (the training report's ``alpha_signal`` block, for instance): readers

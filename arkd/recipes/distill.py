@@ -117,7 +117,7 @@ def _hydra_record() -> tuple[dict[str, Any], list[str]]:
 def _strategy_record(cfg: DictConfig, takes_alpha: bool) -> dict[str, Any]:
     """What names the run's strategy in report.json (``strategy``): Hydra's ``policy`` / ``loss`` choices, the run's
     ``policy.*`` overrides, whether the loss takes alpha, and the name arkd-compare uses for it."""
-    from arkd.evaluation.compare import strategy_label, strategy_name
+    from arkd.naming import strategy_label, strategy_name
 
     choices, overrides = _hydra_record()
     preset, loss = choices.get("policy"), choices.get("loss")

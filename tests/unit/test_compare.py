@@ -199,6 +199,23 @@ def test_strategy_name_rule():
     assert strategy_name("learned", loss="forward_kl", takes_alpha=False) == "loss=forward_kl"
 
 
+def test_loss_without_a_class_or_declaration_is_named_as_a_loss_and_other_errors_propagate(monkeypatch):
+    import arkd.losses
+    from arkd import naming
+
+    policy = {"policy": {"_target_": "arkd.policy.ConstantAlpha", "alpha": 0.5}}
+    for target in ("arkd.losses.NoSuchLoss", "builtins.dict"):  # not importable; not a declared arkd loss
+        assert strategy_label({**policy, "loss": {"_target_": target}}, {"loss": "mine"}) == "loss=mine"
+    assert naming._loss_takes_alpha("arkd.losses.BidirectionalKLLoss") is True
+
+    def broken(loss):
+        raise RuntimeError("a bug in the declaration reader")
+
+    monkeypatch.setattr(arkd.losses, "loss_capabilities", broken)
+    with pytest.raises(RuntimeError, match="a bug in the declaration reader"):  # not swallowed
+        naming._loss_takes_alpha("arkd.losses.BidirectionalKLLoss")
+
+
 def test_a_recorded_strategy_block_names_the_run(tmp_path):
     run = make_run(tmp_path / "runs", "0", "learned", 0, 30.0)
     report = json.loads((run / "report.json").read_text())

@@ -217,14 +217,10 @@ def test_shift_for_next_token_shapes_and_alignment():
 # --- with a real (tiny) model: the masks agree with Hugging Face's label convention ------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from arkd.models import build_tiny_model, build_tiny_tokenizer
-
-    texts = ["the cat sat on the mat", "a dog ran to the park", "### Response:\n", "1 2 3 4 5 6 7 8 9"] * 5
-    tokenizer = build_tiny_tokenizer(texts, vocab_size=300)
-    model = build_tiny_model(len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=64, seed=3)
-    return tokenizer, model
+# The `tiny` fixture (tests/conftest.py): a tokenizer trained on these texts and a model (in training mode).
+TINY_TEXTS = ["the cat sat on the mat", "a dog ran to the park", "### Response:\n", "1 2 3 4 5 6 7 8 9"] * 5
+TINY = dict(kind="lm", texts=TINY_TEXTS, vocab_size=300, n_layer=1, n_head=2, n_embd=16, n_positions=64, seed=3,
+            eval_model=False)  # fmt: skip
 
 
 def test_masked_cross_entropy_equals_hugging_face_labels_loss_with_gradients(tiny):

@@ -25,7 +25,6 @@ from arkd.evaluation.generation import (
     row_generator,
     sample_rows,
 )
-from arkd.models import build_tiny_model, build_tiny_tokenizer
 
 TEXTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -44,11 +43,9 @@ PROMPTS = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = build_tiny_tokenizer(TEXTS * 3, vocab_size=300)
-    model = build_tiny_model(len(tokenizer), n_layer=2, n_head=2, n_embd=32, n_positions=128, seed=0)
-    return model.eval(), tokenizer
+# The `tiny` fixture (tests/conftest.py): a tokenizer trained on TEXTS and a model in eval mode.
+TINY = dict(kind="lm", texts=TEXTS * 3, vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_positions=128, seed=0,
+            eval_model=True)  # fmt: skip
 
 
 def test_protocol_decoding_defaults():
@@ -78,14 +75,14 @@ def test_clean_output_follows_the_protocol():
 
 
 def test_legacy_cleanup_equals_transformers_clean_up_tokenization(tiny):
-    _, tokenizer = tiny
+    tokenizer, _ = tiny
     text = "I do n't know , he said . Is it ? Yes ! It 's mine ' you 're sure ' I 've I 'm"
     assert legacy_cleanup(text) == tokenizer.clean_up_tokenization(text)
     assert legacy_cleanup(text) == "I don't know, he said. Is it? Yes! It's mine'you're sure'I've I'm"
 
 
 def test_prompts_are_cut_to_their_first_tokens_and_newlines_decoded(tiny):
-    _, tokenizer = tiny
+    tokenizer, _ = tiny
     full = tokenizer(PROMPTS[3], add_special_tokens=True)["input_ids"]
     cut = encode_prompts(tokenizer, [PROMPTS[3]], max_prompt_tokens=5)[0]
     assert cut == full[:5] and len(full) > 5
@@ -104,7 +101,7 @@ def test_the_checkpoints_own_generation_config_does_not_leak_in(tiny):
     not change with them."""
     import copy
 
-    model, tokenizer = tiny
+    tokenizer, model = tiny
     noisy = copy.deepcopy(model)
     gc = noisy.generation_config
     gc.do_sample, gc.temperature, gc.top_p, gc.top_k = True, 0.3, 0.5, 3
@@ -116,7 +113,7 @@ def test_the_checkpoints_own_generation_config_does_not_leak_in(tiny):
 
 
 def test_a_seed_fixes_the_generations(tiny):
-    model, tokenizer = tiny
+    tokenizer, model = tiny
     decoding = DecodingConfig(max_new_tokens=12)
     first = generate(model, tokenizer, PROMPTS, seed=10, batch_size=2, decoding=decoding, progress=False)
     again = generate(model, tokenizer, PROMPTS, seed=10, batch_size=2, decoding=decoding, progress=False)
@@ -129,7 +126,7 @@ def test_a_seed_fixes_the_generations(tiny):
 def test_sampling_depends_on_the_row_not_on_batching_or_order(tiny):
     """Each row samples from its own (seed, row) stream: the batch size, the order of the prompts and a split into
     shards (each passing its rows' ids) leave every row's generation unchanged."""
-    model, tokenizer = tiny
+    tokenizer, model = tiny
     decoding = DecodingConfig(max_new_tokens=12)
     run = lambda prompts, bs, rows=None: generate(  # noqa: E731
         model, tokenizer, prompts, seed=10, batch_size=bs, decoding=decoding, row_ids=rows, progress=False
@@ -174,7 +171,7 @@ def _naive_sample(model, tokenizer, prompt: str, *, seed: int, row: int, max_new
 
 @torch.no_grad()
 def test_sampling_equals_a_naive_per_row_reference(tiny):
-    model, tokenizer = tiny
+    tokenizer, model = tiny
     ours = generate(
         model, tokenizer, PROMPTS, seed=30, batch_size=3, decoding=DecodingConfig(max_new_tokens=10), progress=False
     )
@@ -204,7 +201,7 @@ def test_row_streams_differ_by_seed_and_row():
 
 
 def test_greedy_left_padded_batches_equal_one_prompt_at_a_time(tiny):
-    model, tokenizer = tiny
+    tokenizer, model = tiny
     decoding = DecodingConfig(do_sample=False, max_new_tokens=12)
     batched = generate(model, tokenizer, PROMPTS, seed=10, batch_size=5, decoding=decoding, progress=False)
     alone = [
@@ -227,7 +224,7 @@ class _ScriptedModel(torch.nn.Module):
 
 
 def test_responses_are_cut_at_the_first_end_of_text(tiny):
-    _, tokenizer = tiny
+    tokenizer, _ = tiny
     hello = tokenizer("The sky", add_special_tokens=False)["input_ids"]
     blue = tokenizer(" is blue", add_special_tokens=False)["input_ids"]
     n = len(hello) + len(blue) + 1
@@ -241,7 +238,7 @@ def test_responses_are_cut_at_the_first_end_of_text(tiny):
 
 
 def test_evaluate_model_report(tiny):
-    model, tokenizer = tiny
+    tokenizer, model = tiny
     examples = [
         {"prompt": PROMPTS[0], "references": ["The sky is blue.", "green"]},
         {"prompt": PROMPTS[2], "output": "one two three"},

@@ -8,6 +8,8 @@ import torch.nn.functional as TF
 
 import arkd.losses as L
 from arkd.losses import fused
+from arkd.losses.fused import _compiled, _rows
+from arkd.losses.fused import linear as fused_linear
 
 SHAPE = (3, 47, 123)
 
@@ -310,13 +312,13 @@ def test_fused_linear_never_materialises_all_logits(monkeypatch):
     teacher = torch.randn(4, 50, 101, dtype=torch.float64)
     mask = torch.rand(4, 50, generator=torch.Generator().manual_seed(23)) < 0.5
     rows = []
-    real = fused._chunk_bidirectional
+    real = fused_linear._chunk_bidirectional
 
     def spy(student, *args, **kwargs):
         rows.append(student.shape[0])
         return real(student, *args, **kwargs)
 
-    monkeypatch.setattr(fused, "_chunk_bidirectional", spy)
+    monkeypatch.setattr(fused_linear, "_chunk_bidirectional", spy)
     loss = L.fused_linear_bidirectional_kl(hidden, weight, teacher, mask, chunk_size=16)
     loss.backward()
     assert max(rows) <= 16  # at most one chunk of logits exists at a time
@@ -448,7 +450,7 @@ def test_row_layout_views_rows_without_copying(layout):
         "transposed": full[:, :5].transpose(0, 1),
         "truncated_vocab": full[..., :9],
     }[layout]
-    rows = fused._RowLayout.of(x)
+    rows = _rows._RowLayout.of(x)
     assert rows is not None and rows.base.data_ptr() == x.data_ptr()
     flat = x.reshape(-1, x.shape[-1])
     got = rows.base if rows.rows is None else rows.base[rows.rows]
@@ -456,7 +458,7 @@ def test_row_layout_views_rows_without_copying(layout):
     grad_rows = torch.arange(rows.base.shape[0] * x.shape[-1], dtype=torch.float64).view(-1, x.shape[-1])
     expected = grad_rows if rows.rows is None else grad_rows[rows.rows]
     torch.testing.assert_close(rows.grad_view(grad_rows, x).reshape(-1, x.shape[-1]), expected, rtol=0, atol=0)
-    assert fused._RowLayout.of(torch.randn(4, 1).expand(4, 6)) is None  # overlapping rows: the eager path
+    assert _rows._RowLayout.of(torch.randn(4, 1).expand(4, 6)) is None  # overlapping rows: the eager path
 
 
 def test_failed_compilation_warns_once_and_falls_back_to_the_eager_path(monkeypatch):
@@ -467,15 +469,14 @@ def test_failed_compilation_warns_once_and_falls_back_to_the_eager_path(monkeypa
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(fused, "_KERNELS", {})
-    monkeypatch.setattr(fused, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(_compiled, "_STATE", _compiled._CompileState())  # no kernel compiled, no failure yet
     s, t = _logits(seed=41)
     with pytest.warns(RuntimeWarning, match="torch.compile of the bidirectional KL kernel failed.*no C\\+\\+ compiler"):
         got = L.bidirectional_kl(s, t, alpha=0.3, compiled=True)
     ref = naive_bidirectional(s, t, None, 0.3, 1.0, "mean")
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(ref, s)[0])
-    assert fused._COMPILE_FAILED and not fused.compile_enabled(True, 10**9, torch.device("cpu"))
+    assert _compiled._STATE.failures and not fused.compile_enabled(True, 10**9, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------- the compiled path

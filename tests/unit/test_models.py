@@ -170,16 +170,16 @@ def test_gpt2_style_tokenizer_without_pad_gets_eos_as_pad(tokenizer, tmp_path):
 # --- vocabulary checks -------------------------------------------------------------------------------------
 
 
-def tiny(vocab: int):
+def tiny_model(vocab: int):
     return build_tiny_model(vocab, n_layer=1, n_head=1, n_embd=8, n_positions=16)
 
 
 def test_check_vocab_same_size(tokenizer):
-    assert check_vocab(tiny(300), tiny(300), tokenizer) == 300
+    assert check_vocab(tiny_model(300), tiny_model(300), tokenizer) == 300
 
 
 def test_check_vocab_slices_padded_embeddings(tokenizer):
-    teacher, student = tiny(320), tiny(384)  # e.g. rounded up to a multiple of 64
+    teacher, student = tiny_model(320), tiny_model(384)  # e.g. rounded up to a multiple of 64
     vocab = check_vocab(teacher, student, tokenizer)
     assert vocab == 300
     ids = torch.tensor([[1, 2, 3]])
@@ -190,22 +190,22 @@ def test_check_vocab_slices_padded_embeddings(tokenizer):
 def test_check_vocab_rejects_a_smaller_model(tokenizer):
     with pytest.raises(ValueError, match="teacher vocabulary size 300 and student vocabulary size 280 .*tokenizer's "
                        "300 tokens .*the student has 280"):  # fmt: skip
-        check_vocab(tiny(300), tiny(280), tokenizer)
+        check_vocab(tiny_model(300), tiny_model(280), tokenizer)
 
 
 def test_check_vocab_rejects_a_different_vocabulary(tokenizer):
     with pytest.raises(ValueError, match="teacher vocabulary size 50257 and student vocabulary size 300"):
-        check_vocab(tiny(50257), tiny(300), tokenizer)
+        check_vocab(tiny_model(50257), tiny_model(300), tokenizer)
 
 
 def test_check_vocab_rejects_a_different_teacher_tokenizer(tokenizer):
     other = build_tiny_tokenizer(["completely different words here"] * 5, vocab_size=300)
     with pytest.raises(ValueError, match=r"the teacher's tokenizer \(\d+ tokens\) and the student's \(300 tokens\) "
                        "differ"):  # fmt: skip
-        check_vocab(tiny(300), tiny(300), tokenizer, teacher_tokenizer=other)
-    assert check_vocab(tiny(300), tiny(300), tokenizer, teacher_tokenizer=tokenizer) == 300
+        check_vocab(tiny_model(300), tiny_model(300), tokenizer, teacher_tokenizer=other)
+    assert check_vocab(tiny_model(300), tiny_model(300), tokenizer, teacher_tokenizer=tokenizer) == 300
 
 
 def test_check_vocab_override(tokenizer, caplog):
-    assert check_vocab(tiny(50257), tiny(280), tokenizer, allow_different_tokenizer=True) == 280
+    assert check_vocab(tiny_model(50257), tiny_model(280), tokenizer, allow_different_tokenizer=True) == 280
     assert "vocabulary check overridden" in caplog.text

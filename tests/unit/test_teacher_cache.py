@@ -13,24 +13,16 @@ import torch
 
 from arkd.data import TokenizedDataset, TrainingCollator, build_dataloader, generate_synthetic
 from arkd.losses import BidirectionalKLLoss, ForwardKLLoss, TopKTeacher, TotalVariationLoss
-from arkd.models import build_tiny_model, build_tiny_tokenizer
+from arkd.models import build_tiny_model
 from arkd.policy import ConstantAlpha, LearnedPolicy
 from arkd.policy.features import FEATURE_NAMES, compute_features
 from arkd.reward import PairedReward, token_alignment
 from arkd.teacher_cache import TeacherCache, TeacherCacheError, write_cache
 from arkd.trainer import BatchStream, Trainer, TrainerConfig
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = build_tiny_tokenizer(vocab_size=512, corpus_size=1000, seed=0)
-    examples = generate_synthetic(48, seed=3)
-    dataset = TokenizedDataset(examples, tokenizer, max_prompt_length=120, max_length=160)
-    collate = TrainingCollator(tokenizer.pad_token_id)
-    teacher = build_tiny_model(len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=160, seed=1)
-    teacher.eval()
-    rows = [dataset[i] for i in range(len(dataset))]
-    return tokenizer, dataset, collate, teacher, rows
+# The `tiny` fixture (tests/conftest.py): tokenizer, dataset, collator, teacher (in eval mode) and every tokenized row.
+TINY = dict(kind="world", vocab_size=512, corpus_size=1000, examples=48, max_prompt_length=120, max_length=160,
+            n_embd=32, n_positions=160, eval_teacher=True, with_rows=True)  # fmt: skip
 
 
 def _identity(v: int, k: int, **extra) -> dict:

@@ -10,23 +10,17 @@ import pytest
 import torch
 
 from arkd import checkpoint as ckpt
-from arkd.data import TokenizedDataset, TrainingCollator, build_dataloader, generate_synthetic
+from arkd.data import build_dataloader
 from arkd.losses import BidirectionalKLLoss
-from arkd.models import build_tiny_model, build_tiny_tokenizer
+from arkd.models import build_tiny_model
 from arkd.policy import ConstantAlpha, LearnedPolicy
 from arkd.reward import PairedReward, SameBatchReward, alignment
 from arkd.trainer import BatchStream, NonFiniteLossError, Trainer, TrainerConfig
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    """A tokenizer, a tokenized synthetic dataset, a collator and a teacher shared by the tests."""
-    tokenizer = build_tiny_tokenizer(vocab_size=512, corpus_size=1000, seed=0)
-    examples = generate_synthetic(64, seed=3)
-    dataset = TokenizedDataset(examples, tokenizer, max_prompt_length=120, max_length=160)
-    collate = TrainingCollator(tokenizer.pad_token_id)
-    teacher = build_tiny_model(len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=160, seed=1)
-    return tokenizer, dataset, collate, teacher
+# The `tiny` fixture (tests/conftest.py): a tokenizer, a tokenized synthetic dataset, a collator and a teacher shared
+# by the tests, of these sizes.
+TINY = dict(kind="world", vocab_size=512, corpus_size=1000, examples=64, max_prompt_length=120, max_length=160,
+            n_embd=32, n_positions=160, eval_teacher=False, with_rows=False)  # fmt: skip
 
 
 def _accelerator(grad_accum: int = 1):

@@ -12,21 +12,18 @@ import pytest
 import torch
 
 from arkd import checkpoint as ckpt
-from arkd.data import TokenizedDataset, TrainingCollator, build_dataloader, generate_synthetic
+from arkd.data import build_dataloader
 from arkd.losses import BidirectionalKLLoss
-from arkd.models import build_tiny_model, build_tiny_tokenizer
+from arkd.models import build_tiny_model
 from arkd.policy import ConstantAlpha
 from arkd.trainer import BatchStream, RunFailedError, Trainer, TrainerConfig, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = build_tiny_tokenizer(vocab_size=300, corpus_size=400, seed=0)
-    dataset = TokenizedDataset(generate_synthetic(32, seed=3), tokenizer, max_prompt_length=96, max_length=128)
-    teacher = build_tiny_model(len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=128, seed=1)
-    return tokenizer, dataset, TrainingCollator(tokenizer.pad_token_id), teacher
+# The `tiny` fixture (tests/conftest.py): tokenizer, dataset, collator and teacher of these sizes.
+TINY = dict(kind="world", vocab_size=300, corpus_size=400, examples=32, max_prompt_length=96, max_length=128,
+            n_embd=16, n_positions=128, eval_teacher=False, with_rows=False)  # fmt: skip
 
 
 def _trainer(tiny, run_dir, *, steps=4, loss=None, validation=False, **options):
