@@ -26,6 +26,11 @@ from .records import _METRIC_ORDER
 CONTROLS = {
     "learned_frozen": "A/A noise floor: the learned policy frozen at its initial output (policy.lr=0)",
     "constant_at_learned_mean": "adapting control: does adapting matter? a constant alpha at the learned runs' mean",
+    "learned_horizon_frozen": (
+        "selection control of the horizon reward: the same branches and best-branch continuation with the policy "
+        "frozen (policy.lr=0): what picking the better branch gives without learning"
+    ),
+    "constant_at_horizon_mean": "adapting control of the horizon reward: a constant alpha at the learned_horizon runs' mean",
 }
 
 
