@@ -30,7 +30,9 @@ CONTROLS = {
         "selection control of the horizon reward: the same branches and best-branch continuation with the policy "
         "frozen (policy.lr=0): what picking the better branch gives without learning"
     ),
-    "constant_at_horizon_mean": "adapting control of the horizon reward: a constant alpha at the learned_horizon runs' mean",
+    "constant_at_horizon_mean": (
+        "adapting control of the horizon reward: a constant alpha at the learned_horizon runs' mean"
+    ),
 }
 
 
