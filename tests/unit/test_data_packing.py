@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _trainers import make_trainer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from arkd.data import TokenizedDataset, TrainingCollator, build_dataloader, generate_synthetic
 from arkd.data.collate import model_inputs, pack_rows
 from arkd.models import build_tiny_model, build_tiny_tokenizer
-from arkd.trainer import BatchStream, Trainer, TrainerConfig
 
 
 def test_first_fit_decreasing_rows():
@@ -97,22 +97,14 @@ def test_packed_loss_and_gradients_equal_unpacked(family, attention):
 
 
 def _sft_trainer(tokenizer, dataset, tmp_path, pack):
-    from accelerate import Accelerator
-
     student = build_tiny_model(len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=160, seed=2)
     loader = build_dataloader(
         dataset, batch_size=6, collate_fn=TrainingCollator(tokenizer.pad_token_id, pack=pack), seed=0, rank=0,
         world_size=1, drop_last=True,
     )  # fmt: skip
-    config = TrainerConfig(
-        max_steps=3, grad_accum=2, kd_weight=0.0, ce_weight=1.0, log_interval=1, output_dir=str(tmp_path),
-        progress=False,
-    )  # fmt: skip
-    return Trainer(
-        student=student, teacher=None, tokenizer=tokenizer, batches=BatchStream(loader), strategy=None, loss=None,
-        optimizer=torch.optim.SGD(student.parameters(), lr=0.5), scheduler=None,
-        accelerator=Accelerator(cpu=True, gradient_accumulation_steps=2, step_scheduler_with_optimizer=False),
-        config=config,
+    return make_trainer(
+        student, None, loader, torch.optim.SGD(student.parameters(), lr=0.5), steps=3, output_dir=tmp_path,
+        grad_accum=2, tokenizer=tokenizer, kd_weight=0.0, ce_weight=1.0,
     )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _toys import BlockLoader, TableLM, context_rows
+from _trainers import make_trainer
 
 from arkd.losses import BidirectionalKLLoss
 from arkd.policy import AlphaSignalProbe, ConstantAlpha, LearnedPolicy
@@ -48,21 +49,11 @@ def _trainer(tmp_path, strategy, reward, *, seed=0, offset=0, steps=BLOCKS * H, 
     else:  # moments and a schedule for the snapshot test
         opt = torch.optim.AdamW(student.parameters(), lr=0.05)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.01 * s))
-    return Trainer(
-        student=student,
-        teacher=TableLM(teacher_table, trainable=False),
-        tokenizer=None,
-        batches=BatchStream(BlockLoader(batch_size=4, block=H, contexts=BLOCKS, offset=offset)),
-        strategy=strategy,
-        loss=BidirectionalKLLoss(reduction="sum"),
-        optimizer=opt,
-        scheduler=scheduler,
-        accelerator=__import__("accelerate").Accelerator(cpu=True),
-        config=TrainerConfig(max_steps=steps, max_grad_norm=None, output_dir=str(tmp_path), progress=False),
-        reward=reward,
-        probe=probe,
-        reward_batches=_reward_rows(),
-    )
+    return make_trainer(
+        student, TableLM(teacher_table, trainable=False), BlockLoader(batch_size=4, block=H, contexts=BLOCKS,
+        offset=offset), opt, steps=steps, output_dir=tmp_path, scheduler=scheduler, strategy=strategy, reward=reward,
+        probe=probe, reward_batches=_reward_rows(), max_grad_norm=None, log_interval=100,
+    )  # fmt: skip
 
 
 def _fit_rows(trainer) -> list[dict]:

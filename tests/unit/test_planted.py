@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _toys import CONTEXTS, ContextLoader, TableLM, V
+from _trainers import make_trainer
 
-from arkd.losses import BidirectionalKLLoss
 from arkd.policy import AlphaSignalProbe, LearnedPolicy
 from arkd.reward import PairedReward
-from arkd.trainer import BatchStream, Trainer, TrainerConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,26 +44,16 @@ def _tables(case: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("case", ["fkl", "rkl"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_probe_finds_the_planted_direction_and_the_policy_follows_it(case, seed, tmp_path):
-    from accelerate import Accelerator
 
     teacher_table, student_table = _tables(case, seed)
     student = TableLM(student_table, trainable=True)
     probe = AlphaSignalProbe(interval=2, delta=0.2, window=5)
     policy = LearnedPolicy(granularity="batch", seed=seed)
-    trainer = Trainer(
-        student=student,
-        teacher=TableLM(teacher_table, trainable=False),
-        tokenizer=None,
-        batches=BatchStream(ContextLoader(batch_size=16, seed=seed)),
-        strategy=policy,
-        loss=BidirectionalKLLoss(reduction="sum"),
-        optimizer=torch.optim.SGD(student.parameters(), lr=0.3 if case == "fkl" else 0.05),
-        scheduler=None,
-        accelerator=Accelerator(cpu=True),
-        config=TrainerConfig(max_steps=60, max_grad_norm=None, output_dir=str(tmp_path), progress=False),
-        reward=PairedReward(interval=1, candidates=2),
-        probe=probe,
-    )
+    trainer = make_trainer(
+        student, TableLM(teacher_table, trainable=False), ContextLoader(batch_size=16, seed=seed),
+        torch.optim.SGD(student.parameters(), lr=0.3 if case == "fkl" else 0.05), steps=60, output_dir=tmp_path,
+        strategy=policy, reward=PairedReward(interval=1, candidates=2), probe=probe, max_grad_norm=None,
+    )  # fmt: skip
     rows = [trainer.train_step() for _ in range(60)]
     sign = 1 if case == "fkl" else -1
     slopes = [r["alpha_signal_slope"] for r in rows if r.get("alpha_signal_slope") is not None]

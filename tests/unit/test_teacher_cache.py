@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from _trainers import make_trainer
 
 from arkd.data import TokenizedDataset, TrainingCollator, build_dataloader, generate_synthetic
 from arkd.losses import BidirectionalKLLoss, ForwardKLLoss, TopKTeacher, TotalVariationLoss
@@ -18,7 +19,7 @@ from arkd.policy import ConstantAlpha, LearnedPolicy
 from arkd.policy.features import FEATURE_NAMES, compute_features
 from arkd.reward import PairedReward, token_alignment
 from arkd.teacher_cache import TeacherCache, TeacherCacheError, write_cache
-from arkd.trainer import BatchStream, Trainer, TrainerConfig
+from arkd.trainer import Trainer, TrainerConfig
 
 # The `tiny` fixture (tests/conftest.py): tokenizer, dataset, collator, teacher (in eval mode) and every tokenized row.
 TINY = dict(kind="world", vocab_size=512, corpus_size=1000, examples=48, max_prompt_length=120, max_length=160,
@@ -208,33 +209,15 @@ def test_features_and_alignment_from_a_top_k_teacher(tiny):
 
 def _trainer(tiny, tmp_path, teacher, *, steps, strategy=None, grad_accum=1, group_by_length=None, seed=0, sgd=False):
     tokenizer, dataset, collate, _, _ = tiny
-    from accelerate import Accelerator
-
     student = build_tiny_model(len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=160, seed=2)
     loader = build_dataloader(dataset, batch_size=4, collate_fn=collate, seed=seed, rank=0, world_size=1,
                               drop_last=True, group_by_length=group_by_length)  # fmt: skip
-    return Trainer(
-        student=student,
-        teacher=teacher,
-        tokenizer=tokenizer,
-        batches=BatchStream(loader),
+    opt = torch.optim.SGD(student.parameters(), lr=0.5) if sgd else torch.optim.AdamW(student.parameters(), lr=3e-3)
+    return make_trainer(
+        student, teacher, loader, opt, steps=steps, output_dir=tmp_path, grad_accum=grad_accum, tokenizer=tokenizer,
         strategy=strategy if strategy is not None else LearnedPolicy(granularity="batch", seed=0),
-        loss=BidirectionalKLLoss(reduction="sum"),
-        optimizer=torch.optim.SGD(student.parameters(), lr=0.5)
-        if sgd
-        else torch.optim.AdamW(student.parameters(), lr=3e-3),
-        scheduler=None,
-        accelerator=Accelerator(cpu=True, gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False),
-        config=TrainerConfig(
-            max_steps=steps,
-            grad_accum=grad_accum,
-            log_interval=1,
-            output_dir=str(tmp_path),
-            progress=False,
-            max_grad_norm=1.0,
-        ),  # fmt: skip
-        reward=PairedReward(interval=2),
-    )
+        reward=PairedReward(interval=2), max_grad_norm=1.0,
+    )  # fmt: skip
 
 
 def _run(trainer, steps):

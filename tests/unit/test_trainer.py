@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _trainers import make_trainer
 
 from arkd import checkpoint as ckpt
 from arkd.data import build_dataloader
@@ -15,18 +16,12 @@ from arkd.losses import BidirectionalKLLoss
 from arkd.models import build_tiny_model
 from arkd.policy import ConstantAlpha, LearnedPolicy
 from arkd.reward import PairedReward, SameBatchReward, alignment
-from arkd.trainer import BatchStream, NonFiniteLossError, Trainer, TrainerConfig
+from arkd.trainer import NonFiniteLossError
 
 # The `tiny` fixture (tests/conftest.py): a tokenizer, a tokenized synthetic dataset, a collator and a teacher shared
 # by the tests, of these sizes.
 TINY = dict(kind="world", vocab_size=512, corpus_size=1000, examples=64, max_prompt_length=120, max_length=160,
             n_embd=32, n_positions=160, eval_teacher=False, with_rows=False)  # fmt: skip
-
-
-def _accelerator(grad_accum: int = 1):
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True, gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False)
 
 
 def _trainer(
@@ -50,33 +45,16 @@ def _trainer(
         opt = torch.optim.SGD(student.parameters(), lr=options.pop("lr", 1.0))
     else:
         opt = torch.optim.AdamW(student.parameters(), lr=options.pop("lr", 1e-3))
-    accelerator = _accelerator(grad_accum)
     loader = build_dataloader(
         dataset, batch_size=batch_size, collate_fn=collate, seed=0, rank=0, world_size=1, drop_last=True
     )
-    config = TrainerConfig(
-        max_steps=steps,
-        grad_accum=grad_accum,
-        max_grad_norm=options.pop("max_grad_norm", None),
-        log_interval=1,
-        output_dir=str(tmp_path),
-        progress=False,
-        **options,
-    )
-    return Trainer(
-        student=student,
-        teacher=copy.deepcopy(teacher),
-        tokenizer=tokenizer,
-        batches=BatchStream(loader),
-        strategy=strategy if strategy is not None else ConstantAlpha(alpha=0.3),
+    return make_trainer(
+        student, copy.deepcopy(teacher), loader, opt, steps=steps, output_dir=tmp_path, grad_accum=grad_accum,
+        tokenizer=tokenizer, strategy=strategy if strategy is not None else ConstantAlpha(alpha=0.3),
         loss=loss if loss is not None else BidirectionalKLLoss(reduction="sum"),
-        optimizer=opt,
-        scheduler=None,
-        accelerator=accelerator,
-        config=config,
-        reward=reward if reward is not None else PairedReward(),
-        probe=probe,
-    )
+        reward=reward if reward is not None else PairedReward(), probe=probe,
+        max_grad_norm=options.pop("max_grad_norm", None), **options,
+    )  # fmt: skip
 
 
 def _naive_window_loss(student, teacher, batches, alpha: float) -> torch.Tensor:

@@ -10,13 +10,14 @@ import signal
 
 import pytest
 import torch
+from _trainers import make_trainer
 
 from arkd import checkpoint as ckpt
 from arkd.data import build_dataloader
 from arkd.losses import BidirectionalKLLoss
 from arkd.models import build_tiny_model
 from arkd.policy import ConstantAlpha
-from arkd.trainer import BatchStream, RunFailedError, Trainer, TrainerConfig, TrainingInterrupted
+from arkd.trainer import RunFailedError, TrainerConfig, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,28 +28,15 @@ TINY = dict(kind="world", vocab_size=300, corpus_size=400, examples=32, max_prom
 
 
 def _trainer(tiny, run_dir, *, steps=4, loss=None, validation=False, **options):
-    from accelerate import Accelerator
-
     tokenizer, dataset, collate, teacher = tiny
     student = build_tiny_model(len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=128, seed=2)
     loader = build_dataloader(dataset, batch_size=2, collate_fn=collate, seed=0, rank=0, world_size=1, drop_last=True)
-    batches = BatchStream(loader)
-    config = TrainerConfig(
-        max_steps=steps, log_interval=1, output_dir=str(run_dir), progress=False, max_grad_norm=None, **options
-    )
-    return Trainer(
-        student=student,
-        teacher=copy.deepcopy(teacher),
-        tokenizer=tokenizer,
-        batches=batches,
-        strategy=ConstantAlpha(alpha=0.5),
-        loss=loss if loss is not None else BidirectionalKLLoss(reduction="sum"),
-        optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
-        scheduler=None,
-        accelerator=Accelerator(cpu=True, step_scheduler_with_optimizer=False),
-        config=config,
-        validation_batches=[collate([dataset[i] for i in range(2)])] if validation else None,
-    )
+    return make_trainer(
+        student, copy.deepcopy(teacher), loader, torch.optim.SGD(student.parameters(), lr=0.1), steps=steps,
+        output_dir=run_dir, tokenizer=tokenizer, strategy=ConstantAlpha(alpha=0.5),
+        loss=loss if loss is not None else BidirectionalKLLoss(reduction="sum"), max_grad_norm=None,
+        validation_batches=[collate([dataset[i] for i in range(2)])] if validation else None, **options,
+    )  # fmt: skip
 
 
 class _NaNFrom(torch.nn.Module):
