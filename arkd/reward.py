@@ -20,8 +20,9 @@ Every function is computed without autograd and returns detached values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -30,9 +31,6 @@ from arkd import rng
 from arkd.data.collate import drop_last_position, model_inputs
 from arkd.losses.functional import bidirectional_kl
 from arkd.losses.topk import TopKTeacher, bidirectional_kl_topk
-
-if TYPE_CHECKING:
-    from arkd.policy.lookahead import BatchScorer, StepPreview
 
 GRANULARITIES = ("batch", "sequence", "token")
 HELD_OUT = ("next", "same")
@@ -169,9 +167,9 @@ class PairedReward:
 
     def measure(
         self,
-        preview: StepPreview,
-        held_out: BatchScorer,
-        same: BatchScorer,
+        preview: Any,
+        held_out: Callable[..., float],
+        same: Callable[..., float],
         candidates: list[list[torch.Tensor]],
         offsets: list[dict[str, torch.Tensor]],
     ) -> torch.Tensor:
@@ -179,7 +177,7 @@ class PairedReward:
         the step's own window, ``held_out: same``).
 
         Args:
-            preview: the step's preview (its gradient, dg/dalpha, the optimiser's update).
+            preview: the step's ``arkd.policy.lookahead.StepPreview`` (its gradient, dg/dalpha, the optimiser's update).
             held_out, same: D of the next training batch / of the step's own window at given parameters.
             candidates: the candidate actions of the step's decisions (one list per decision).
             offsets: for per-sequence / per-token candidates, each candidate's exact gradient difference (empty for
