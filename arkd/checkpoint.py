@@ -207,6 +207,54 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Model health: what "healthy" means wherever a model is saved, kept, published or evaluated
+
+PROBE_LENGTH = 8
+
+
+def weights_problem(model: torch.nn.Module) -> str | None:
+    """``K weight tensor(s) hold NaN or inf (first: NAME)``, or None when every parameter is finite."""
+    bad = [name for name, p in model.named_parameters() if p.numel() and not bool(torch.isfinite(p.detach()).all())]
+    return f"{len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})" if bad else None
+
+
+def probe_input(model: torch.nn.Module, length: int = PROBE_LENGTH) -> torch.Tensor:
+    """A fixed probe input ``[1, L]`` for a causal LM: token ids ``0, 1, ..., L-1`` (modulo the vocabulary), ``L``
+    at most the model's positions."""
+    config = getattr(model, "config", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(config, "vocab_size", None) or 2
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or length
+    return torch.arange(min(length, int(positions))).remainder(int(vocab)).unsqueeze(0)
+
+
+@torch.no_grad()
+def outputs_problem(model: torch.nn.Module, length: int = PROBE_LENGTH) -> str | None:
+    """``its outputs on a probe input hold NaN or inf (N of M logits)``, or None when the logits of one forward on
+    :func:`probe_input` are finite. Finite weights are not enough: weights of 1e30 are finite and every output of
+    such a model is NaN. The model is run in eval mode (no dropout, no random draw) and put back in its mode."""
+    params = next(iter(model.parameters()), None)
+    if params is None:
+        return None
+    ids = probe_input(model, length).to(params.device)
+    training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        model.train(training)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    bad = int((~torch.isfinite(logits.float())).sum())
+    return f"its outputs on a probe input hold NaN or inf ({bad} of {logits.numel()} logits)" if bad else None
+
+
+def model_problem(model: torch.nn.Module) -> str | None:
+    """What makes ``model`` unfit to be saved, kept, published or evaluated (non-finite weights, or non-finite
+    outputs on a probe input), in a few words; None for a healthy model."""
+    return weights_problem(model) or outputs_problem(model)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Random states
 
 

@@ -689,10 +689,11 @@ class Trainer:
             ckpt.restore_rng_state(rng)
 
     def weights_finite(self) -> bool:
-        """Whether every parameter of the student is finite, on every process (a collective)."""
+        """Whether the student is healthy on every process (a collective): every parameter finite and its outputs on a
+        probe input finite (:func:`arkd.checkpoint.model_problem`)."""
         acc = self.accelerator
         model = acc.unwrap_model(self.student)
-        bad = any(not bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.numel())
+        bad = ckpt.model_problem(model) is not None
         flag = torch.tensor(float(bad), device=acc.device)
         if acc.num_processes > 1:
             flag = acc.reduce(flag, reduction="sum")
@@ -1334,8 +1335,10 @@ class Trainer:
         good = [p for _, p in ckpt.list_checkpoints(self.run_dir / "checkpoints") if ckpt.is_healthy(p)]
         keep = f"the last healthy checkpoint is {good[-1]}" if good else "no healthy checkpoint was kept"
         if not self.weights_finite():
+            model = self.accelerator.unwrap_model(self.student)
+            what = "weights" if ckpt.weights_problem(model) else "outputs on a probe input"
             return (
-                f"the run failed: the student's weights are not finite after step {state.step} (a diverged run; "
+                f"the run failed: the student's {what} are not finite after step {state.step} (a diverged run; "
                 f"lower optimizer.lr or set trainer.max_grad_norm); final/ was not written and {keep}."
             )
         share = self._skipped_share()

@@ -140,12 +140,7 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
         raise EvalError(
             f"{_first_line(err)} (set model_path=PATH, and tokenizer_path=PATH if it lives elsewhere)."
         ) from err
-    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
-    if bad:  # a diverged model would only fail deep inside sampling, after hours of generation
-        raise EvalError(
-            f"model_path={cfg.model_path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); expected a "
-            "model of a run that did not diverge."
-        )
+    _check_healthy(model, f"model_path={cfg.model_path}")
     rows, tokens = model_vocab_size(model), len(tokenizer)
     if not tokens <= rows <= tokens + MAX_VOCAB_PADDING:
         raise EvalError(
@@ -157,6 +152,16 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
         if report:
             print(f"[arkd-eval] dropped {rows - tokens} padded embedding rows ({rows} -> {tokens}, the tokenizer's).")
     return model.to(device).eval(), tokenizer, rows - tokens
+
+
+def _check_healthy(model, key: str) -> None:
+    """Refuse a model whose weights or whose outputs on a probe input are not finite, before any generation (a
+    diverged model would only fail deep inside sampling, after hours of generation, or be scored as if valid)."""
+    from arkd.checkpoint import model_problem
+
+    problem = model_problem(model)
+    if problem is not None:
+        raise EvalError(f"{key}: {problem}; expected a model of a run that did not diverge.")
 
 
 def _vllm_generator(cfg: DictConfig, decoding):
@@ -212,6 +217,7 @@ def load_teacher(cfg: DictConfig, device: str, tokenizer):
             f"teacher_path={cfg.teacher_path}: its tokenizer differs from the model's ({len(own)} vs "
             f"{len(tokenizer)} tokens); expected a teacher with the same tokenizer."
         )
+    _check_healthy(teacher, f"teacher_path={cfg.teacher_path}")
     return teacher.to(device).eval()
 
 

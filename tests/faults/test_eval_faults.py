@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from arkd.data.template import format_prompt
 from arkd.models import build_tiny_model, build_tiny_tokenizer, save_pretrained
@@ -26,6 +27,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     save_pretrained(model, tokenizer, nan)
+    blown = tmp_path_factory.mktemp("nan_outputs_lm")  # finite weights (1e30), every output NaN
+    model = build_tiny_model(len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=256, seed=0)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(1e30)
+        model.transformer.h[0].mlp.c_proj.weight.mul_(1e30)
+    save_pretrained(model, tokenizer, blown)
     return path
 
 
@@ -87,6 +94,19 @@ def test_arkd_eval_refuses_a_nan_model_before_generating(tiny_model_dir, data_fi
     assert code == 2
     assert err.startswith(f"arkd-eval: model_path={nan_dir}: 1 weight tensor(s) hold NaN or inf (first: ")
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_arkd_eval_refuses_a_model_with_finite_weights_and_nan_outputs(
+    tiny_model_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    blown = next(tiny_model_dir.parent.glob("nan_outputs_lm*"))
+    assert all(bool(torch.isfinite(t).all()) for t in load_file(blown / "model.safetensors").values())
+    argv = [f"model_path={blown}", f"datasets=[{data_file}]", f"output_dir={tmp_path / 'out'}"]
+    code, err = _arkd_eval(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith(f"arkd-eval: model_path={blown}: its outputs on a probe input hold NaN or inf ("), err
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out" / "generations.jsonl").exists()
 
 
 def test_arkd_eval_names_file_and_line_of_an_invalid_utf8_byte(

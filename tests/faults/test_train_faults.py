@@ -108,6 +108,50 @@ def test_the_skipped_share_threshold_is_a_trainer_key(arkd_train, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+def _outputs_finite(path: Path) -> bool:
+    """An independent check of a saved model: one forward of the real model class on a few tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return bool(torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all())
+
+
+def _blow_up_after_step(monkeypatch, at: int) -> None:
+    """After optimizer step ``at`` (and its checkpoint), the student's MLP weights are multiplied by 1e30: still
+    finite, every output NaN."""
+    from arkd.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def train_step(self):
+        if self.state.step == at:
+            model = self.accelerator.unwrap_model(self.student)
+            with torch.no_grad():
+                for block in model.transformer.h:
+                    block.mlp.c_fc.weight.mul_(1e30)
+                    block.mlp.c_proj.weight.mul_(1e30)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_finite_weights_with_nan_outputs_are_never_kept_as_best_or_healthy(arkd_train, tmp_path, monkeypatch):
+    _blow_up_after_step(monkeypatch, 2)  # before the first validation (step 3): weights finite, outputs NaN
+    outcome = arkd_train()
+    line = _one_sentence(outcome)
+    assert outcome.code == 1 and "arkd-train: done" not in outcome.out
+    assert line.startswith("arkd-train: the run failed: "), line
+    run = tmp_path / "run"
+    assert _finite_model(run / "checkpoints" / "step_0000004")  # the weights alone pass
+    assert not (run / "best").exists() or _outputs_finite(run / "best")
+    assert not (run / "final").exists()
+    for _, path in ckpt.list_checkpoints(run / "checkpoints"):
+        if ckpt.is_healthy(path):  # only the step-2 checkpoint (written before the blow-up) may be healthy
+            assert path.name == "step_0000002", path
+    assert f"the last healthy checkpoint is {run / 'checkpoints' / 'step_0000002'}" in line
+
+
 # -- Checkpoints ----------------------------------------------------------------------------------------------------
 
 
