@@ -138,6 +138,45 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     return None
 
 
+def write_manifest(directory: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+    """Write ``manifest.json`` into ``directory``: the size and SHA-256 of every file in it (sub-directories
+    skipped), and ``extra``; the files are flushed to disk first. The caches arkd writes use it (the SFT cache),
+    read back by :func:`verify_manifest`."""
+    directory = Path(directory)
+    files = {
+        f.name: {"size": f.stat().st_size, "sha256": file_digest(f)}
+        for f in sorted(directory.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
+    manifest = {**extra, "files": files}
+    _fsync_files(directory)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _fsync_dir(directory)
+    return manifest
+
+
+def verify_manifest(directory: str | os.PathLike) -> str | None:
+    """What is wrong with a directory written with :func:`write_manifest`, in a few words (``manifest.json is
+    missing``, ``NAME has A bytes, expected B``, ``NAME fails its SHA-256 checksum``), or None when it is intact."""
+    directory = Path(directory)
+    try:
+        manifest = read_manifest(directory)
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} unreadable: {type(err).__name__}"
+    if manifest is None:
+        return f"{MANIFEST} is missing"
+    for name, entry in manifest.get("files", {}).items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, expected {entry['size']}"
+        if file_digest(file) != entry["sha256"]:
+            return f"{name} fails its SHA-256 checksum"
+    return None
+
+
 def is_healthy(path: str | os.PathLike) -> bool:
     """Whether the trainer marked the checkpoint healthy (True for checkpoints without a manifest)."""
     try:

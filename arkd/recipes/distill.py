@@ -229,6 +229,18 @@ def _fit_vocab(teacher: Any, student: Any, tokenizer: Any) -> int:
     return vocab
 
 
+def _check_healthy(cfg: DictConfig, **models: Any) -> None:
+    """Refuse a teacher or student whose weights or outputs on a probe input are not finite, before training (a NaN
+    teacher would otherwise train with ``fkl: 0.0`` logged)."""
+    from arkd.checkpoint import model_problem
+
+    for role, model in models.items():
+        if isinstance(model, torch.nn.Module) and (problem := model_problem(model)) is not None:
+            node = cfg.teacher if role == "teacher" else cfg.model
+            where = f"{role}.name_or_path={node.name_or_path}" if node.get("name_or_path") else f"the {role}"
+            raise ConfigError(f"{where}: {problem}; expected a model that is not diverged.")
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     """Rank 0's run directory, on every process (ranks may resolve ``${now:...}`` a second apart)."""
     from arkd.distributed import broadcast_object
@@ -324,6 +336,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         student, student_source = build_model(cfg.model, tokenizer), None
     _fit_vocab(teacher if isinstance(teacher, torch.nn.Module) else None, student, tokenizer)
+    _check_healthy(cfg, teacher=teacher, student=student)
 
     # Strategy, loss, optimizer, schedule.
     loss = instantiate(cfg.loss) if cfg.loss is not None else None

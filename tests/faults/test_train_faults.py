@@ -18,6 +18,7 @@ import torch
 
 from arkd import checkpoint as ckpt
 from arkd.run_log import read_metrics
+from tests.faults.conftest import SMALL
 
 BIN = Path(sys.executable).parent
 
@@ -150,6 +151,47 @@ def test_finite_weights_with_nan_outputs_are_never_kept_as_best_or_healthy(arkd_
         if ckpt.is_healthy(path):  # only the step-2 checkpoint (written before the blow-up) may be healthy
             assert path.name == "step_0000002", path
     assert f"the last healthy checkpoint is {run / 'checkpoints' / 'step_0000002'}" in line
+
+
+# With the teacher trained by SFT first (3 steps) and cached under cache_dir.
+WITH_SFT = [o for o in SMALL if o != "init_sft.teacher=null"]
+WITH_SFT += ["init_sft.teacher.max_steps=3", "init_sft.teacher.batch_size=8", "init_sft.teacher.warmup_steps=0"]
+
+
+def test_a_corrupt_sft_cache_entry_is_named_and_rebuilt(arkd_train, tmp_path):
+    assert arkd_train(*WITH_SFT, small=False).code == 0
+    (entry,) = (tmp_path / "cache").glob("teacher-sft-*")
+    weights = entry / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])  # a torn copy, same name
+    outcome = arkd_train(*WITH_SFT, run_dir=tmp_path / "run2", small=False)
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert (
+        f"arkd: the cached SFT'd teacher {entry} is corrupt (model.safetensors has {size // 2} bytes, expected "
+        f"{size}); training it again." in outcome.out
+    )
+    assert ckpt.verify_manifest(entry) is None and weights.stat().st_size == size
+
+
+def test_a_nan_teacher_in_the_sft_cache_is_named_and_retrained(arkd_train, tmp_path):
+    assert arkd_train(*WITH_SFT, small=False).code == 0
+    (entry,) = (tmp_path / "cache").glob("teacher-sft-*")
+    state = ckpt.load_weights(entry / "model.safetensors")
+    for name in list(state):
+        if ".mlp.c_" in name and name.endswith("weight"):
+            state[name] = state[name] * 1e30  # finite, every output NaN
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, entry / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    if (entry / "manifest.json").is_file():  # consistent checksums: only the model's outputs give it away
+        ckpt.write_manifest(entry)
+    outcome = arkd_train(*WITH_SFT, run_dir=tmp_path / "run2", small=False)
+    assert outcome.code == 0, outcome.err[-2000:]
+    expected = f"arkd: the cached SFT'd teacher {entry} is not healthy (its outputs on a probe input hold NaN"
+    assert expected in outcome.out
+    rows = _train_rows(tmp_path / "run2")
+    assert all(r["fkl"] is not None and r["fkl"] > 0 for r in rows)
 
 
 # -- Checkpoints ----------------------------------------------------------------------------------------------------
