@@ -287,6 +287,19 @@ def outputs_problem(model: torch.nn.Module, length: int = PROBE_LENGTH) -> str |
     return f"its outputs on a probe input hold NaN or inf ({bad} of {logits.numel()} logits)" if bad else None
 
 
+def model_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """A short hash of a model's identity: every parameter's name, shape and dtype and the exact bytes of an evenly
+    spaced sample of its values (cheap for any size, the same on every device). Two processes that loaded different
+    models (or one of them another checkpoint) differ."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)].to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
+        digest.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
 def model_problem(model: torch.nn.Module) -> str | None:
     """What makes ``model`` unfit to be saved, kept, published or evaluated (non-finite weights, or non-finite
     outputs on a probe input), in a few words; None for a healthy model."""

@@ -368,6 +368,7 @@ def _evaluate(
     )
 
     main = pdist.rank() == 0
+    _check_agreement(_config_record(cfg))  # before anything is loaded or written
 
     def output_directory() -> str:
         out = Path(output_dir or cfg.output_dir or _hydra_run_dir())
@@ -400,6 +401,8 @@ def _evaluate(
     else:
         model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
     teacher = load_teacher(cfg, device, tokenizer)
+    if pdist.world_size() > 1:  # every process loaded the same model, teacher, tokenizer and rows
+        _check_agreement(_inputs_record(model, teacher, tokenizer, loaded, fingerprint=backend != "vllm"))
     dist_cfg = cfg.get("distribution") or {}
     head_top_p = _head_top_p(cfg)
     progress = bool(cfg.progress) and main
@@ -458,6 +461,9 @@ def _evaluate(
         environment=environment_info(device),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+    # Every process got here: a results.json is written only when no process failed on its way (a process that
+    # failed leaves the others waiting here until the launcher stops them).
+    pdist.gather_objects(True)
     if not main:
         return results
     records = (
@@ -472,6 +478,47 @@ def _evaluate(
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"[arkd-eval] wrote {paths['results']}, {paths['markdown'].name} and {paths['generations'].name}")
     return results
+
+
+def _config_record(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config every process must share (``output_dir`` aside: Hydra's may differ by a second)."""
+    record = OmegaConf.to_container(cfg, resolve=True)
+    record.pop("output_dir", None)
+    return record
+
+
+def _inputs_record(model, teacher, tokenizer, loaded: dict[str, list], *, fingerprint: bool) -> dict[str, Any]:
+    """What each process loaded: the model's and teacher's fingerprints, the tokenizer, a hash of every dataset's
+    rows."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from arkd.checkpoint import model_fingerprint
+
+    def rows_hash(rows: list) -> str:
+        plain = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rows]
+        text = json.dumps(plain, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return {
+        "model": model_fingerprint(model) if fingerprint else None,
+        "teacher": model_fingerprint(teacher) if teacher is not None else None,
+        "tokenizer": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16],
+        "rows": {name: rows_hash(rows) for name, rows in loaded.items()},
+    }
+
+
+def _check_agreement(record: dict[str, Any]) -> None:
+    """Refuse, on every process, processes that were not asked the same (sharded results would mix them)."""
+    from arkd import distributed as pdist
+
+    problem = pdist.disagreement(record)
+    if problem is not None:
+        raise EvalError(
+            f"the {pdist.world_size()} processes of this evaluation were not asked the same: {problem}; expected one "
+            "command (the same arguments, model and data files) for every process."
+        )
 
 
 def _check_output_dir(out: Path, *, overwrite: bool) -> None:

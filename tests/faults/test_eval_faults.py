@@ -135,3 +135,53 @@ def test_arkd_compare_refuses_an_earlier_comparison(tmp_path, capsys):
         "--overwrite to replace them."
     )
     assert (out / "comparison.md").read_text() == "earlier"
+
+
+# -- Processes that disagree ------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(module: str, args: list[str], tmp_path: Path, rank1_args: str = "", timeout: int = 240):
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), ARKD_TEST_RANK1_ARGS=rank1_args)
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [
+        str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        str(Path(__file__).parent / "_rank_args.py"), module, *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun is not installed")
+def test_sharded_arkd_eval_refuses_processes_asked_for_another_model(tiny_model_dir, data_file, tmp_path):
+    """Rank 1 given another model: before, exit 0 with results naming one model and holding both models' rows."""
+    other = tmp_path / "other_lm"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, other)
+    out = tmp_path / "out"
+    args = [
+        f"model_path={tiny_model_dir}", f"datasets=[{data_file}]", "seeds=[10]", "decoding.max_new_tokens=4",
+        "bertscore.enabled=false", "progress=false", "device=cpu", f"output_dir={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]  # fmt: skip
+    proc = _torchrun("arkd.cli.eval", args, tmp_path, rank1_args=f"model_path={other}")
+    assert proc.returncode != 0
+    assert (
+        f"arkd-eval: the 2 processes of this evaluation were not asked the same: process 1 has model_path: "
+        f"'{other}' (process 0: '{tiny_model_dir}'); expected one command" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert "arkd/recipes" not in proc.stderr, proc.stderr[-3000:]  # (torchrun prints its own summary of the exits)
+    assert not (out / "results.json").exists() and not (out / "generations.jsonl").exists()
