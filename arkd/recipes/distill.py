@@ -26,7 +26,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from arkd.errors import ConfigError
-from arkd.recipes.build import build_model, make_accelerator, make_loader, make_scheduler, quiet_libraries
+from arkd.recipes.build import (
+    build_model,
+    check_one_job,
+    check_processes_agree,
+    make_accelerator,
+    make_loader,
+    make_scheduler,
+    quiet_libraries,
+)
 from arkd.recipes.sft_cache import sft_cached
 from arkd.teacher_cache import uses_teacher_cache
 from arkd.trainer import Trainer, TrainerConfig
@@ -241,6 +249,17 @@ def _check_healthy(cfg: DictConfig, **models: Any) -> None:
             raise ConfigError(f"{where}: {problem}; expected a model that is not diverged.")
 
 
+def _agreement_record(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config every process of a run must share: all of it but the per-process paths (rank 0's run
+    directory is broadcast, caches may be node-local) and the console and logging settings."""
+    record = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("output_dir", "cache_dir", "logger"):
+        record.pop(key, None)
+    trainer = record.get("trainer") or {}
+    record["trainer"] = {k: v for k, v in trainer.items() if k not in ("num_threads", "progress")}
+    return record
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     """Rank 0's run directory, on every process (ranks may resolve ``${now:...}`` a second apart)."""
     from arkd.distributed import broadcast_object
@@ -288,6 +307,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     accelerator = make_accelerator(cfg)
+    check_one_job(accelerator)  # N launched processes are one job, and were asked the same
+    check_processes_agree(_agreement_record(cfg))
     run_dir = _run_dir(cfg)
     # Before anything is built: the directory is writable and holds no other run (or this run, continued with a
     # compatible config); the checkpoint to resume from is the newest that passes its checksums.
@@ -337,6 +358,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student, student_source = build_model(cfg.model, tokenizer), None
     _fit_vocab(teacher if isinstance(teacher, torch.nn.Module) else None, student, tokenizer)
     _check_healthy(cfg, teacher=teacher, student=student)
+    if accelerator.num_processes > 1:  # every process holds the same models (a cache or a path may differ per node)
+        from arkd.checkpoint import model_fingerprint
+
+        models = {"student": student, "teacher": teacher if isinstance(teacher, torch.nn.Module) else None}
+        check_processes_agree({k: model_fingerprint(m) if m is not None else None for k, m in models.items()})
 
     # Strategy, loss, optimizer, schedule.
     loss = instantiate(cfg.loss) if cfg.loss is not None else None

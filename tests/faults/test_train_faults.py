@@ -521,3 +521,46 @@ def test_a_batch_larger_than_the_data_is_refused_before_the_teacher_is_trained(a
     assert line.startswith("arkd-train: data.batch_size: got 100, expected at most ")
     assert "(the training split has " in line and "every batch must be full)." in line
     assert not list((tmp_path / "cache").glob("teacher-sft-*")) and "training the teacher" not in outcome.out
+
+
+# -- Processes that disagree ------------------------------------------------------------------------------------------
+
+
+def _torchrun_train(tmp_path: Path, args: list[str], rank1_args: str = ""):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ARKD_TEST_RANK1_ARGS=rank1_args)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [
+        str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+        str(Path(__file__).parent / "_rank_args.py"), "arkd.cli.train", *SMALL, f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}", *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not (BIN / "torchrun").exists() or torch.cuda.is_available(), reason="needs torchrun, no GPU")
+def test_torchrun_on_cpus_without_trainer_cpu_is_refused_not_run_twice(tmp_path):
+    """Before: two independent single-process runs into one directory (every metrics row doubled)."""
+    proc = _torchrun_train(tmp_path, [])
+    assert proc.returncode != 0
+    assert (
+        "arkd-train: 2 processes were launched (WORLD_SIZE=2) but they did not join one distributed job" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert "set trainer.cpu=true (gloo)" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun is not installed")
+def test_training_processes_asked_for_different_configs_are_refused(tmp_path):
+    proc = _torchrun_train(tmp_path, ["trainer.cpu=true"], rank1_args="optimizer.lr=0.5")
+    assert proc.returncode != 0
+    assert (
+        "arkd-train: the 2 processes of this run were not asked the same: process 1 has optimizer.lr: 0.5 (process 0: "
+        in proc.stderr
+    ), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.yaml").exists()
