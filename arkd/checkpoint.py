@@ -434,6 +434,41 @@ def rotate(root: str | os.PathLike, keep_last: int) -> list[Path]:
     return deleted
 
 
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The hyper-parameters of every parameter group (everything but ``params``), as the config built them: taken
+    before a checkpoint's optimizer state is loaded, put back by :func:`apply_hyperparameters`."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """After a resume loaded the checkpoint's optimizer (and scheduler) state: put back the config's hyper-parameters
+    (``weight_decay``, ``betas``, ``eps``, ... and the base learning rate), which ``load_state_dict`` replaced by the
+    checkpoint's, so that a change accepted on resume takes effect. The learning rate of the next step is recomputed
+    by the schedule from the config's base rate at the checkpoint's step: identical to the checkpoint's when nothing
+    changed (a resume stays bit-exact)."""
+    if len(fresh) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint has {len(optimizer.param_groups)} parameter groups, the config {len(fresh)}")
+    for group, values in zip(optimizer.param_groups, fresh):
+        for key, value in values.items():
+            if key != "lr":
+                group[key] = value
+    if scheduler is None:
+        for group, values in zip(optimizer.param_groups, fresh):
+            group["lr"] = values["lr"]
+        return
+    bases = [values.get("initial_lr", values["lr"]) for values in fresh]
+    if list(scheduler.base_lrs) == bases:
+        return  # unchanged: keep the checkpoint's learning rate as it is
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        raise ValueError(f"a changed learning rate cannot be applied to a {type(scheduler).__name__} on resume")
+    scheduler.base_lrs = bases
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(bases, lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 def read_config_text(path: str | os.PathLike) -> str | None:
     """The run config stored with a checkpoint (None for checkpoints written without one)."""
     file = Path(path) / CONFIG_FILE

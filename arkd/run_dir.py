@@ -45,6 +45,27 @@ RESUME_IGNORED = (
 )
 
 
+# What `trainer.resume_accept_changes=true` may change on a resume: the keys that are proven to take effect on the
+# resumed steps (tests/faults/test_train_faults.py::test_every_key_a_resume_accepts_takes_effect, key by key). The
+# optimizer's hyper-parameters are put back from the config after the checkpoint's optimizer state is loaded
+# (arkd.checkpoint.apply_hyperparameters); the trainer's keys are read from the config at every step. Any other
+# change (the model, the data, the loss, the policy, the rollout, ...) would be overridden by the checkpoint's state
+# or change what was trained mid-run: it is refused even with resume_accept_changes.
+RESUME_ACCEPTED = (
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.betas",
+    "optimizer.eps",
+    "trainer.max_steps",
+    "trainer.max_grad_norm",
+    "trainer.kd_weight",
+    "trainer.ce_weight",
+    "trainer.on_nonfinite",
+    "trainer.max_skipped",
+    "trainer.max_skipped_fraction",
+)
+
+
 def check_writable(path: str | os.PathLike, what: str = "output directory") -> Path:
     """Create ``path`` (with parents) and prove it writable with a probe file; raise :class:`OutputError`."""
     path = Path(path)
@@ -190,6 +211,14 @@ def prepare_run_dir(
                     f"trainer.resume={resume}: this config differs from the one {where} was written with "
                     f"({len(changes)} change(s): {listed}); expected the same config, or "
                     "trainer.resume_accept_changes=true to continue with the new values."
+                )
+            refused = [c for c in changes if not _ignored(c.split(":", 1)[0], RESUME_ACCEPTED)]
+            if refused:
+                shown = "; ".join(refused[:8]) + (f"; and {len(refused) - 8} more" if len(refused) > 8 else "")
+                raise ConfigError(
+                    f"trainer.resume_accept_changes=true: {len(refused)} change(s) cannot take effect on a resume of "
+                    f"{where} ({shown}); a resume may change only {', '.join(RESUME_ACCEPTED)}; expected the same "
+                    "values, or a new run directory for a run with them."
                 )
             report(f"arkd: resuming with {len(changes)} accepted config change(s): {listed}")
     if is_main:

@@ -663,9 +663,11 @@ class Trainer:
         weights = ckpt.load_weights(path / ckpt.MODEL_FILE)
         self.accelerator.unwrap_model(self.student).load_state_dict(weights, strict=True)
         state = ckpt.read_state(path)
+        fresh = ckpt.optimizer_hyperparameters(self.optimizer)  # the config's, which an accepted change may have set
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.apply_hyperparameters(self.optimizer, self.scheduler, fresh)
         if self.strategy is not None and state["strategy"] is not None:
             self.strategy.load_state_dict(state["strategy"])
         if self.probe is not None and state.get("probe"):

@@ -369,6 +369,95 @@ def test_resume_with_another_policy_or_lr_is_refused_with_the_differences(arkd_t
     assert accepted.code == 0 and "trainer.max_steps: 2 -> 3" in accepted.out
 
 
+# Each key a resume accepts, a new value for it, and where the resumed run must show it: in the optimizer state it
+# stepped with (the step-6 checkpoint), or in the trainer's config (read at every step).
+ACCEPTED = {
+    "optimizer.lr": ("0.01", None),
+    "optimizer.weight_decay": ("0.05", ("weight_decay", 0.05)),
+    "optimizer.betas": ("[0.8,0.99]", ("betas", (0.8, 0.99))),
+    "optimizer.eps": ("1e-06", ("eps", 1e-06)),
+    "trainer.max_steps": ("6", None),
+    "trainer.max_grad_norm": ("0.5", ("max_grad_norm", 0.5)),
+    "trainer.kd_weight": ("0.5", ("kd_weight", 0.5)),
+    "trainer.ce_weight": ("0.25", ("ce_weight", 0.25)),
+    "trainer.on_nonfinite": ("stop", ("on_nonfinite", "stop")),
+    "trainer.max_skipped": ("7", ("max_skipped", 7)),
+    "trainer.max_skipped_fraction": ("0.5", ("max_skipped_fraction", 0.5)),
+}
+_BASE: dict[str, Path] = {}
+
+
+@pytest.fixture
+def four_steps(arkd_train, tmp_path_factory, tmp_path):
+    """A copy of a 4-step run (checkpoints at 2 and 4) in ``tmp_path / 'run'``, made once for the module."""
+    import shutil
+
+    if "run" not in _BASE:
+        base = tmp_path_factory.mktemp("four_steps")
+        assert arkd_train("trainer.max_steps=4", run_dir=base / "run").code == 0
+        _BASE["run"] = base / "run"
+    shutil.copytree(_BASE["run"], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_the_accepted_keys_are_the_documented_ones():
+    from arkd.run_dir import RESUME_ACCEPTED
+
+    assert sorted(RESUME_ACCEPTED) == sorted(ACCEPTED)
+
+
+@pytest.mark.parametrize("key", list(ACCEPTED))
+def test_every_key_a_resume_accepts_takes_effect(arkd_train, four_steps, tmp_path, monkeypatch, key):
+    """Before: the optimizer's hyper-parameters came back from the checkpoint (config.yaml said one thing, the run
+    did another)."""
+    from arkd.trainer import Trainer
+
+    value, where = ACCEPTED[key]
+    seen = {}
+    fit = Trainer.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen["cfg"] = self.cfg
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    change = [f"{key}={value}"] if key != "trainer.max_steps" else []
+    outcome = arkd_train("trainer.max_steps=6", "trainer.resume=auto", "trainer.resume_accept_changes=true", *change)
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert "accepted config change(s)" in outcome.out and f"{key}: " in outcome.out
+    assert [r["step"] for r in _train_rows(four_steps)] == [1, 2, 3, 4, 5, 6]
+    state = ckpt.read_state(four_steps / "checkpoints" / "step_0000006")
+    group = state["optimizer"]["param_groups"][0]
+    if key == "optimizer.lr":  # the resumed steps ran at the rates of a run started with the new lr
+        monkeypatch.setattr(Trainer, "fit", fit)
+        assert arkd_train("trainer.max_steps=6", f"optimizer.lr={value}", run_dir=tmp_path / "straight").code == 0
+        straight = {r["step"]: r["lr"] for r in _train_rows(tmp_path / "straight")}
+        resumed = {r["step"]: r["lr"] for r in _train_rows(four_steps)}
+        assert resumed[5] == straight[5] and resumed[6] == straight[6] and resumed[4] != straight[4]
+        assert state["scheduler"]["base_lrs"] == [0.01] and group["initial_lr"] == 0.01
+    elif key.startswith("optimizer."):
+        name, expected = where
+        assert tuple(group[name]) == expected if isinstance(expected, tuple) else group[name] == expected
+    elif where is not None:
+        name, expected = where
+        assert getattr(seen["cfg"], name) == expected
+
+
+def test_a_resume_refuses_a_change_that_cannot_take_effect(arkd_train, four_steps):
+    before = (four_steps / "config.yaml").read_text()
+    outcome = arkd_train(
+        "trainer.max_steps=6", "trainer.resume=auto", "trainer.resume_accept_changes=true", "loss.temperature=2.0"
+    )
+    assert outcome.code == 2
+    line = _one_sentence(outcome)
+    assert line.startswith(
+        "arkd-train: trainer.resume_accept_changes=true: 1 change(s) cannot take effect on a resume of "
+    ), line
+    assert "(loss.temperature: 1.0 -> 2.0); a resume may change only optimizer.lr, " in line
+    assert (four_steps / "config.yaml").read_text() == before
+    assert [r["step"] for r in _train_rows(four_steps)] == [1, 2, 3, 4]
+
+
 def test_a_run_directory_holding_another_run_is_refused(arkd_train, tmp_path):
     run = tmp_path / "run"
     assert arkd_train("trainer.max_steps=2").code == 0
