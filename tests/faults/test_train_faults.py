@@ -463,6 +463,8 @@ def test_a_run_directory_holding_another_run_is_refused(arkd_train, tmp_path):
     assert arkd_train("trainer.max_steps=2").code == 0
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    hydra = _tree(run / ".hydra")
+    assert hydra
     outcome = arkd_train("trainer.max_steps=2", "seed=1")
     assert outcome.code == 2
     assert _one_sentence(outcome) == (
@@ -474,9 +476,68 @@ def test_a_run_directory_holding_another_run_is_refused(arkd_train, tmp_path):
         if name != "train.log":
             assert (run / name).read_bytes() == data, name
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    assert _tree(run / ".hydra") == hydra  # not even Hydra's record of the command (before: rewritten)
     replaced = arkd_train("trainer.max_steps=2", "seed=1", "trainer.overwrite=true")
     assert replaced.code == 0
     assert "seed: 1" in (run / "config.yaml").read_text()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_writes_nothing_into_the_run_directory(arkd_train, tmp_path):
+    run = tmp_path / "run"
+    assert arkd_train("trainer.max_steps=2").code == 0
+    before = {name: data for name, data in _tree(run).items() if name != ".arkd.lock"}
+    outcome = arkd_train("trainer.max_steps=2", "trainer.resume=auto", "optimizer.lr=0.5")
+    assert outcome.code == 2 and "this config differs" in outcome.last_line
+    assert {name: data for name, data in _tree(run).items() if name != ".arkd.lock"} == before
+
+
+def test_a_second_job_on_a_run_directory_in_use_is_refused_and_the_first_loses_nothing(arkd_train, tmp_path):
+    """Two resumes of one run directory a second apart: before, both ran and rows of metrics.jsonl were lost."""
+    run = tmp_path / "run"
+    options = [*SMALL, "trainer.eval_interval=0", "trainer.save_interval=0", f"cache_dir={tmp_path / 'cache'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    first = subprocess.Popen(
+        [str(BIN / "arkd-train"), *options, "trainer.max_steps=400", f"hydra.run.dir={run}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and first.poll() is None:
+            if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        hydra = _tree(run / ".hydra")
+        second = arkd_train(
+            "trainer.eval_interval=0", "trainer.save_interval=0", "trainer.max_steps=400", "trainer.resume=auto"
+        )
+        assert _tree(run / ".hydra") == hydra
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=240)
+    assert second.code == 2
+    assert re.fullmatch(
+        rf"arkd-train: the run directory {re.escape(str(run))} is in use by another arkd-train job \(pid {first.pid} "
+        r"on \S+, since [0-9: -]+ UTC\); expected one job per run directory: wait for it to end, or use another "
+        r"directory\.",
+        _one_sentence(second),
+    ), second.last_line
+    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
+    steps = [r["step"] for r in _train_rows(run)]
+    assert steps == list(range(1, steps[-1] + 1))  # every row of the first job, once
+    # the lock goes with the job: the same resume now runs
+    assert arkd_train("trainer.eval_interval=0", "trainer.max_steps=" + str(steps[-1] + 1), "trainer.resume=auto",
+                      "trainer.resume_accept_changes=true").code == 0  # fmt: skip
+
+
+def test_a_run_that_failed_in_its_set_up_does_not_block_the_corrected_run(arkd_train, tmp_path):
+    failed = arkd_train("data.batch_size=100")  # refused once the data is known, after the directory was claimed
+    assert failed.code == 2 and "data.batch_size: got 100" in failed.last_line
+    outcome = arkd_train("trainer.max_steps=2")
+    assert outcome.code == 0, outcome.err[-2000:]
 
 
 # -- File systems ---------------------------------------------------------------------------------------------------
