@@ -260,6 +260,26 @@ def _agreement_record(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+def _check_limits(cfg: DictConfig, tokenizer: Any, train_dataset: Any, validation: Sequence[Any]) -> None:
+    """Sequence lengths and vocabularies against the models' configs (:mod:`arkd.recipes.limits`)."""
+    from arkd.evaluation.generation import encode_prompts
+    from arkd.recipes.limits import check_model_limits
+
+    subset = cfg.validation.get("subset")
+    shown = list(validation[:subset] if subset else validation)
+    prompts = encode_prompts(tokenizer, [e.prompt for e in shown], int(cfg.data.max_prompt_length)) if shown else []
+    models = {"model": cfg.model}
+    if cfg.teacher is not None and cfg.loss is not None and not uses_teacher_cache(cfg):
+        models["teacher"] = cfg.teacher
+    check_model_limits(
+        cfg,
+        tokenizer,
+        longest_row=max((len(i.prompt_ids) + len(i.response_ids) for i in train_dataset.items), default=0),
+        longest_prompt=max((len(row) for row in prompts), default=0),
+        models=models,
+    )
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     """Rank 0's run directory, on every process (ranks may resolve ``${now:...}`` a second apart)."""
     from arkd.distributed import broadcast_object
@@ -341,6 +361,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         add_bos=resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer),
     )
     _check_batch_sizes(cfg, len(train_dataset), accelerator.num_processes)
+    _check_limits(cfg, tokenizer, train_dataset, splits["validation"])  # positions and vocabulary, before any SFT
     prepared = partial(
         sft_cached, cfg=cfg, tokenizer=tokenizer, train_dataset=train_dataset, collate=collate, accelerator=accelerator
     )

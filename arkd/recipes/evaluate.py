@@ -401,6 +401,7 @@ def _evaluate(
     else:
         model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
     teacher = load_teacher(cfg, device, tokenizer)
+    _check_positions(cfg, decoding, tokenizer, loaded, [("model_path", model), ("teacher_path", teacher)])
     if pdist.world_size() > 1:  # every process loaded the same model, teacher, tokenizer and rows
         _check_agreement(_inputs_record(model, teacher, tokenizer, loaded, fingerprint=backend != "vllm"))
     dist_cfg = cfg.get("distribution") or {}
@@ -478,6 +479,29 @@ def _evaluate(
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"[arkd-eval] wrote {paths['results']}, {paths['markdown'].name} and {paths['generations'].name}")
     return results
+
+
+def _check_positions(cfg: DictConfig, decoding, tokenizer, loaded: dict[str, list], models: list) -> None:
+    """The longest prompt and its new tokens fit every model's positions (past them generation ends in a bare
+    ``IndexError``, after hours of sampling), checked before any generation."""
+    from arkd.evaluation.generation import encode_prompts
+
+    longest = 0
+    for rows in loaded.values():
+        if rows:
+            prompts = [r.prompt if hasattr(r, "prompt") else r["prompt"] for r in rows]
+            longest = max(longest, max(len(x) for x in encode_prompts(tokenizer, prompts, decoding.max_prompt_tokens)))
+    needed = longest + int(decoding.max_new_tokens)
+    for key, model in models:
+        config = getattr(model, "config", None)
+        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if positions is not None and needed > int(positions):
+            raise EvalError(
+                f"decoding.max_new_tokens={decoding.max_new_tokens}: the longest prompt has {longest} tokens "
+                f"(decoding.max_prompt_tokens={decoding.max_prompt_tokens}), {needed} in all, but {key}="
+                f"{cfg.get(key)} has {positions} positions; expected at most {max(int(positions) - longest, 0)} new "
+                "tokens, or a smaller decoding.max_prompt_tokens."
+            )
 
 
 def _config_record(cfg: DictConfig) -> dict[str, Any]:

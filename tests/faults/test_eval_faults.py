@@ -109,6 +109,20 @@ def test_arkd_eval_refuses_a_model_with_finite_weights_and_nan_outputs(
     assert not (tmp_path / "out" / "generations.jsonl").exists()
 
 
+def test_arkd_eval_refuses_prompts_and_new_tokens_beyond_the_models_positions(
+    tiny_model_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    """The default decoding (256 prompt + 256 new tokens) on a 256-position model: before, a bare IndexError once a
+    generation ran past the positions (here forced by 300 new tokens)."""
+    argv = [f"model_path={tiny_model_dir}", f"datasets=[{data_file}]", f"output_dir={tmp_path / 'out'}",
+            "decoding.max_new_tokens=300", "seeds=[1]"]  # fmt: skip
+    code, err = _arkd_eval(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith("arkd-eval: decoding.max_new_tokens=300: the longest prompt has "), err
+    assert f"but model_path={tiny_model_dir} has 256 positions; expected at most " in err
+    assert not (tmp_path / "out" / "generations.jsonl").exists()
+
+
 def test_arkd_eval_names_file_and_line_of_an_invalid_utf8_byte(
     tiny_model_dir, data_file, tmp_path, monkeypatch, capsys
 ):

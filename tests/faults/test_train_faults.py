@@ -673,6 +673,29 @@ def test_a_batch_larger_than_the_data_is_refused_before_the_teacher_is_trained(a
     assert not list((tmp_path / "cache").glob("teacher-sft-*")) and "training the teacher" not in outcome.out
 
 
+# -- Limits checked before any model is trained ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_positions=16", "data.max_length: the longest training row has "),
+        ("teacher.n_positions=16", "data.max_length: the longest training row has "),
+        ("model.vocab_size=100", "model.vocab_size: the model has 100 vocabulary rows and the tokenizer "),
+        ("model.vocab_size=5000", "model.vocab_size: the model has 5000 vocabulary rows and the tokenizer "),
+    ],
+)
+def test_positions_and_vocabularies_are_checked_before_the_teacher_is_trained(arkd_train, tmp_path, override, message):
+    """Before: a bare IndexError once SFT had started (leaving a work directory in the cache), or a refusal after
+    the teacher's SFT naming a Python argument."""
+    outcome = arkd_train(*WITH_SFT, override, small=False)
+    assert outcome.code == 2
+    line = _one_sentence(outcome)
+    assert line.startswith(f"arkd-train: {message}"), line
+    assert "training the teacher" not in outcome.out
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 # -- Processes that disagree ------------------------------------------------------------------------------------------
 
 
