@@ -194,6 +194,26 @@ def test_a_nan_teacher_in_the_sft_cache_is_named_and_retrained(arkd_train, tmp_p
     assert all(r["fkl"] is not None and r["fkl"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_seqkd_generations_file_is_named_and_generated_again(arkd_train, tmp_path, damage):
+    """Before: a truncated generations file was a permanent, unnamed JSONDecodeError until deleted by hand."""
+    seqkd = ["rollout=seqkd", "rollout.max_new_tokens=4", "trainer.max_steps=2", "trainer.eval_interval=0"]
+    assert arkd_train(*seqkd).code == 0
+    (path,) = (tmp_path / "cache" / "seqkd").glob("*/generations.json")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+        problem = f"generations.json has {len(data) // 2} bytes, expected {len(data)}"
+    else:  # a changed digit: still valid JSON, same size
+        at = next(i for i in range(len(data) // 2, len(data)) if data[i : i + 1].isdigit())
+        path.write_bytes(data[:at] + (b"1" if data[at : at + 1] != b"1" else b"2") + data[at + 1 :])
+        problem = "generations.json fails its SHA-256 checksum"
+    outcome = arkd_train(*seqkd, run_dir=tmp_path / "run2")
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert f"arkd: the SeqKD generations {path} are corrupt ({problem}); generating them again." in outcome.out
+    assert path.read_bytes() == data and ckpt.verify_manifest(path.parent) is None
+
+
 # -- Checkpoints ----------------------------------------------------------------------------------------------------
 
 
