@@ -38,10 +38,12 @@ def _task(cfg: DictConfig) -> None:
             print(f"arkd-eval: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            "arkd-eval: interrupted; nothing was written (results are written once every dataset is done).",
-            file=sys.stderr,
-        )
+        if _rank() == 0:
+            print(
+                "arkd-eval: interrupted; every generated row is kept in the output directory's generations.partial/ "
+                "and the same command continues from them (results are written once every dataset is done).",
+                file=sys.stderr,
+            )
         sys.exit(130)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -358,7 +359,7 @@ def _evaluate(
 ):
     from arkd import distributed as pdist
     from arkd.data import load_examples
-    from arkd.evaluation.generation import BertScoreSettings, evaluate_model
+    from arkd.evaluation.generation import BertScoreSettings, evaluate_model, generate
     from arkd.evaluation.reports import (
         build_results,
         environment_info,
@@ -402,8 +403,12 @@ def _evaluate(
         model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
     teacher = load_teacher(cfg, device, tokenizer)
     _check_positions(cfg, decoding, tokenizer, loaded, [("model_path", model), ("teacher_path", teacher)])
+    inputs = _inputs_record(model, teacher, tokenizer, loaded, fingerprint=backend != "vllm")
     if pdist.world_size() > 1:  # every process loaded the same model, teacher, tokenizer and rows
-        _check_agreement(_inputs_record(model, teacher, tokenizer, loaded, fingerprint=backend != "vllm"))
+        _check_agreement(inputs)
+    journal = _open_journal(cfg, out, inputs, main=main)
+    if generate_fn is None:
+        generate_fn = partial(generate, model, tokenizer, batch_size=int(cfg.batch_size), decoding=decoding)
     dist_cfg = cfg.get("distribution") or {}
     head_top_p = _head_top_p(cfg)
     progress = bool(cfg.progress) and main
@@ -423,7 +428,13 @@ def _evaluate(
             rouge_workers=cfg.rouge_workers,
             progress=progress,
             desc=spec.name,
-            generate_fn=generate_fn,
+            generate_fn=journal.wrap(  # every batch of rows on disk as soon as it is generated
+                generate_fn,
+                spec.name,
+                tokenizer=tokenizer,
+                max_prompt_tokens=decoding.max_prompt_tokens,
+                chunk=int(cfg.batch_size) if backend == "hf" else len(examples),
+            ),
             teacher=teacher,
             head_top_p=head_top_p,
             diversity=bool(dist_cfg.get("diversity", True)),
@@ -475,7 +486,11 @@ def _evaluate(
     except OSError as err:
         from arkd.errors import describe_os_error
 
-        raise EvalError(f"cannot write the results to {out}: {describe_os_error(err)}.") from None
+        raise EvalError(
+            f"cannot write the results to {out}: {describe_os_error(err)}; the {len(journal.done)} generated rows are "
+            f"kept in {journal.folder}, and the same command continues from them."
+        ) from None
+    journal.remove()
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"[arkd-eval] wrote {paths['results']}, {paths['markdown'].name} and {paths['generations'].name}")
     return results
@@ -502,6 +517,39 @@ def _check_positions(cfg: DictConfig, decoding, tokenizer, loaded: dict[str, lis
                 f"{cfg.get(key)} has {positions} positions; expected at most {max(int(positions) - longest, 0)} new "
                 "tokens, or a smaller decoding.max_prompt_tokens."
             )
+
+
+def _open_journal(cfg: DictConfig, out: Path, inputs: dict[str, Any], *, main: bool):
+    """The journal of generations in ``out`` (:mod:`arkd.evaluation.journal`): an interrupted evaluation's rows are
+    kept and continued from when the same evaluation runs again; another evaluation's are refused."""
+    from arkd import distributed as pdist
+    from arkd.evaluation.journal import GenerationJournal
+
+    journal = GenerationJournal(out, rank=pdist.rank())
+    identity = {
+        "generation": {
+            k: _plain(cfg.get(k)) for k in ("model_path", "tokenizer_path", "dtype", "backend", "batch_size")
+        },
+        "decoding": _plain(cfg.decoding),
+        "inputs": inputs,
+    }
+
+    def claim() -> None:
+        problem = journal.claim(identity, overwrite=bool(cfg.get("overwrite", False)))
+        if problem is not None:
+            raise EvalError(
+                f"{problem}; expected the same command to continue it, overwrite=true, or another output_dir."
+            )
+
+    on_main(claim)
+    found = journal.load()
+    if main and found:
+        print(f"[arkd-eval] continuing an interrupted evaluation: {found} generated rows kept in {journal.folder}.")
+    return journal
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
 def _config_record(cfg: DictConfig) -> dict[str, Any]:

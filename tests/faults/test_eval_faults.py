@@ -199,3 +199,100 @@ def test_sharded_arkd_eval_refuses_processes_asked_for_another_model(tiny_model_
     ), proc.stderr[-3000:]
     assert "arkd/recipes" not in proc.stderr, proc.stderr[-3000:]  # (torchrun prints its own summary of the exits)
     assert not (out / "results.json").exists() and not (out / "generations.jsonl").exists()
+
+
+# -- Work kept at the last step -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def seven_rows(tmp_path) -> Path:
+    path = tmp_path / "seven.jsonl"
+    rows = [(f"Say {w}.", "", w) for w in ["red", "blue", "a long green thing", "x", "hello there", "yes", "no no"]]
+    path.write_text("".join(json.dumps({"instruction": i, "input": x, "output": y}) + "\n" for i, x, y in rows))
+    return path
+
+
+def _eval_ok(argv, tmp_path, monkeypatch, capsys) -> tuple[int, str]:
+    from arkd.cli.eval import main
+
+    monkeypatch.chdir(tmp_path)
+    hydra = [f"hydra.run.dir={tmp_path / 'hydra'}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    monkeypatch.setattr(sys, "argv", ["arkd-eval", *argv, "bertscore.enabled=false", "progress=false", *hydra])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as err:
+        code = err.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _counting_generate(monkeypatch, fail_at: int | None = None, error: type[BaseException] = KeyboardInterrupt):
+    from arkd.evaluation import generation
+
+    real, calls = generation.generate, []
+
+    def generate(model, tokenizer, prompts, **kwargs):
+        calls.append(len(prompts))
+        if fail_at is not None and len(calls) == fail_at:
+            raise error()
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", generate)
+    return calls
+
+
+def test_arkd_eval_keeps_every_generated_row_when_interrupted_and_continues(
+    tiny_model_dir, seven_rows, tmp_path, monkeypatch, capsys
+):
+    """Before: Ctrl-C (or a crash) lost every generation of the evaluation."""
+    common = [f"model_path={tiny_model_dir}", f"datasets=[{seven_rows}]", "seeds=[1,2]", "batch_size=2",
+              "decoding.max_new_tokens=6"]  # fmt: skip
+    assert _eval_ok([*common, f"output_dir={tmp_path / 'straight'}"], tmp_path, monkeypatch, capsys)[0] == 0
+    out = tmp_path / "out"
+    calls = _counting_generate(monkeypatch, fail_at=3)  # two batches of seed 1 done, then Ctrl-C
+    code, text = _eval_ok([*common, f"output_dir={out}"], tmp_path, monkeypatch, capsys)
+    assert code == 130 and "generations.partial" in text
+    assert sorted(p.name for p in out.iterdir()) == ["generations.partial"]  # nothing that looks complete
+    monkeypatch.undo()
+    calls = _counting_generate(monkeypatch)
+    code, text = _eval_ok([*common, f"output_dir={out}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, text
+    assert f"continuing an interrupted evaluation: 4 generated rows kept in {out / 'generations.partial'}" in text
+    assert sum(calls) == 2 * 7 - 4  # only the rows not kept were generated
+    assert (out / "generations.jsonl").read_bytes() == (tmp_path / "straight" / "generations.jsonl").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["generations.jsonl", "results.json", "results.md"]
+
+
+def test_arkd_eval_on_a_full_disk_keeps_the_generations_and_leaves_no_half_written_file(
+    tiny_model_dir, seven_rows, tmp_path, monkeypatch, capsys
+):
+    """Before: every generation was lost and a truncated generations.jsonl was left looking complete."""
+    import errno
+    import os
+
+    common = [f"model_path={tiny_model_dir}", f"datasets=[{seven_rows}]", "seeds=[1]", "batch_size=3",
+              "decoding.max_new_tokens=6"]  # fmt: skip
+    assert _eval_ok([*common, f"output_dir={tmp_path / 'straight'}"], tmp_path, monkeypatch, capsys)[0] == 0
+    out = tmp_path / "out"
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        if "generations.jsonl.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    code, text = _eval_ok([*common, f"output_dir={out}"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert text.strip().splitlines()[-1] == (
+        f"arkd-eval: cannot write the results to {out}: no space left on the device; the 7 generated rows are kept "
+        f"in {out / 'generations.partial'}, and the same command continues from them."
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["generations.partial"]
+    monkeypatch.undo()
+    calls = _counting_generate(monkeypatch)
+    assert _eval_ok([*common, f"output_dir={out}"], tmp_path, monkeypatch, capsys)[0] == 0
+    assert calls == []  # nothing sampled again
+    assert (out / "generations.jsonl").read_bytes() == (tmp_path / "straight" / "generations.jsonl").read_bytes()
