@@ -150,6 +150,10 @@ def check_overrides(argv: list[str]) -> str | None:
         try:
             cfg = _compose(run_overrides)
         except Exception as err:  # Hydra / OmegaConf composition errors: report their first sentence
+            from arkd.cli._keys import unknown_key_sentence
+
+            if (unknown := unknown_key_sentence(err, run_overrides, _compose)) is not None:
+                return unknown
             message = " ".join(str(err).split("\n")[0].split())
             return f"bad override ({message}); see `arkd-train --help` and docs/configs.md."
         # The reference: the same group choices without key overrides (the tree's own types and keys).

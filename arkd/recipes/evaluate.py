@@ -134,6 +134,9 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
     except ValueError as err:
         raise EvalError(f"dtype: {err}.") from err
     sources = _model_sources(cfg)
+    _check_model_dir("model_path", sources["model_path"], tokenizer=not cfg.tokenizer_path)
+    if cfg.tokenizer_path:
+        _check_model_dir("tokenizer_path", sources["tokenizer_path"], weights=False)
     try:
         tokenizer = load_tokenizer(Path(sources["tokenizer_path"]).expanduser())
         model = load_model(Path(sources["model_path"]).expanduser(), dtype=dtype)
@@ -141,6 +144,11 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
         raise EvalError(
             f"{_first_line(err)} (set model_path=PATH, and tokenizer_path=PATH if it lives elsewhere)."
         ) from err
+    except Exception as err:  # noqa: BLE001 - a damaged weights file (safetensors' own error), an unreadable config
+        raise EvalError(
+            f"model_path={cfg.model_path}: the model cannot be loaded ({type(err).__name__}: {_first_line(err)}); "
+            "expected a complete model directory (a model.safetensors cut short or damaged?)."
+        ) from None
     _check_healthy(model, f"model_path={cfg.model_path}")
     rows, tokens = model_vocab_size(model), len(tokenizer)
     if not tokens <= rows <= tokens + MAX_VOCAB_PADDING:
@@ -153,6 +161,27 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
         if report:
             print(f"[arkd-eval] dropped {rows - tokens} padded embedding rows ({rows} -> {tokens}, the tokenizer's).")
     return model.to(device).eval(), tokenizer, rows - tokens
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _check_model_dir(key: str, source: str, *, weights: bool = True, tokenizer: bool = True) -> None:
+    """A local directory that is not a model (no ``config.json``; for a tokenizer, no tokenizer file) in one
+    sentence, before transformers' own error (cut off mid-sentence) is reached."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return
+    if weights and not (path / "config.json").is_file():
+        raise EvalError(
+            f"{key}={source} is not a model directory (it has no config.json); expected a directory written by "
+            "save_pretrained (e.g. a run's final/ or best/) or a Hub name."
+        )
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise EvalError(
+            f"{key}={source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); expected the model's "
+            "directory with its tokenizer, or tokenizer_path=PATH to one."
+        )
 
 
 def _check_healthy(model, key: str) -> None:

@@ -296,3 +296,43 @@ def test_arkd_eval_on_a_full_disk_keeps_the_generations_and_leaves_no_half_writt
     assert _eval_ok([*common, f"output_dir={out}"], tmp_path, monkeypatch, capsys)[0] == 0
     assert calls == []  # nothing sampled again
     assert (out / "generations.jsonl").read_bytes() == (tmp_path / "straight" / "generations.jsonl").read_bytes()
+
+
+# -- Smaller ones: one sentence each ----------------------------------------------------------------------------------
+
+
+def test_arkd_eval_lists_the_valid_keys_for_an_unknown_one(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    argv = [f"model_path={tiny_model_dir}", f"datasets=[{data_file}]", "decoding.bogus=3"]
+    code, err = _arkd_eval(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err == (
+        "arkd-eval: decoding.bogus: no such key; expected one of the keys in decoding: clean_up_tokenization_spaces, "
+        "greedy, max_new_tokens, max_prompt_tokens, no_repeat_ngram_size, temperature, top_k, top_p."
+    )
+
+
+def test_arkd_eval_says_a_directory_is_not_a_model(data_file, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a model")
+    code, err = _arkd_eval([f"model_path={folder}", f"datasets=[{data_file}]"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err == (
+        f"arkd-eval: model_path={folder} is not a model directory (it has no config.json); expected a directory "
+        "written by save_pretrained (e.g. a run's final/ or best/) or a Hub name."
+    )
+
+
+def test_arkd_eval_says_a_truncated_weights_file_in_one_sentence(
+    tiny_model_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, err = _arkd_eval([f"model_path={cut}", f"datasets=[{data_file}]"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith(f"arkd-eval: model_path={cut}: the model cannot be loaded (SafetensorError: "), err
+    assert err.endswith("expected a complete model directory (a model.safetensors cut short or damaged?).")

@@ -668,6 +668,10 @@ def test_a_full_disk_while_logging_is_one_sentence_naming_the_file(arkd_train, t
         ("optimizer.lr=abc", "optimizer.lr: got 'abc', expected a number >= 0."),
         ("trainer.on_nonfinite=bogus", "trainer.on_nonfinite: got 'bogus', expected one of skip, stop."),
         ("+trainer.unknown_key=1", "trainer.unknown_key: nothing reads this key (a `+` override?); expected one of"),
+        (
+            "trainer.unknown_key=1",
+            "trainer.unknown_key: no such key; expected one of the keys in trainer: best_metric,",
+        ),
         ("policy=nope", "unknown policy 'nope'; expected one of: akl, constant, cosine, entropy_gated, fkl, greedy,"),
         ("data.packing=3", "data.packing: got 3, expected true or false."),
         ("data.packing=true", "data.packing=true is exact only for SFT (loss=cross_entropy, no teacher)"),
