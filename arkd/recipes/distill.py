@@ -260,24 +260,33 @@ def _agreement_record(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-def _check_limits(cfg: DictConfig, tokenizer: Any, train_dataset: Any, validation: Sequence[Any]) -> None:
-    """Sequence lengths and vocabularies against the models' configs (:mod:`arkd.recipes.limits`)."""
+def _check_limits(cfg: DictConfig, tokenizer: Any, train_dataset: Any, splits: Any) -> None:
+    """Sequence lengths and vocabularies against the models' configs (:mod:`arkd.recipes.limits`): the training rows
+    (``data.max_length`` when a rollout generates them), the validation generations and the final report's."""
     from arkd.evaluation.generation import encode_prompts
     from arkd.recipes.limits import check_model_limits
 
-    subset = cfg.validation.get("subset")
-    shown = list(validation[:subset] if subset else validation)
-    prompts = encode_prompts(tokenizer, [e.prompt for e in shown], int(cfg.data.max_prompt_length)) if shown else []
+    def longest_prompt(examples: Sequence[Any], subset: Any) -> int:
+        shown = list(examples[:subset] if subset else examples)
+        rows = encode_prompts(tokenizer, [e.prompt for e in shown], int(cfg.data.max_prompt_length)) if shown else []
+        return max((len(row) for row in rows), default=0)
+
     models = {"model": cfg.model}
     if cfg.teacher is not None and cfg.loss is not None and not uses_teacher_cache(cfg):
         models["teacher"] = cfg.teacher
-    check_model_limits(
-        cfg,
-        tokenizer,
-        longest_row=max((len(i.prompt_ids) + len(i.response_ids) for i in train_dataset.items), default=0),
-        longest_prompt=max((len(row) for row in prompts), default=0),
-        models=models,
-    )
+    longest_row = max((len(i.prompt_ids) + len(i.response_ids) for i in train_dataset.items), default=0)
+    if cfg.get("rollout") is not None:
+        from hydra.utils import get_class
+
+        if get_class(str(cfg.rollout._target_)).generates:
+            longest_row = max(longest_row, int(cfg.data.max_length))
+    validation = longest_prompt(splits["validation"], cfg.validation.get("subset"))
+    generations = [("validation.max_new_tokens", "model", validation, int(cfg.validation.max_new_tokens))]
+    if cfg.report.get("enabled") and splits.get("test"):
+        test = longest_prompt(splits["test"], cfg.report.get("subset"))
+        for role in models:
+            generations.append(("report.max_new_tokens", role, test, int(cfg.report.max_new_tokens)))
+    check_model_limits(cfg, tokenizer, longest_row=longest_row, models=models, generations=generations)
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -361,7 +370,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         add_bos=resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer),
     )
     _check_batch_sizes(cfg, len(train_dataset), accelerator.num_processes)
-    _check_limits(cfg, tokenizer, train_dataset, splits["validation"])  # positions and vocabulary, before any SFT
+    _check_limits(cfg, tokenizer, train_dataset, splits)  # positions and vocabulary, before any SFT
     prepared = partial(
         sft_cached, cfg=cfg, tokenizer=tokenizer, train_dataset=train_dataset, collate=collate, accelerator=accelerator
     )

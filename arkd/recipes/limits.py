@@ -40,22 +40,28 @@ def declared_limits(node: DictConfig, tokenizer: Any) -> tuple[int | None, int |
 
 
 def check_model_limits(
-    cfg: DictConfig, tokenizer: Any, *, longest_row: int, longest_prompt: int, models: dict[str, DictConfig]
+    cfg: DictConfig,
+    tokenizer: Any,
+    *,
+    longest_row: int,
+    models: dict[str, DictConfig],
+    generations: list[tuple[str, str, int, int]] = (),
 ) -> None:
     """Refuse, in one sentence naming the config key, a sequence longer than a model's positions or a vocabulary
     that does not fit the tokenizer.
 
     Args:
-        cfg: the composed config (``data.max_length``, ``validation.max_new_tokens``).
+        cfg: the composed config (``data.max_length``).
         tokenizer: the run's tokenizer.
-        longest_row: the longest tokenized training row (prompt and response), in tokens.
-        longest_prompt: the longest validation prompt the model generates from, in tokens.
+        longest_row: the longest sequence trained on (a tokenized training row, or ``data.max_length`` when a
+            rollout generates the responses), in tokens.
         models: ``{"model": cfg.model, "teacher": cfg.teacher, ...}``, the configs of the models the run builds.
+        generations: ``(key, model, longest_prompt, new_tokens)`` for every generation the run makes
+            (``validation.max_new_tokens`` by the student, ``report.max_new_tokens`` by both, ...).
     """
     from arkd.models import MAX_VOCAB_PADDING
 
     tokens = len(tokenizer)
-    new_tokens = int(cfg.validation.max_new_tokens) if cfg.get("validation") is not None else 0
     for key, node in models.items():
         if node is None:
             continue
@@ -66,13 +72,14 @@ def check_model_limits(
                 f"{cfg.data.max_length}), and {key} has {positions} positions ({key}.{source}); expected rows of at "
                 f"most {positions} tokens (lower data.max_length, or a model with more positions)."
             )
-        if key == "model" and positions is not None and new_tokens and longest_prompt + new_tokens > positions:
-            raise ConfigError(
-                f"validation.max_new_tokens: got {new_tokens}, and the longest validation prompt has {longest_prompt} "
-                f"tokens, {longest_prompt + new_tokens} in all, but the student has {positions} positions "
-                f"({key}.{source}); expected at most {max(positions - longest_prompt, 0)} new tokens (or a shorter "
-                "data.max_prompt_length)."
-            )
+        for what, role, longest_prompt, new_tokens in generations:
+            if role == key and positions is not None and longest_prompt + new_tokens > positions:
+                raise ConfigError(
+                    f"{what}: got {new_tokens}, and the longest prompt it completes has {longest_prompt} tokens, "
+                    f"{longest_prompt + new_tokens} in all, but {key} has {positions} positions ({key}.{source}); "
+                    f"expected at most {max(positions - longest_prompt, 0)} new tokens (or a shorter "
+                    "data.max_prompt_length)."
+                )
         if vocab is not None and not tokens <= int(vocab) <= tokens + MAX_VOCAB_PADDING:
             where = f"{key}.vocab_size" if source == "n_positions" else f"{key}.{source}"
             raise ConfigError(

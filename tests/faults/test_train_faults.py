@@ -707,6 +707,7 @@ def test_a_batch_larger_than_the_data_is_refused_before_the_teacher_is_trained(a
         ("teacher.n_positions=16", "data.max_length: the longest training row has "),
         ("model.vocab_size=100", "model.vocab_size: the model has 100 vocabulary rows and the tokenizer "),
         ("model.vocab_size=5000", "model.vocab_size: the model has 5000 vocabulary rows and the tokenizer "),
+        ("validation.max_new_tokens=120", "validation.max_new_tokens: got 120, and the longest prompt it completes"),
     ],
 )
 def test_positions_and_vocabularies_are_checked_before_the_teacher_is_trained(arkd_train, tmp_path, override, message):
