@@ -166,7 +166,12 @@ def check_overrides(argv: list[str]) -> str | None:
         except ConfigError as err:
             prefix = f"in the sweep run {' '.join(run_overrides)}: " if multirun and len(runs) > 1 else ""
             return prefix + str(err)
+    if not multirun:
+        _CHECKED[tuple(argv)] = cfg  # claim_run_dir reuses it
     return None
+
+
+_CHECKED: dict[tuple[str, ...], object] = {}  # the command line -> its composed config, once checked
 
 
 def claim_run_dir(argv: list[str]) -> tuple[str, int] | None:
@@ -183,20 +188,25 @@ def claim_run_dir(argv: list[str]) -> tuple[str, int] | None:
     overrides, multirun, flags = _split(argv)
     if multirun or flags or _rank() > 0:
         return None
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    except Exception:  # noqa: BLE001 - composition errors were reported by check_overrides
-        return None
-    finally:
+    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    checked = _CHECKED.pop(tuple(argv), None)
+    if explicit and "${" not in explicit[-1] and checked is not None:  # the common case: no second composition
+        cfg, run_dir = OmegaConf.create(OmegaConf.to_container(checked)), Path(explicit[-1]).resolve()
+    else:
         GlobalHydra.instance().clear()
-    raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir", ""))
-    if "${now:" in raw:
-        return None
-    run_dir = Path(str(cfg.hydra.run.dir)).resolve()
-    OmegaConf.set_struct(cfg, False)
-    cfg.pop("hydra")
+        try:
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        except Exception:  # noqa: BLE001 - composition errors were reported by check_overrides
+            return None
+        finally:
+            GlobalHydra.instance().clear()
+        raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir", ""))
+        if "${now:" in raw:
+            return None
+        run_dir = Path(str(cfg.hydra.run.dir)).resolve()
+        OmegaConf.set_struct(cfg, False)
+        cfg.pop("hydra")
     if cfg.get("output_dir") is None:
         cfg.output_dir = str(run_dir)
     from arkd.errors import ConfigError, OutputError
@@ -208,6 +218,8 @@ def claim_run_dir(argv: list[str]) -> tuple[str, int] | None:
         return _one_line(err), 2
     except OutputError as err:
         return _one_line(err), 1
+    except Exception:  # noqa: BLE001 - anything else (an interpolation only Hydra resolves): the run checks again
+        return None
     return None
 
 
