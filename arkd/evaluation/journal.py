@@ -70,6 +70,12 @@ class GenerationJournal:
     def load(self) -> int:
         """Read every process's complete rows; returns how many there are."""
         self.done.clear()
+        own = self.folder / f"rank{self.rank}.jsonl"
+        if own.is_file():  # drop a line an interrupted write cut short, so that the next append starts a line
+            data = own.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(own, "r+b") as handle:
+                    handle.truncate(data.rfind(b"\n") + 1)
         for file in sorted(self.folder.glob("rank*.jsonl")):
             for line in file.read_text(encoding="utf-8", errors="replace").split("\n")[:-1]:  # complete lines only
                 try:
@@ -90,10 +96,19 @@ class GenerationJournal:
             json.dumps({"dataset": dataset, "seed": seed, "row": row, "generation": text}, ensure_ascii=False) + "\n"
             for row, text in rows
         )
-        with open(self.folder / f"rank{self.rank}.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
+        file = self.folder / f"rank{self.rank}.jsonl"
+        try:
+            with open(file, "a", encoding="utf-8") as handle:
+                handle.write(lines)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:  # a full disk, a file-size limit: the rows written before stay
+            from arkd.errors import OutputError, describe_os_error
+
+            raise OutputError(
+                f"cannot write the generated rows to {file}: {describe_os_error(err)}; the {len(self.done)} rows "
+                "written before are kept, and the same command continues from them."
+            ) from None
         for row, text in rows:
             self.done[(dataset, seed, row)] = text
 

@@ -446,7 +446,8 @@ def _evaluate(
         examples = loaded[spec.name]
         if main and spec.max_rows is not None and len(examples) < spec.max_rows:
             print(f"[arkd-eval] {spec.name}: {len(examples)} rows (fewer than max_rows={spec.max_rows}).")
-        report = evaluate_model(
+        report = _journaled(
+            evaluate_model,
             model,
             tokenizer,
             examples,
@@ -546,6 +547,16 @@ def _check_positions(cfg: DictConfig, decoding, tokenizer, loaded: dict[str, lis
                 f"{cfg.get(key)} has {positions} positions; expected at most {max(int(positions) - longest, 0)} new "
                 "tokens, or a smaller decoding.max_prompt_tokens."
             )
+
+
+def _journaled(evaluate, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``evaluate(*args, **kwargs)``, a failing write of the journal (a full disk) as one sentence."""
+    from arkd.errors import OutputError
+
+    try:
+        return evaluate(*args, **kwargs)
+    except OutputError as err:
+        raise EvalError(str(err)) from None
 
 
 def _open_journal(cfg: DictConfig, out: Path, inputs: dict[str, Any], *, main: bool):

@@ -336,3 +336,34 @@ def test_arkd_eval_says_a_truncated_weights_file_in_one_sentence(
     assert code == 2
     assert err.startswith(f"arkd-eval: model_path={cut}: the model cannot be loaded (SafetensorError: "), err
     assert err.endswith("expected a complete model directory (a model.safetensors cut short or damaged?).")
+
+
+def test_arkd_eval_on_a_full_disk_during_generation_keeps_the_rows_written(
+    tiny_model_dir, seven_rows, tmp_path, monkeypatch, capsys
+):
+    import errno
+    import os
+
+    common = [f"model_path={tiny_model_dir}", f"datasets=[{seven_rows}]", "seeds=[1]", "batch_size=2",
+              "decoding.max_new_tokens=6"]  # fmt: skip
+    assert _eval_ok([*common, f"output_dir={tmp_path / 'straight'}"], tmp_path, monkeypatch, capsys)[0] == 0
+    out, real_fsync, calls = tmp_path / "out", os.fsync, []
+
+    def full_disk(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("rank0.jsonl"):
+            calls.append(fd)
+            if len(calls) == 2:  # the second batch finds the disk full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    code, text = _eval_ok([*common, f"output_dir={out}"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert text.strip().splitlines()[-1] == (
+        f"arkd-eval: cannot write the generated rows to {out / 'generations.partial' / 'rank0.jsonl'}: no space left "
+        "on the device; the 2 rows written before are kept, and the same command continues from them."
+    )
+    monkeypatch.undo()
+    code, text = _eval_ok([*common, f"output_dir={out}"], tmp_path, monkeypatch, capsys)
+    assert code == 0 and "continuing an interrupted evaluation" in text
+    assert (out / "generations.jsonl").read_bytes() == (tmp_path / "straight" / "generations.jsonl").read_bytes()

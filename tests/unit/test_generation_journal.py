@@ -28,6 +28,8 @@ def test_a_line_cut_by_an_interrupted_write_is_generated_again(tmp_path):
     with open(journal.folder / "rank0.jsonl", "a") as handle:  # a write cut before its newline
         handle.write(json.dumps({"dataset": "d", "seed": 1, "row": 1, "generation": "cut"}))
     assert journal.load() == 1 and ("d", 1, 1) not in journal.done
+    journal.append("d", 1, [(1, "again")])  # starts its own line: the cut one was dropped on load
+    assert GenerationJournal(tmp_path).load() == 2
 
 
 def test_the_wrapped_generation_reuses_rows_and_calls_in_batches_longest_first(tmp_path):
