@@ -137,6 +137,45 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     return None
 
 
+def write_manifest(directory: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+    """Write ``manifest.json`` into ``directory``: the size and SHA-256 of every file in it (sub-directories
+    skipped), and ``extra``; the files are flushed to disk first. The caches arkd writes use it (the SFT cache),
+    read back by :func:`verify_manifest`."""
+    directory = Path(directory)
+    files = {
+        f.name: {"size": f.stat().st_size, "sha256": file_digest(f)}
+        for f in sorted(directory.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
+    manifest = {**extra, "files": files}
+    _fsync_files(directory)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _fsync_dir(directory)
+    return manifest
+
+
+def verify_manifest(directory: str | os.PathLike) -> str | None:
+    """What is wrong with a directory written with :func:`write_manifest`, in a few words (``manifest.json is
+    missing``, ``NAME has A bytes, expected B``, ``NAME fails its SHA-256 checksum``), or None when it is intact."""
+    directory = Path(directory)
+    try:
+        manifest = read_manifest(directory)
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} unreadable: {type(err).__name__}"
+    if manifest is None:
+        return f"{MANIFEST} is missing"
+    for name, entry in manifest.get("files", {}).items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, expected {entry['size']}"
+        if file_digest(file) != entry["sha256"]:
+            return f"{name} fails its SHA-256 checksum"
+    return None
+
+
 def is_healthy(path: str | os.PathLike) -> bool:
     """Whether the trainer marked the checkpoint healthy (True for checkpoints without a manifest)."""
     try:
@@ -203,6 +242,67 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for alias, target in json.loads(metadata.get("aliases", "{}")).items():
         tensors[alias] = tensors[target]
     return tensors
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model health: what "healthy" means wherever a model is saved, kept, published or evaluated
+
+PROBE_LENGTH = 8
+
+
+def weights_problem(model: torch.nn.Module) -> str | None:
+    """``K weight tensor(s) hold NaN or inf (first: NAME)``, or None when every parameter is finite."""
+    bad = [name for name, p in model.named_parameters() if p.numel() and not bool(torch.isfinite(p.detach()).all())]
+    return f"{len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})" if bad else None
+
+
+def probe_input(model: torch.nn.Module, length: int = PROBE_LENGTH) -> torch.Tensor:
+    """A fixed probe input ``[1, L]`` for a causal LM: token ids ``0, 1, ..., L-1`` (modulo the vocabulary), ``L``
+    at most the model's positions."""
+    config = getattr(model, "config", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(config, "vocab_size", None) or 2
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or length
+    return torch.arange(min(length, int(positions))).remainder(int(vocab)).unsqueeze(0)
+
+
+@torch.no_grad()
+def outputs_problem(model: torch.nn.Module, length: int = PROBE_LENGTH) -> str | None:
+    """``its outputs on a probe input hold NaN or inf (N of M logits)``, or None when the logits of one forward on
+    :func:`probe_input` are finite. Finite weights are not enough: weights of 1e30 are finite and every output of
+    such a model is NaN. The model is run in eval mode (no dropout, no random draw) and put back in its mode."""
+    params = next(iter(model.parameters()), None)
+    if params is None:
+        return None
+    ids = probe_input(model, length).to(params.device)
+    training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        model.train(training)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    bad = int((~torch.isfinite(logits.float())).sum())
+    return f"its outputs on a probe input hold NaN or inf ({bad} of {logits.numel()} logits)" if bad else None
+
+
+def model_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """A short hash of a model's identity: every parameter's name, shape and dtype and the exact bytes of an evenly
+    spaced sample of its values (cheap for any size, the same on every device). Two processes that loaded different
+    models (or one of them another checkpoint) differ."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)].to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
+        digest.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def model_problem(model: torch.nn.Module) -> str | None:
+    """What makes ``model`` unfit to be saved, kept, published or evaluated (non-finite weights, or non-finite
+    outputs on a probe input), in a few words; None for a healthy model."""
+    return weights_problem(model) or outputs_problem(model)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -301,8 +401,9 @@ def load_verified(path: Path, load: Callable[[Path], None]) -> None:
 
 
 def weights_finite(model: torch.nn.Module, accelerator: Any) -> bool:
-    """Whether every parameter of ``model`` is finite, on every process (a collective under several)."""
-    bad = any(not bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.numel())
+    """Whether ``model`` is healthy (:func:`model_problem`: finite weights, finite outputs on a probe input) on every
+    process (a collective under several)."""
+    bad = model_problem(model) is not None
     flag = torch.tensor(float(bad), device=accelerator.device)
     if accelerator.num_processes > 1:
         flag = accelerator.reduce(flag, reduction="sum")
@@ -363,6 +464,41 @@ def rotate(root: str | os.PathLike, keep_last: int) -> list[Path]:
             shutil.rmtree(entry[1], ignore_errors=True)
             deleted.append(entry[1])
     return deleted
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The hyper-parameters of every parameter group (everything but ``params``), as the config built them: taken
+    before a checkpoint's optimizer state is loaded, put back by :func:`apply_hyperparameters`."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """After a resume loaded the checkpoint's optimizer (and scheduler) state: put back the config's hyper-parameters
+    (``weight_decay``, ``betas``, ``eps``, ... and the base learning rate), which ``load_state_dict`` replaced by the
+    checkpoint's, so that a change accepted on resume takes effect. The learning rate of the next step is recomputed
+    by the schedule from the config's base rate at the checkpoint's step: identical to the checkpoint's when nothing
+    changed (a resume stays bit-exact)."""
+    if len(fresh) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint has {len(optimizer.param_groups)} parameter groups, the config {len(fresh)}")
+    for group, values in zip(optimizer.param_groups, fresh):
+        for key, value in values.items():
+            if key != "lr":
+                group[key] = value
+    if scheduler is None:
+        for group, values in zip(optimizer.param_groups, fresh):
+            group["lr"] = values["lr"]
+        return
+    bases = [values.get("initial_lr", values["lr"]) for values in fresh]
+    if list(scheduler.base_lrs) == bases:
+        return  # unchanged: keep the checkpoint's learning rate as it is
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        raise ValueError(f"a changed learning rate cannot be applied to a {type(scheduler).__name__} on resume")
+    scheduler.base_lrs = bases
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(bases, lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
 
 
 def read_config_text(path: str | os.PathLike) -> str | None:

@@ -113,3 +113,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def disagreement(record: dict[str, Any], *, limit: int = 4) -> str | None:
+    """Compare what every process was asked (``record``: e.g. its resolved config and its model's fingerprint, plain
+    values and nested dicts) with process 0's; every process gets the same answer: None when all agree, else
+    ``process R has KEY: A (process 0: B); ...`` for the first process that differs (a collective)."""
+    records = gather_objects(record)
+    first = _leaves(records[0])
+    for index, other in enumerate(records[1:], start=1):
+        mine = _leaves(other)
+        keys = [k for k in sorted(set(first) | set(mine)) if first.get(k, "<absent>") != mine.get(k, "<absent>")]
+        if keys:
+            listed = "; ".join(
+                f"{k}: {mine.get(k, '<absent>')!r} (process 0: {first.get(k, '<absent>')!r})" for k in keys[:limit]
+            )
+            more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
+            return f"process {index} has {listed}{more}"
+    return None

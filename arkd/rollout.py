@@ -582,11 +582,34 @@ class SeqKDRollout(RolloutSource):
         if self.cache_dir is None:
             raise ValueError("rollout=seqkd caches the teacher's generations: configure() needs a cache_dir.")
         self.cache_path = self.cache_dir / "seqkd" / self.cache_key() / "generations.json"
-        self.reused = self.cache_path.is_file()
+        # Verified like a checkpoint (size and SHA-256 in manifest.json, every prompt covered); a bad file is named
+        # and generated again, never a permanent JSONDecodeError.
+        problem = pdist.broadcast_object(self._cache_problem() if self.rank == 0 else None)
+        self.reused = problem is None
         if not self.reused:
+            if problem != "absent" and self.rank == 0:
+                print(f"arkd: the SeqKD generations {self.cache_path} are corrupt ({problem}); generating them again.")
             self._prepare()
         rows = json.loads(self.cache_path.read_text())["rows"]
         self.responses = {tuple(p): list(r) for p, r in rows}
+
+    def _cache_problem(self) -> str | None:
+        """What is wrong with the cached generations (``absent`` when there are none), or None when they are intact
+        and cover every training prompt."""
+        from arkd.checkpoint import verify_manifest
+
+        if not self.cache_path.is_file():
+            return "absent"
+        problem = verify_manifest(self.cache_path.parent)
+        if problem is not None:
+            return problem
+        try:
+            rows = json.loads(self.cache_path.read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"{self.cache_path.name} is unreadable: {type(err).__name__}"
+        if {tuple(p) for p, _ in rows} != {tuple(p) for p in self.train_prompts}:
+            return f"{self.cache_path.name} does not cover the training prompts"
+        return None
 
     def _prepare(self) -> None:
         prompts = sorted({tuple(p) for p in self.train_prompts})
@@ -599,10 +622,15 @@ class SeqKDRollout(RolloutSource):
             rows += list(zip(chunk, self._generate(self.teacher, chunk, decoding, seed)))
         gathered = [row for part in pdist.gather_objects(rows) for row in part]
         if self.rank == 0:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            from arkd.checkpoint import write_manifest
+
+            folder = self.cache_path.parent
+            (folder / "manifest.json").unlink(missing_ok=True)  # no manifest vouches for a file being replaced
+            folder.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps({"rows": sorted(gathered)}))
             tmp.replace(self.cache_path)
+            write_manifest(folder)
         pdist.broadcast_object(None)  # the other processes wait for the file
 
     def _transform(self, batch, index, *, step, max_steps):

@@ -45,6 +45,27 @@ RESUME_IGNORED = (
 )
 
 
+# What `trainer.resume_accept_changes=true` may change on a resume: the keys that are proven to take effect on the
+# resumed steps (tests/faults/test_train_faults.py::test_every_key_a_resume_accepts_takes_effect, key by key). The
+# optimizer's hyper-parameters are put back from the config after the checkpoint's optimizer state is loaded
+# (arkd.checkpoint.apply_hyperparameters); the trainer's keys are read from the config at every step. Any other
+# change (the model, the data, the loss, the policy, the rollout, ...) would be overridden by the checkpoint's state
+# or change what was trained mid-run: it is refused even with resume_accept_changes.
+RESUME_ACCEPTED = (
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.betas",
+    "optimizer.eps",
+    "trainer.max_steps",
+    "trainer.max_grad_norm",
+    "trainer.kd_weight",
+    "trainer.ce_weight",
+    "trainer.on_nonfinite",
+    "trainer.max_skipped",
+    "trainer.max_skipped_fraction",
+)
+
+
 def check_writable(path: str | os.PathLike, what: str = "output directory") -> Path:
     """Create ``path`` (with parents) and prove it writable with a probe file; raise :class:`OutputError`."""
     path = Path(path)
@@ -70,9 +91,74 @@ def check_writable(path: str | os.PathLike, what: str = "output directory") -> P
 
 
 def existing_run_files(run_dir: str | os.PathLike, names: Iterable[str] = RUN_FILES) -> list[str]:
-    """The names of ``names`` present in ``run_dir``."""
+    """The names of ``names`` present in ``run_dir``. A lone ``config.yaml`` (a run that failed during its set-up,
+    before it logged, checkpointed or saved anything) is not a run: the corrected re-run may use the directory."""
     run_dir = Path(run_dir)
-    return [name for name in names if (run_dir / name).exists()]
+    found = [name for name in names if (run_dir / name).exists()]
+    return [] if found == ["config.yaml"] and tuple(names) == RUN_FILES else found
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One job per run directory
+
+LOCK_FILE = ".arkd.lock"
+_HELD: dict[Path, int] = {}  # run directory -> the open lock file of this process
+_RECORDED: set[int] = set()
+
+
+def lock_run_dir(run_dir: str | os.PathLike, *, record: bool = True) -> None:
+    """Take the run directory for this process (an exclusive ``flock`` on ``run_dir/.arkd.lock``, held until the
+    process ends or :func:`release_run_dirs`); again in the same process is a no-op. Another job holding it raises
+    :class:`ConfigError` naming it (its pid and start time), and nothing is written. ``record``: write this
+    process's pid and start time into the lock file (not done by a check that may still refuse the command)."""
+    import fcntl
+
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD:
+        if record and _HELD[run_dir] not in _RECORDED:
+            _record_holder(_HELD[run_dir])
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OutputError(f"cannot write to the run directory {run_dir}: {describe_os_error(err)}.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(
+            f"the run directory {run_dir} is in use by another arkd-train job ({holder}); expected one job per run "
+            "directory: wait for it to end, or use another directory."
+        ) from None
+    _HELD[run_dir] = fd
+    if record:
+        _record_holder(fd)
+
+
+def _record_holder(fd: int) -> None:
+    import socket
+    import time
+
+    os.ftruncate(fd, 0)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}".encode(), 0)
+    _RECORDED.add(fd)
+
+
+def release_run_dirs() -> None:
+    """Release every run directory this process took (the lock file stays: removing it would race a new holder)."""
+    import fcntl
+
+    for run_dir, fd in list(_HELD.items()):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+            del _HELD[run_dir]
+            _RECORDED.discard(fd)
 
 
 def refuse_existing_outputs(out: str | os.PathLike, names: Iterable[str], *, overwrite: bool, key: str) -> None:
@@ -126,6 +212,7 @@ def prepare_run_dir(
     is_main: bool,
     report: Callable[[str], Any] = print,
     barrier: Callable[[], Any] = lambda: None,
+    dry_run: bool = False,
 ) -> Path | None:
     """Check and claim ``run_dir`` for this run before anything is built; return the checkpoint to resume from.
 
@@ -135,6 +222,8 @@ def prepare_run_dir(
         is_main: the main process writes (``config.yaml``, removals); every process decides the same.
         report: where one-line notices go (a corrupt checkpoint skipped, accepted config changes).
         barrier: waits for every process (between the look at the directory and the first write to it).
+        dry_run: only check (arkd-train's command line, before Hydra writes ``.hydra/`` into the directory): take
+            the directory's lock and refuse what the run would refuse, removing and writing nothing.
 
     Raises:
         ConfigError: the directory holds another run, or the resume's config differs (the differences listed).
@@ -150,6 +239,7 @@ def prepare_run_dir(
     overwrite = bool(trainer.get("overwrite", False))
     if is_main:
         check_writable(run_dir, "run directory")
+        lock_run_dir(run_dir, record=not dry_run)  # one job at a time: checked and written by this one only
     found = existing_run_files(run_dir)
     barrier()  # every process has looked before the main one writes
     if found and resume is None:
@@ -158,18 +248,20 @@ def prepare_run_dir(
                 f"the run directory {run_dir} already holds a run ({', '.join(found)}); expected a new directory, "
                 "trainer.resume=auto to continue that run, or trainer.overwrite=true to replace it."
             )
-        if is_main:
+        if is_main and not dry_run:
             for name in found:
                 target = run_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
     resume_from = None
+    # (a dry run does not hash the checkpoints: the run does, and falls back past a corrupt one)
+    verify = ckpt.verify_checkpoint if not dry_run else lambda p: None if (p / ckpt.COMPLETE).is_file() else "no marker"
     if resume == "auto":
         resume_from = ckpt.latest_checkpoint(
-            run_dir / "checkpoints", verify=True, on_corrupt=lambda message: report(f"arkd: {message}")
+            run_dir / "checkpoints", verify=not dry_run, on_corrupt=lambda message: report(f"arkd: {message}")
         )
     elif resume is not None:
         path = Path(resume)
-        problem = ckpt.verify_checkpoint(path) if path.is_dir() else "no such directory"
+        problem = verify(path) if path.is_dir() else "no such directory"
         if problem is not None:
             raise ConfigError(f"trainer.resume={resume}: {problem}; expected 'auto' or a complete, intact checkpoint.")
         resume_from = path
@@ -191,8 +283,16 @@ def prepare_run_dir(
                     f"({len(changes)} change(s): {listed}); expected the same config, or "
                     "trainer.resume_accept_changes=true to continue with the new values."
                 )
+            refused = [c for c in changes if not _ignored(c.split(":", 1)[0], RESUME_ACCEPTED)]
+            if refused:
+                shown = "; ".join(refused[:8]) + (f"; and {len(refused) - 8} more" if len(refused) > 8 else "")
+                raise ConfigError(
+                    f"trainer.resume_accept_changes=true: {len(refused)} change(s) cannot take effect on a resume of "
+                    f"{where} ({shown}); a resume may change only {', '.join(RESUME_ACCEPTED)}; expected the same "
+                    "values, or a new run directory for a run with them."
+                )
             report(f"arkd: resuming with {len(changes)} accepted config change(s): {listed}")
-    if is_main:
+    if is_main and not dry_run:
         write_text_atomic(run_dir / "config.yaml", current_text)
     return resume_from
 

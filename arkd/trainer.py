@@ -207,7 +207,10 @@ class Trainer:
         """Write ``checkpoints/step_XXXXXXX/`` atomically (every process takes part; the main one writes)."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        healthy = self.weights_finite() and self._skipped_share() <= self.cfg.max_skipped_fraction
+        healthy = (
+            self.weights_finite()
+            and self.state.skipped_steps / max(self.state.step, 1) <= self.cfg.max_skipped_fraction
+        )
         model_state = acc.get_state_dict(self.student)
         rng_states = pdist.gather_objects(rng.capture())
         rollout_states = pdist.gather_objects(self.rollout.state_dict())  # one per process (its own buffer)
@@ -232,7 +235,9 @@ class Trainer:
         acc = self.accelerator
         acc.unwrap_model(self.student).load_state_dict(ckpt.load_weights(path / ckpt.MODEL_FILE), strict=True)
         state = ckpt.read_state(path)
+        fresh = ckpt.optimizer_hyperparameters(self.optimizer)  # the config's, which an accepted change may have set
         self._restore(state)
+        ckpt.apply_hyperparameters(self.optimizer, self.scheduler, fresh)
         rollout = state.get("rollout")
         if rollout is not None:
             if len(rollout) != acc.num_processes:
@@ -247,11 +252,19 @@ class Trainer:
             rng.restore(saved)
 
     def weights_finite(self) -> bool:
-        """Whether every parameter of the student is finite, on every process (a collective)."""
+        """Whether the student is healthy on every process (a collective): every parameter finite and its outputs on a
+        probe input finite (:func:`arkd.checkpoint.model_problem`)."""
         return ckpt.weights_finite(self.accelerator.unwrap_model(self.student), self.accelerator)
 
-    def _skipped_share(self) -> float:
-        return self.state.skipped_steps / max(self.state.step, 1)
+    def _unhealthy(self) -> str | None:
+        """What is not finite about the student (``weights``, ``outputs on a probe input``), or None (a collective)."""
+        if self.weights_finite():
+            return None
+        return (
+            "weights"
+            if ckpt.weights_problem(self.accelerator.unwrap_model(self.student))
+            else "outputs on a probe input"
+        )
 
     def _save_model(self, name: str) -> bool:
         """``save_pretrained`` the student and the tokenizer to ``run_dir/name`` (atomically, main process), only
@@ -449,7 +462,7 @@ class Trainer:
                         path,
                     )
         bar.close()
-        failure = self.state.verdict(self.cfg, self.run_dir / "checkpoints", self.weights_finite())
+        failure = self.state.verdict(self.cfg, self.run_dir / "checkpoints", self._unhealthy())
         if failure is not None:
             self.logger.close()
             raise RunFailedError(failure)

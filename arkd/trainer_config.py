@@ -113,15 +113,16 @@ class TrainState:
         self.skipped_in_a_row = 0
         self.tokens_seen += tokens
 
-    def verdict(self, cfg: TrainerConfig, checkpoints: Path, weights_finite: bool) -> str | None:
-        """One sentence on why the finished run failed (non-finite weights, too many skipped steps), or None."""
+    def verdict(self, cfg: TrainerConfig, checkpoints: Path, unhealthy: str | None) -> str | None:
+        """One sentence on why the finished run failed (``unhealthy``: what of the student is not finite, its
+        ``weights`` or its ``outputs on a probe input``; too many skipped steps), or None."""
         from arkd import checkpoint as ckpt
 
         good = [p for _, p in ckpt.list_checkpoints(checkpoints) if ckpt.is_healthy(p)]
         keep = f"the last healthy checkpoint is {good[-1]}" if good else "no healthy checkpoint was kept"
-        if not weights_finite:
+        if unhealthy is not None:
             return (
-                f"the run failed: the student's weights are not finite after step {self.step} (a diverged run; "
+                f"the run failed: the student's {unhealthy} are not finite after step {self.step} (a diverged run; "
                 f"lower optimizer.lr or set trainer.max_grad_norm); final/ was not written and {keep}."
             )
         share = self.skipped_steps / max(self.step, 1)

@@ -106,6 +106,21 @@ def write_for_config(
     )
 
 
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """One sentence on a bad option value (before anything is built), or None."""
+    for flag, value in (("--shard-rows", args.shard_rows), ("--batch-size", args.batch_size)):
+        if value < 1:
+            return f"{flag}: got {value}, expected an integer >= 1."
+    if args.device is not None:
+        import torch
+
+        if not (args.device == "cpu" or args.device.startswith("cuda")):
+            return f"--device: got {args.device!r}, expected cpu, cuda or cuda:N."
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            return f"--device: got {args.device!r}, but CUDA is not available here; expected --device cpu."
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     parser = argparse.ArgumentParser(prog="arkd-cache-teacher", description=__doc__.split("\n\n")[0])
@@ -115,15 +130,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    from arkd.cli.train import _compose, check_overrides
-    from arkd.errors import ConfigError
+    from arkd.cli.train import _compose, _describe, check_overrides
+    from arkd.errors import ConfigError, OutputError
 
-    problem = check_overrides(overrides)
+    problem = _check_arguments(args) or check_overrides(overrides)
     if problem is not None:
         print(f"arkd-cache-teacher: {problem}", file=sys.stderr)
         sys.exit(2)
     cfg = _compose(overrides)
+    from arkd.checkpoint import CheckpointError
+    from arkd.trainer import RunFailedError, TrainingInterrupted
+
     try:
+        if cfg.teacher is not None and cfg.teacher.get("cache_dir"):
+            from arkd.run_dir import check_writable
+
+            check_writable(str(cfg.teacher.cache_dir), "teacher cache directory (teacher.cache_dir)")
         manifest = write_for_config(
             cfg,
             dtype=args.dtype,
@@ -135,6 +157,16 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"arkd-cache-teacher: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        print(
+            "arkd-cache-teacher: interrupted; the shards written so far are kept, and the same command continues "
+            "from them.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except (OSError, OutputError, RunFailedError, CheckpointError) as err:  # a full or unwritable disk, a failed SFT
+        print(f"arkd-cache-teacher: {_describe(err)}", file=sys.stderr)
+        sys.exit(1)
     print(
         f"arkd-cache-teacher: done; {manifest['rows_total']} rows, {manifest['tokens_total']} tokens, top "
         f"{manifest['identity']['top_k']}, {manifest['bytes_total'] / 2**20:.1f} MiB in "

@@ -38,10 +38,12 @@ def _task(cfg: DictConfig) -> None:
             print(f"arkd-eval: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            "arkd-eval: interrupted; nothing was written (results are written once every dataset is done).",
-            file=sys.stderr,
-        )
+        if _rank() == 0:
+            print(
+                "arkd-eval: interrupted; every generated row is kept in the output directory's generations.partial/ "
+                "and the same command continues from them (results are written once every dataset is done).",
+                file=sys.stderr,
+            )
         sys.exit(130)
 
 
@@ -50,10 +52,41 @@ def _rank() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="evaluate", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def check_keys(argv: list[str]) -> str | None:
+    """One sentence for an override of a key ``evaluate.yaml`` does not have (listing the valid ones), else None."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    try:
+        _compose(overrides)
+    except Exception as err:  # noqa: BLE001 - only the missing-key case is answered here; Hydra reports the rest
+        from arkd.cli._keys import unknown_key_sentence
+
+        return unknown_key_sentence(err, overrides, _compose)
+    return None
+
+
 def main() -> None:
     """Console entry point (``arkd-eval``)."""
     import hydra
 
+    problem = check_keys(sys.argv[1:])
+    if problem is not None:
+        if _rank() == 0:
+            print(f"arkd-eval: {problem}", file=sys.stderr)
+        sys.exit(2)
     if _rank() > 0:  # only rank 0 writes: no .hydra/ folder, no log file, no run directory of its own
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
         if not any(a.startswith("hydra.run.dir=") for a in sys.argv):

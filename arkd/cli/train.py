@@ -150,6 +150,10 @@ def check_overrides(argv: list[str]) -> str | None:
         try:
             cfg = _compose(run_overrides)
         except Exception as err:  # Hydra / OmegaConf composition errors: report their first sentence
+            from arkd.cli._keys import unknown_key_sentence
+
+            if (unknown := unknown_key_sentence(err, run_overrides, _compose)) is not None:
+                return unknown
             message = " ".join(str(err).split("\n")[0].split())
             return f"bad override ({message}); see `arkd-train --help` and docs/configs.md."
         # The reference: the same group choices without key overrides (the tree's own types and keys).
@@ -162,6 +166,60 @@ def check_overrides(argv: list[str]) -> str | None:
         except ConfigError as err:
             prefix = f"in the sweep run {' '.join(run_overrides)}: " if multirun and len(runs) > 1 else ""
             return prefix + str(err)
+    if not multirun:
+        _CHECKED[tuple(argv)] = cfg  # claim_run_dir reuses it
+    return None
+
+
+_CHECKED: dict[tuple[str, ...], object] = {}  # the command line -> its composed config, once checked
+
+
+def claim_run_dir(argv: list[str]) -> tuple[str, int] | None:
+    """Before Hydra writes ``.hydra/`` into the run directory: take its lock and refuse what the run would refuse
+    (another job in it, another run in it, a resume with changed keys), so that a refused command writes nothing
+    into it. Returns ``(sentence, exit status)`` or None. Only for one run on rank 0 whose ``hydra.run.dir`` is
+    fixed (a ``${now:...}`` directory is new: it is checked and locked when the run starts)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    overrides, multirun, flags = _split(argv)
+    if multirun or flags or _rank() > 0:
+        return None
+    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    checked = _CHECKED.pop(tuple(argv), None)
+    if explicit and "${" not in explicit[-1] and checked is not None:  # the common case: no second composition
+        cfg, run_dir = OmegaConf.create(OmegaConf.to_container(checked)), Path(explicit[-1]).resolve()
+    else:
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        except Exception:  # noqa: BLE001 - composition errors were reported by check_overrides
+            return None
+        finally:
+            GlobalHydra.instance().clear()
+        raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir", ""))
+        if "${now:" in raw:
+            return None
+        run_dir = Path(str(cfg.hydra.run.dir)).resolve()
+        OmegaConf.set_struct(cfg, False)
+        cfg.pop("hydra")
+    if cfg.get("output_dir") is None:
+        cfg.output_dir = str(run_dir)
+    from arkd.errors import ConfigError, OutputError
+    from arkd.run_dir import prepare_run_dir
+
+    try:
+        prepare_run_dir(cfg, run_dir, is_main=True, report=lambda message: None, dry_run=True)
+    except ConfigError as err:
+        return _one_line(err), 2
+    except OutputError as err:
+        return _one_line(err), 1
+    except Exception:  # noqa: BLE001 - anything else (an interpolation only Hydra resolves): the run checks again
+        return None
     return None
 
 
@@ -238,12 +296,24 @@ def main(argv: list[str] | None = None) -> None:
         if error is not None:
             print(f"arkd-train: {error}", file=sys.stderr)
             sys.exit(2)
+        refused = claim_run_dir(argv)
+        if refused is not None:
+            from arkd.run_dir import release_run_dirs
+
+            release_run_dirs()
+            print(f"arkd-train: {refused[0]}", file=sys.stderr)
+            sys.exit(refused[1])
     if _rank() > 0:  # only rank 0 writes: no .hydra/ folder, no log file, no run directory of its own
         argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
         if not any(a.startswith("hydra.run.dir=") for a in argv):
             argv.append("hydra.run.dir=.")
     sys.argv = [sys.argv[0]] + argv
-    hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_task)()
+    try:
+        hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_task)()
+    finally:
+        from arkd.run_dir import release_run_dirs
+
+        release_run_dirs()
 
 
 if __name__ == "__main__":

@@ -273,7 +273,11 @@ def generation_records(dataset: str, examples: Sequence[Any], report: dict[str, 
 
 
 def write_run_outputs(run_dir: str | os.PathLike, results: dict[str, Any], records: Iterable[dict]) -> dict[str, Path]:
-    """Write ``generations.jsonl``, ``results.json`` and ``results.md`` into ``run_dir``; return their paths."""
+    """Write ``generations.jsonl``, ``results.md`` and ``results.json`` into ``run_dir``; return their paths.
+
+    Each is written under a temporary name, synced and renamed, ``results.json`` last: a failure (a full disk, a
+    file-size limit) leaves no half-written file under a final name, and ``results.json`` exists only when the
+    evaluation's every output is complete."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -281,11 +285,25 @@ def write_run_outputs(run_dir: str | os.PathLike, results: dict[str, Any], recor
         "results": run_dir / "results.json",
         "markdown": run_dir / "results.md",
     }
-    with paths["generations"].open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(results_markdown(results), encoding="utf-8")
+    texts = {
+        "generations": (json.dumps(record, ensure_ascii=False) + "\n" for record in records),
+        "markdown": iter([results_markdown(results)]),
+        "results": iter([json.dumps(results, indent=2, ensure_ascii=False) + "\n"]),
+    }
+    tmps = {name: path.with_name(f".{path.name}.tmp-{os.getpid()}") for name, path in paths.items()}
+    try:
+        for name, chunks in texts.items():
+            with tmps[name].open("w", encoding="utf-8") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for name in texts:  # every file is complete before the first is renamed; results.json last
+        os.replace(tmps[name], paths[name])
     return paths
 
 

@@ -93,6 +93,19 @@ def check_logits(
     return mask.to(device=student_logits.device, dtype=torch.bool)
 
 
+def zero_uncounted(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with every uncounted row set to 0 (``mask`` None: unchanged), before any math on them.
+
+    The reduction's ``where`` keeps a NaN / inf of an uncounted row out of the value, but not out of the gradient:
+    the backward of a log-softmax over a NaN row is NaN even with a zero upstream gradient (``0 * NaN``). Rows of
+    zeros compute finite values, which the reduction drops, and ``where``'s backward sends exactly 0 to the rows it
+    replaced.
+    """
+    if mask is None:
+        return logits
+    return torch.where(mask.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+
+
 def masked_reduce(values: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Reduce per-token values over the counted tokens.
 

@@ -34,6 +34,7 @@ from ._base import (
     compute_dtype,
     masked_reduce,
     truncate_to_common_vocab,
+    zero_uncounted,
 )
 from .fused import bidirectional_kl_fast
 
@@ -74,8 +75,9 @@ def _prepare(
     check_temperature(temperature)
     mask = check_logits(student_logits, teacher_logits, mask)
     dtype = torch.promote_types(compute_dtype(student_logits.dtype), compute_dtype(teacher_logits.dtype))
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    # uncounted rows are zeroed first: a NaN there reaches neither the value nor the gradient
+    log_q = torch.log_softmax(zero_uncounted(student_logits.to(dtype), mask) / temperature, dim=-1)
+    log_p = torch.log_softmax(zero_uncounted(teacher_logits.to(dtype), mask) / temperature, dim=-1)
     return log_q, log_p, mask
 
 
@@ -523,8 +525,8 @@ def taid_kl(
     check_temperature(temperature)
     mask = check_logits(student_logits, teacher_logits, mask)
     dtype = torch.promote_types(compute_dtype(student_logits.dtype), compute_dtype(teacher_logits.dtype))
-    z_q = student_logits.to(dtype) / temperature
-    z_p = teacher_logits.to(dtype) / temperature
+    z_q = zero_uncounted(student_logits.to(dtype), mask) / temperature
+    z_p = zero_uncounted(teacher_logits.to(dtype), mask) / temperature
     if t == 1.0:
         z_t = z_p
     elif t == 0.0:

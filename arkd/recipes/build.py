@@ -11,7 +11,15 @@ from omegaconf import DictConfig
 from arkd.errors import ConfigError
 from arkd.trainer import BatchStream
 
-__all__ = ["build_model", "make_accelerator", "make_loader", "make_scheduler", "quiet_libraries"]
+__all__ = [
+    "build_model",
+    "check_one_job",
+    "check_processes_agree",
+    "make_accelerator",
+    "make_loader",
+    "make_scheduler",
+    "quiet_libraries",
+]
 
 
 def make_accelerator(cfg: DictConfig):
@@ -27,6 +35,38 @@ def make_accelerator(cfg: DictConfig):
         gradient_accumulation_steps=int(cfg.trainer.grad_accum),
         step_scheduler_with_optimizer=False,
     )
+
+
+def check_one_job(accelerator: Any, *, cpu_key: str = "trainer.cpu") -> None:
+    """Refuse a launch whose processes did not join one distributed job: ``torchrun`` / ``accelerate launch`` of N
+    processes (``WORLD_SIZE`` = N) where accelerate started fewer (on CPUs without ``trainer.cpu=true``), which would
+    run N independent single-process jobs into one run directory."""
+    import os
+
+    launched = os.environ.get("WORLD_SIZE", "1")
+    launched = int(launched) if launched.isdigit() else 1
+    if launched > accelerator.num_processes:
+        raise ConfigError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but they did not join one distributed job "
+            f"(each runs alone: {accelerator.num_processes} process(es), {accelerator.distributed_type}); on CPUs "
+            f"set {cpu_key}=true (gloo), on GPUs give every process one; expected one job, not {launched} "
+            "independent runs writing into one run directory."
+        )
+
+
+def check_processes_agree(record: dict[str, Any], what: str = "run") -> None:
+    """Refuse, on every process, processes that were not asked the same (``record``: the resolved config, the models'
+    fingerprints); a no-op in one process."""
+    from arkd import distributed as pdist
+
+    if pdist.world_size() < 2:
+        return
+    problem = pdist.disagreement(record)
+    if problem is not None:
+        raise ConfigError(
+            f"the {pdist.world_size()} processes of this {what} were not asked the same: {problem}; expected one "
+            "command (the same arguments, models and data) for every process."
+        )
 
 
 def build_model(node: DictConfig, tokenizer: Any) -> torch.nn.Module:

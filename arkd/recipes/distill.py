@@ -27,7 +27,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from arkd.compat import check_parts, check_rollout
 from arkd.errors import ConfigError
-from arkd.recipes.build import build_model, make_accelerator, make_loader, make_scheduler, quiet_libraries
+from arkd.recipes.build import (
+    build_model,
+    check_one_job,
+    check_processes_agree,
+    make_accelerator,
+    make_loader,
+    make_scheduler,
+    quiet_libraries,
+)
 from arkd.recipes.sft_cache import sft_cached
 from arkd.teacher_cache import uses_teacher_cache
 from arkd.trainer import Trainer, TrainerConfig
@@ -230,6 +238,58 @@ def _fit_vocab(teacher: Any, student: Any, tokenizer: Any) -> int:
     return vocab
 
 
+def _check_healthy(cfg: DictConfig, **models: Any) -> None:
+    """Refuse a teacher or student whose weights or outputs on a probe input are not finite, before training (a NaN
+    teacher would otherwise train with ``fkl: 0.0`` logged)."""
+    from arkd.checkpoint import model_problem
+
+    for role, model in models.items():
+        if isinstance(model, torch.nn.Module) and (problem := model_problem(model)) is not None:
+            node = cfg.teacher if role == "teacher" else cfg.model
+            where = f"{role}.name_or_path={node.name_or_path}" if node.get("name_or_path") else f"the {role}"
+            raise ConfigError(f"{where}: {problem}; expected a model that is not diverged.")
+
+
+def _agreement_record(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config every process of a run must share: all of it but the per-process paths (rank 0's run
+    directory is broadcast, caches may be node-local) and the console and logging settings."""
+    record = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("output_dir", "cache_dir", "logger"):
+        record.pop(key, None)
+    trainer = record.get("trainer") or {}
+    record["trainer"] = {k: v for k, v in trainer.items() if k not in ("num_threads", "progress")}
+    return record
+
+
+def _check_limits(cfg: DictConfig, tokenizer: Any, train_dataset: Any, splits: Any) -> None:
+    """Sequence lengths and vocabularies against the models' configs (:mod:`arkd.recipes.limits`): the training rows
+    (``data.max_length`` when a rollout generates them), the validation generations and the final report's."""
+    from arkd.evaluation.generation import encode_prompts
+    from arkd.recipes.limits import check_model_limits
+
+    def longest_prompt(examples: Sequence[Any], subset: Any) -> int:
+        shown = list(examples[:subset] if subset else examples)
+        rows = encode_prompts(tokenizer, [e.prompt for e in shown], int(cfg.data.max_prompt_length)) if shown else []
+        return max((len(row) for row in rows), default=0)
+
+    models = {"model": cfg.model}
+    if cfg.teacher is not None and cfg.loss is not None and not uses_teacher_cache(cfg):
+        models["teacher"] = cfg.teacher
+    longest_row = max((len(i.prompt_ids) + len(i.response_ids) for i in train_dataset.items), default=0)
+    if cfg.get("rollout") is not None:
+        from hydra.utils import get_class
+
+        if get_class(str(cfg.rollout._target_)).generates:
+            longest_row = max(longest_row, int(cfg.data.max_length))
+    validation = longest_prompt(splits["validation"], cfg.validation.get("subset"))
+    generations = [("validation.max_new_tokens", "model", validation, int(cfg.validation.max_new_tokens))]
+    if cfg.report.get("enabled") and splits.get("test"):
+        test = longest_prompt(splits["test"], cfg.report.get("subset"))
+        for role in models:
+            generations.append(("report.max_new_tokens", role, test, int(cfg.report.max_new_tokens)))
+    check_model_limits(cfg, tokenizer, longest_row=longest_row, models=models, generations=generations)
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     """Rank 0's run directory, on every process (ranks may resolve ``${now:...}`` a second apart)."""
     from arkd.distributed import broadcast_object
@@ -277,6 +337,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     accelerator = make_accelerator(cfg)
+    check_one_job(accelerator)  # N launched processes are one job, and were asked the same
+    check_processes_agree(_agreement_record(cfg))
     run_dir = _run_dir(cfg)
     # Before anything is built: the directory is writable and holds no other run (or this run, continued with a
     # compatible config); the checkpoint to resume from is the newest that passes its checksums.
@@ -309,6 +371,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         add_bos=resolve_add_bos(cfg.data.get("add_bos", "auto"), tokenizer),
     )
     _check_batch_sizes(cfg, len(train_dataset), accelerator.num_processes)
+    _check_limits(cfg, tokenizer, train_dataset, splits)  # positions and vocabulary, before any SFT
     # The reward split of the horizon reward / probe: training rows that distillation never trains on (the SFT stages
     # before it use the whole split, so teacher and student-before are those of every other run).
     held = _reward_rows(cfg)
@@ -341,6 +404,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         student, student_source = build_model(cfg.model, tokenizer), None
     _fit_vocab(teacher if isinstance(teacher, torch.nn.Module) else None, student, tokenizer)
+    _check_healthy(cfg, teacher=teacher, student=student)
+    if accelerator.num_processes > 1:  # every process holds the same models (a cache or a path may differ per node)
+        from arkd.checkpoint import model_fingerprint
+
+        models = {"student": student, "teacher": teacher if isinstance(teacher, torch.nn.Module) else None}
+        check_processes_agree({k: model_fingerprint(m) if m is not None else None for k, m in models.items()})
 
     # Strategy, loss, optimizer, schedule.
     loss = instantiate(cfg.loss) if cfg.loss is not None else None

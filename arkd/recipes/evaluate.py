@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,9 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
     except ValueError as err:
         raise EvalError(f"dtype: {err}.") from err
     sources = _model_sources(cfg)
+    _check_model_dir("model_path", sources["model_path"], tokenizer=not cfg.tokenizer_path)
+    if cfg.tokenizer_path:
+        _check_model_dir("tokenizer_path", sources["tokenizer_path"], weights=False)
     try:
         tokenizer = load_tokenizer(Path(sources["tokenizer_path"]).expanduser())
         model = load_model(Path(sources["model_path"]).expanduser(), dtype=dtype)
@@ -140,12 +144,12 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
         raise EvalError(
             f"{_first_line(err)} (set model_path=PATH, and tokenizer_path=PATH if it lives elsewhere)."
         ) from err
-    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
-    if bad:  # a diverged model would only fail deep inside sampling, after hours of generation
+    except Exception as err:  # noqa: BLE001 - a damaged weights file (safetensors' own error), an unreadable config
         raise EvalError(
-            f"model_path={cfg.model_path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); expected a "
-            "model of a run that did not diverge."
-        )
+            f"model_path={cfg.model_path}: the model cannot be loaded ({type(err).__name__}: {_first_line(err)}); "
+            "expected a complete model directory (a model.safetensors cut short or damaged?)."
+        ) from None
+    _check_healthy(model, f"model_path={cfg.model_path}")
     rows, tokens = model_vocab_size(model), len(tokenizer)
     if not tokens <= rows <= tokens + MAX_VOCAB_PADDING:
         raise EvalError(
@@ -157,6 +161,37 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
         if report:
             print(f"[arkd-eval] dropped {rows - tokens} padded embedding rows ({rows} -> {tokens}, the tokenizer's).")
     return model.to(device).eval(), tokenizer, rows - tokens
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _check_model_dir(key: str, source: str, *, weights: bool = True, tokenizer: bool = True) -> None:
+    """A local directory that is not a model (no ``config.json``; for a tokenizer, no tokenizer file) in one
+    sentence, before transformers' own error (cut off mid-sentence) is reached."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return
+    if weights and not (path / "config.json").is_file():
+        raise EvalError(
+            f"{key}={source} is not a model directory (it has no config.json); expected a directory written by "
+            "save_pretrained (e.g. a run's final/ or best/) or a Hub name."
+        )
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise EvalError(
+            f"{key}={source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); expected the model's "
+            "directory with its tokenizer, or tokenizer_path=PATH to one."
+        )
+
+
+def _check_healthy(model, key: str) -> None:
+    """Refuse a model whose weights or whose outputs on a probe input are not finite, before any generation (a
+    diverged model would only fail deep inside sampling, after hours of generation, or be scored as if valid)."""
+    from arkd.checkpoint import model_problem
+
+    problem = model_problem(model)
+    if problem is not None:
+        raise EvalError(f"{key}: {problem}; expected a model of a run that did not diverge.")
 
 
 def _vllm_generator(cfg: DictConfig, decoding):
@@ -212,6 +247,7 @@ def load_teacher(cfg: DictConfig, device: str, tokenizer):
             f"teacher_path={cfg.teacher_path}: its tokenizer differs from the model's ({len(own)} vs "
             f"{len(tokenizer)} tokens); expected a teacher with the same tokenizer."
         )
+    _check_healthy(teacher, f"teacher_path={cfg.teacher_path}")
     return teacher.to(device).eval()
 
 
@@ -352,7 +388,7 @@ def _evaluate(
 ):
     from arkd import distributed as pdist
     from arkd.data import load_examples
-    from arkd.evaluation.generation import BertScoreSettings, evaluate_model
+    from arkd.evaluation.generation import BertScoreSettings, evaluate_model, generate
     from arkd.evaluation.reports import (
         build_results,
         environment_info,
@@ -362,6 +398,7 @@ def _evaluate(
     )
 
     main = pdist.rank() == 0
+    _check_agreement(_config_record(cfg))  # before anything is loaded or written
 
     def output_directory() -> str:
         out = Path(output_dir or cfg.output_dir or _hydra_run_dir())
@@ -394,6 +431,13 @@ def _evaluate(
     else:
         model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
     teacher = load_teacher(cfg, device, tokenizer)
+    _check_positions(cfg, decoding, tokenizer, loaded, [("model_path", model), ("teacher_path", teacher)])
+    inputs = _inputs_record(model, teacher, tokenizer, loaded, fingerprint=backend != "vllm")
+    if pdist.world_size() > 1:  # every process loaded the same model, teacher, tokenizer and rows
+        _check_agreement(inputs)
+    journal = _open_journal(cfg, out, inputs, main=main)
+    if generate_fn is None:
+        generate_fn = partial(generate, model, tokenizer, batch_size=int(cfg.batch_size), decoding=decoding)
     dist_cfg = cfg.get("distribution") or {}
     head_top_p = _head_top_p(cfg)
     progress = bool(cfg.progress) and main
@@ -402,7 +446,8 @@ def _evaluate(
         examples = loaded[spec.name]
         if main and spec.max_rows is not None and len(examples) < spec.max_rows:
             print(f"[arkd-eval] {spec.name}: {len(examples)} rows (fewer than max_rows={spec.max_rows}).")
-        report = evaluate_model(
+        report = _journaled(
+            evaluate_model,
             model,
             tokenizer,
             examples,
@@ -413,7 +458,13 @@ def _evaluate(
             rouge_workers=cfg.rouge_workers,
             progress=progress,
             desc=spec.name,
-            generate_fn=generate_fn,
+            generate_fn=journal.wrap(  # every batch of rows on disk as soon as it is generated
+                generate_fn,
+                spec.name,
+                tokenizer=tokenizer,
+                max_prompt_tokens=decoding.max_prompt_tokens,
+                chunk=int(cfg.batch_size) if backend == "hf" else len(examples),
+            ),
             teacher=teacher,
             head_top_p=head_top_p,
             diversity=bool(dist_cfg.get("diversity", True)),
@@ -452,6 +503,9 @@ def _evaluate(
         environment=environment_info(device),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+    # Every process got here: a results.json is written only when no process failed on its way (a process that
+    # failed leaves the others waiting here until the launcher stops them).
+    pdist.gather_objects(True)
     if not main:
         return results
     records = (
@@ -462,10 +516,121 @@ def _evaluate(
     except OSError as err:
         from arkd.errors import describe_os_error
 
-        raise EvalError(f"cannot write the results to {out}: {describe_os_error(err)}.") from None
+        raise EvalError(
+            f"cannot write the results to {out}: {describe_os_error(err)}; the {len(journal.done)} generated rows are "
+            f"kept in {journal.folder}, and the same command continues from them."
+        ) from None
+    journal.remove()
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"[arkd-eval] wrote {paths['results']}, {paths['markdown'].name} and {paths['generations'].name}")
     return results
+
+
+def _check_positions(cfg: DictConfig, decoding, tokenizer, loaded: dict[str, list], models: list) -> None:
+    """The longest prompt and its new tokens fit every model's positions (past them generation ends in a bare
+    ``IndexError``, after hours of sampling), checked before any generation."""
+    from arkd.evaluation.generation import encode_prompts
+
+    longest = 0
+    for rows in loaded.values():
+        if rows:
+            prompts = [r.prompt if hasattr(r, "prompt") else r["prompt"] for r in rows]
+            longest = max(longest, max(len(x) for x in encode_prompts(tokenizer, prompts, decoding.max_prompt_tokens)))
+    needed = longest + int(decoding.max_new_tokens)
+    for key, model in models:
+        config = getattr(model, "config", None)
+        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if positions is not None and needed > int(positions):
+            raise EvalError(
+                f"decoding.max_new_tokens={decoding.max_new_tokens}: the longest prompt has {longest} tokens "
+                f"(decoding.max_prompt_tokens={decoding.max_prompt_tokens}), {needed} in all, but {key}="
+                f"{cfg.get(key)} has {positions} positions; expected at most {max(int(positions) - longest, 0)} new "
+                "tokens, or a smaller decoding.max_prompt_tokens."
+            )
+
+
+def _journaled(evaluate, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``evaluate(*args, **kwargs)``, a failing write of the journal (a full disk) as one sentence."""
+    from arkd.errors import OutputError
+
+    try:
+        return evaluate(*args, **kwargs)
+    except OutputError as err:
+        raise EvalError(str(err)) from None
+
+
+def _open_journal(cfg: DictConfig, out: Path, inputs: dict[str, Any], *, main: bool):
+    """The journal of generations in ``out`` (:mod:`arkd.evaluation.journal`): an interrupted evaluation's rows are
+    kept and continued from when the same evaluation runs again; another evaluation's are refused."""
+    from arkd import distributed as pdist
+    from arkd.evaluation.journal import GenerationJournal
+
+    journal = GenerationJournal(out, rank=pdist.rank())
+    identity = {
+        "generation": {
+            k: _plain(cfg.get(k)) for k in ("model_path", "tokenizer_path", "dtype", "backend", "batch_size")
+        },
+        "decoding": _plain(cfg.decoding),
+        "inputs": inputs,
+    }
+
+    def claim() -> None:
+        problem = journal.claim(identity, overwrite=bool(cfg.get("overwrite", False)))
+        if problem is not None:
+            raise EvalError(
+                f"{problem}; expected the same command to continue it, overwrite=true, or another output_dir."
+            )
+
+    on_main(claim)
+    found = journal.load()
+    if main and found:
+        print(f"[arkd-eval] continuing an interrupted evaluation: {found} generated rows kept in {journal.folder}.")
+    return journal
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def _config_record(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config every process must share (``output_dir`` aside: Hydra's may differ by a second)."""
+    record = OmegaConf.to_container(cfg, resolve=True)
+    record.pop("output_dir", None)
+    return record
+
+
+def _inputs_record(model, teacher, tokenizer, loaded: dict[str, list], *, fingerprint: bool) -> dict[str, Any]:
+    """What each process loaded: the model's and teacher's fingerprints, the tokenizer, a hash of every dataset's
+    rows."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from arkd.checkpoint import model_fingerprint
+
+    def rows_hash(rows: list) -> str:
+        plain = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rows]
+        text = json.dumps(plain, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return {
+        "model": model_fingerprint(model) if fingerprint else None,
+        "teacher": model_fingerprint(teacher) if teacher is not None else None,
+        "tokenizer": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16],
+        "rows": {name: rows_hash(rows) for name, rows in loaded.items()},
+    }
+
+
+def _check_agreement(record: dict[str, Any]) -> None:
+    """Refuse, on every process, processes that were not asked the same (sharded results would mix them)."""
+    from arkd import distributed as pdist
+
+    problem = pdist.disagreement(record)
+    if problem is not None:
+        raise EvalError(
+            f"the {pdist.world_size()} processes of this evaluation were not asked the same: {problem}; expected one "
+            "command (the same arguments, model and data files) for every process."
+        )
 
 
 def _check_output_dir(out: Path, *, overwrite: bool) -> None:

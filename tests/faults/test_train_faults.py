@@ -18,6 +18,7 @@ import torch
 
 from arkd import checkpoint as ckpt
 from arkd.run_log import read_metrics
+from tests.faults.conftest import SMALL
 
 BIN = Path(sys.executable).parent
 
@@ -106,6 +107,111 @@ def test_the_skipped_share_threshold_is_a_trainer_key(arkd_train, tmp_path):
     outcome = arkd_train("optimizer.lr=1e6", "trainer.max_skipped_fraction=1.0")
     assert outcome.code == 0 and "arkd-train: done" in outcome.out
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def _outputs_finite(path: Path) -> bool:
+    """An independent check of a saved model: one forward of the real model class on a few tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return bool(torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all())
+
+
+def _blow_up_after_step(monkeypatch, at: int) -> None:
+    """After optimizer step ``at`` (and its checkpoint), the student's MLP weights are multiplied by 1e30: still
+    finite, every output NaN."""
+    from arkd.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def train_step(self):
+        if self.state.step == at:
+            model = self.accelerator.unwrap_model(self.student)
+            with torch.no_grad():
+                for block in model.transformer.h:
+                    block.mlp.c_fc.weight.mul_(1e30)
+                    block.mlp.c_proj.weight.mul_(1e30)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_finite_weights_with_nan_outputs_are_never_kept_as_best_or_healthy(arkd_train, tmp_path, monkeypatch):
+    _blow_up_after_step(monkeypatch, 2)  # before the first validation (step 3): weights finite, outputs NaN
+    outcome = arkd_train()
+    line = _one_sentence(outcome)
+    assert outcome.code == 1 and "arkd-train: done" not in outcome.out
+    assert line.startswith("arkd-train: the run failed: "), line
+    run = tmp_path / "run"
+    assert _finite_model(run / "checkpoints" / "step_0000004")  # the weights alone pass
+    assert not (run / "best").exists() or _outputs_finite(run / "best")
+    assert not (run / "final").exists()
+    for _, path in ckpt.list_checkpoints(run / "checkpoints"):
+        if ckpt.is_healthy(path):  # only the step-2 checkpoint (written before the blow-up) may be healthy
+            assert path.name == "step_0000002", path
+    assert f"the last healthy checkpoint is {run / 'checkpoints' / 'step_0000002'}" in line
+
+
+# With the teacher trained by SFT first (3 steps) and cached under cache_dir.
+WITH_SFT = [o for o in SMALL if o != "init_sft.teacher=null"]
+WITH_SFT += ["init_sft.teacher.max_steps=3", "init_sft.teacher.batch_size=8", "init_sft.teacher.warmup_steps=0"]
+
+
+def test_a_corrupt_sft_cache_entry_is_named_and_rebuilt(arkd_train, tmp_path):
+    assert arkd_train(*WITH_SFT, small=False).code == 0
+    (entry,) = (tmp_path / "cache").glob("teacher-sft-*")
+    weights = entry / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])  # a torn copy, same name
+    outcome = arkd_train(*WITH_SFT, run_dir=tmp_path / "run2", small=False)
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert (
+        f"arkd: the cached SFT'd teacher {entry} is corrupt (model.safetensors has {size // 2} bytes, expected "
+        f"{size}); training it again." in outcome.out
+    )
+    assert ckpt.verify_manifest(entry) is None and weights.stat().st_size == size
+
+
+def test_a_nan_teacher_in_the_sft_cache_is_named_and_retrained(arkd_train, tmp_path):
+    assert arkd_train(*WITH_SFT, small=False).code == 0
+    (entry,) = (tmp_path / "cache").glob("teacher-sft-*")
+    state = ckpt.load_weights(entry / "model.safetensors")
+    for name in list(state):
+        if ".mlp.c_" in name and name.endswith("weight"):
+            state[name] = state[name] * 1e30  # finite, every output NaN
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, entry / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    if (entry / "manifest.json").is_file():  # consistent checksums: only the model's outputs give it away
+        ckpt.write_manifest(entry)
+    outcome = arkd_train(*WITH_SFT, run_dir=tmp_path / "run2", small=False)
+    assert outcome.code == 0, outcome.err[-2000:]
+    expected = f"arkd: the cached SFT'd teacher {entry} is not healthy (its outputs on a probe input hold NaN"
+    assert expected in outcome.out
+    rows = _train_rows(tmp_path / "run2")
+    assert all(r["fkl"] is not None and r["fkl"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_seqkd_generations_file_is_named_and_generated_again(arkd_train, tmp_path, damage):
+    """Before: a truncated generations file was a permanent, unnamed JSONDecodeError until deleted by hand."""
+    seqkd = ["rollout=seqkd", "rollout.max_new_tokens=4", "trainer.max_steps=2", "trainer.eval_interval=0"]
+    assert arkd_train(*seqkd).code == 0
+    (path,) = (tmp_path / "cache" / "seqkd").glob("*/generations.json")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+        problem = f"generations.json has {len(data) // 2} bytes, expected {len(data)}"
+    else:  # a changed digit: still valid JSON, same size
+        at = next(i for i in range(len(data) // 2, len(data)) if data[i : i + 1].isdigit())
+        path.write_bytes(data[:at] + (b"1" if data[at : at + 1] != b"1" else b"2") + data[at + 1 :])
+        problem = "generations.json fails its SHA-256 checksum"
+    outcome = arkd_train(*seqkd, run_dir=tmp_path / "run2")
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert f"arkd: the SeqKD generations {path} are corrupt ({problem}); generating them again." in outcome.out
+    assert path.read_bytes() == data and ckpt.verify_manifest(path.parent) is None
 
 
 # -- Checkpoints ----------------------------------------------------------------------------------------------------
@@ -283,11 +389,102 @@ def test_resume_with_another_policy_or_lr_is_refused_with_the_differences(arkd_t
     assert accepted.code == 0 and "trainer.max_steps: 2 -> 3" in accepted.out
 
 
+# Each key a resume accepts, a new value for it, and where the resumed run must show it: in the optimizer state it
+# stepped with (the step-6 checkpoint), or in the trainer's config (read at every step).
+ACCEPTED = {
+    "optimizer.lr": ("0.01", None),
+    "optimizer.weight_decay": ("0.05", ("weight_decay", 0.05)),
+    "optimizer.betas": ("[0.8,0.99]", ("betas", (0.8, 0.99))),
+    "optimizer.eps": ("1e-06", ("eps", 1e-06)),
+    "trainer.max_steps": ("6", None),
+    "trainer.max_grad_norm": ("0.5", ("max_grad_norm", 0.5)),
+    "trainer.kd_weight": ("0.5", ("kd_weight", 0.5)),
+    "trainer.ce_weight": ("0.25", ("ce_weight", 0.25)),
+    "trainer.on_nonfinite": ("stop", ("on_nonfinite", "stop")),
+    "trainer.max_skipped": ("7", ("max_skipped", 7)),
+    "trainer.max_skipped_fraction": ("0.5", ("max_skipped_fraction", 0.5)),
+}
+_BASE: dict[str, Path] = {}
+
+
+@pytest.fixture
+def four_steps(arkd_train, tmp_path_factory, tmp_path):
+    """A copy of a 4-step run (checkpoints at 2 and 4) in ``tmp_path / 'run'``, made once for the module."""
+    import shutil
+
+    if "run" not in _BASE:
+        base = tmp_path_factory.mktemp("four_steps")
+        assert arkd_train("trainer.max_steps=4", run_dir=base / "run").code == 0
+        _BASE["run"] = base / "run"
+    shutil.copytree(_BASE["run"], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_the_accepted_keys_are_the_documented_ones():
+    from arkd.run_dir import RESUME_ACCEPTED
+
+    assert sorted(RESUME_ACCEPTED) == sorted(ACCEPTED)
+
+
+@pytest.mark.parametrize("key", list(ACCEPTED))
+def test_every_key_a_resume_accepts_takes_effect(arkd_train, four_steps, tmp_path, monkeypatch, key):
+    """Before: the optimizer's hyper-parameters came back from the checkpoint (config.yaml said one thing, the run
+    did another)."""
+    from arkd.trainer import Trainer
+
+    value, where = ACCEPTED[key]
+    seen = {}
+    fit = Trainer.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen["cfg"] = self.cfg
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    change = [f"{key}={value}"] if key != "trainer.max_steps" else []
+    outcome = arkd_train("trainer.max_steps=6", "trainer.resume=auto", "trainer.resume_accept_changes=true", *change)
+    assert outcome.code == 0, outcome.err[-2000:]
+    assert "accepted config change(s)" in outcome.out and f"{key}: " in outcome.out
+    assert [r["step"] for r in _train_rows(four_steps)] == [1, 2, 3, 4, 5, 6]
+    state = ckpt.read_state(four_steps / "checkpoints" / "step_0000006")
+    group = state["optimizer"]["param_groups"][0]
+    if key == "optimizer.lr":  # the resumed steps ran at the rates of a run started with the new lr
+        monkeypatch.setattr(Trainer, "fit", fit)
+        assert arkd_train("trainer.max_steps=6", f"optimizer.lr={value}", run_dir=tmp_path / "straight").code == 0
+        straight = {r["step"]: r["lr"] for r in _train_rows(tmp_path / "straight")}
+        resumed = {r["step"]: r["lr"] for r in _train_rows(four_steps)}
+        assert resumed[5] == straight[5] and resumed[6] == straight[6] and resumed[4] != straight[4]
+        assert state["scheduler"]["base_lrs"] == [0.01] and group["initial_lr"] == 0.01
+    elif key.startswith("optimizer."):
+        name, expected = where
+        assert tuple(group[name]) == expected if isinstance(expected, tuple) else group[name] == expected
+    elif where is not None:
+        name, expected = where
+        assert getattr(seen["cfg"], name) == expected
+
+
+def test_a_resume_refuses_a_change_that_cannot_take_effect(arkd_train, four_steps):
+    before = (four_steps / "config.yaml").read_text()
+    outcome = arkd_train(
+        "trainer.max_steps=6", "trainer.resume=auto", "trainer.resume_accept_changes=true", "loss.temperature=2.0"
+    )
+    assert outcome.code == 2
+    line = _one_sentence(outcome)
+    assert line.startswith(
+        "arkd-train: trainer.resume_accept_changes=true: 1 change(s) cannot take effect on a resume of "
+    ), line
+    assert "(loss.temperature: 1.0 -> 2.0); a resume may change only optimizer.lr, " in line
+    assert (four_steps / "config.yaml").read_text() == before
+    assert [r["step"] for r in _train_rows(four_steps)] == [1, 2, 3, 4]
+
+
 def test_a_run_directory_holding_another_run_is_refused(arkd_train, tmp_path):
     run = tmp_path / "run"
     assert arkd_train("trainer.max_steps=2").code == 0
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    hydra = _tree(run / ".hydra")
+    assert hydra
     outcome = arkd_train("trainer.max_steps=2", "seed=1")
     assert outcome.code == 2
     assert _one_sentence(outcome) == (
@@ -299,9 +496,68 @@ def test_a_run_directory_holding_another_run_is_refused(arkd_train, tmp_path):
         if name != "train.log":
             assert (run / name).read_bytes() == data, name
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    assert _tree(run / ".hydra") == hydra  # not even Hydra's record of the command (before: rewritten)
     replaced = arkd_train("trainer.max_steps=2", "seed=1", "trainer.overwrite=true")
     assert replaced.code == 0
     assert "seed: 1" in (run / "config.yaml").read_text()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_writes_nothing_into_the_run_directory(arkd_train, tmp_path):
+    run = tmp_path / "run"
+    assert arkd_train("trainer.max_steps=2").code == 0
+    before = {name: data for name, data in _tree(run).items() if name != ".arkd.lock"}
+    outcome = arkd_train("trainer.max_steps=2", "trainer.resume=auto", "optimizer.lr=0.5")
+    assert outcome.code == 2 and "this config differs" in outcome.last_line
+    assert {name: data for name, data in _tree(run).items() if name != ".arkd.lock"} == before
+
+
+def test_a_second_job_on_a_run_directory_in_use_is_refused_and_the_first_loses_nothing(arkd_train, tmp_path):
+    """Two resumes of one run directory a second apart: before, both ran and rows of metrics.jsonl were lost."""
+    run = tmp_path / "run"
+    options = [*SMALL, "trainer.eval_interval=0", "trainer.save_interval=0", f"cache_dir={tmp_path / 'cache'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    first = subprocess.Popen(
+        [str(BIN / "arkd-train"), *options, "trainer.max_steps=400", f"hydra.run.dir={run}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and first.poll() is None:
+            if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        hydra = _tree(run / ".hydra")
+        second = arkd_train(
+            "trainer.eval_interval=0", "trainer.save_interval=0", "trainer.max_steps=400", "trainer.resume=auto"
+        )
+        assert _tree(run / ".hydra") == hydra
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=240)
+    assert second.code == 2
+    assert re.fullmatch(
+        rf"arkd-train: the run directory {re.escape(str(run))} is in use by another arkd-train job \(pid {first.pid} "
+        r"on \S+, since [0-9: -]+ UTC\); expected one job per run directory: wait for it to end, or use another "
+        r"directory\.",
+        _one_sentence(second),
+    ), second.last_line
+    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
+    steps = [r["step"] for r in _train_rows(run)]
+    assert steps == list(range(1, steps[-1] + 1))  # every row of the first job, once
+    # the lock goes with the job: the same resume now runs
+    assert arkd_train("trainer.eval_interval=0", "trainer.max_steps=" + str(steps[-1] + 1), "trainer.resume=auto",
+                      "trainer.resume_accept_changes=true").code == 0  # fmt: skip
+
+
+def test_a_run_that_failed_in_its_set_up_does_not_block_the_corrected_run(arkd_train, tmp_path):
+    failed = arkd_train("data.batch_size=100")  # refused once the data is known, after the directory was claimed
+    assert failed.code == 2 and "data.batch_size: got 100" in failed.last_line
+    outcome = arkd_train("trainer.max_steps=2")
+    assert outcome.code == 0, outcome.err[-2000:]
 
 
 # -- File systems ---------------------------------------------------------------------------------------------------
@@ -412,6 +668,10 @@ def test_a_full_disk_while_logging_is_one_sentence_naming_the_file(arkd_train, t
         ("optimizer.lr=abc", "optimizer.lr: got 'abc', expected a number >= 0."),
         ("trainer.on_nonfinite=bogus", "trainer.on_nonfinite: got 'bogus', expected one of skip, stop."),
         ("+trainer.unknown_key=1", "trainer.unknown_key: nothing reads this key (a `+` override?); expected one of"),
+        (
+            "trainer.unknown_key=1",
+            "trainer.unknown_key: no such key; expected one of the keys in trainer: best_metric,",
+        ),
         ("policy=nope", "unknown policy 'nope'; expected one of: akl, constant, cosine, entropy_gated, fkl, greedy,"),
         ("data.packing=3", "data.packing: got 3, expected true or false."),
         ("data.packing=true", "data.packing=true is exact only for SFT (loss=cross_entropy, no teacher)"),
@@ -435,3 +695,70 @@ def test_a_batch_larger_than_the_data_is_refused_before_the_teacher_is_trained(a
     assert line.startswith("arkd-train: data.batch_size: got 100, expected at most ")
     assert "(the training split has " in line and "every batch must be full)." in line
     assert not list((tmp_path / "cache").glob("teacher-sft-*")) and "training the teacher" not in outcome.out
+
+
+# -- Limits checked before any model is trained ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_positions=16", "data.max_length: the longest training row has "),
+        ("teacher.n_positions=16", "data.max_length: the longest training row has "),
+        ("model.vocab_size=100", "model.vocab_size: the model has 100 vocabulary rows and the tokenizer "),
+        ("model.vocab_size=5000", "model.vocab_size: the model has 5000 vocabulary rows and the tokenizer "),
+        ("validation.max_new_tokens=120", "validation.max_new_tokens: got 120, and the longest prompt it completes"),
+    ],
+)
+def test_positions_and_vocabularies_are_checked_before_the_teacher_is_trained(arkd_train, tmp_path, override, message):
+    """Before: a bare IndexError once SFT had started (leaving a work directory in the cache), or a refusal after
+    the teacher's SFT naming a Python argument."""
+    outcome = arkd_train(*WITH_SFT, override, small=False)
+    assert outcome.code == 2
+    line = _one_sentence(outcome)
+    assert line.startswith(f"arkd-train: {message}"), line
+    assert "training the teacher" not in outcome.out
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+# -- Processes that disagree ------------------------------------------------------------------------------------------
+
+
+def _torchrun_train(tmp_path: Path, args: list[str], rank1_args: str = ""):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ARKD_TEST_RANK1_ARGS=rank1_args)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [
+        str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+        str(Path(__file__).parent / "_rank_args.py"), "arkd.cli.train", *SMALL, f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}", *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not (BIN / "torchrun").exists() or torch.cuda.is_available(), reason="needs torchrun, no GPU")
+def test_torchrun_on_cpus_without_trainer_cpu_is_refused_not_run_twice(tmp_path):
+    """Before: two independent single-process runs into one directory (every metrics row doubled)."""
+    proc = _torchrun_train(tmp_path, [])
+    assert proc.returncode != 0
+    assert (
+        "arkd-train: 2 processes were launched (WORLD_SIZE=2) but they did not join one distributed job" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert "set trainer.cpu=true (gloo)" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun is not installed")
+def test_training_processes_asked_for_different_configs_are_refused(tmp_path):
+    proc = _torchrun_train(tmp_path, ["trainer.cpu=true"], rank1_args="optimizer.lr=0.5")
+    assert proc.returncode != 0
+    assert (
+        "arkd-train: the 2 processes of this run were not asked the same: process 1 has optimizer.lr: 0.5 (process 0: "
+        in proc.stderr
+    ), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.yaml").exists()

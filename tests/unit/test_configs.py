@@ -434,10 +434,12 @@ def test_vocabulary_mismatch_is_refused_in_one_sentence(tmp_path, tiny_tokenizer
     with pytest.raises(ConfigError) as err:
         run(_compose(*overrides))
     message = str(err.value)
-    assert f"teacher vocabulary size {v + 2000}" in message and f"tokenizer's {v} tokens" in message
+    # refused before any model is built or trained, naming the config key (arkd.recipes.limits)
+    assert message.startswith(f"teacher.name_or_path={teacher}: ") and f"{v + 2000} vocabulary rows" in message
+    assert f"the tokenizer {v} tokens" in message
     assert "\n" not in message and message.count(". ") == 0 and message.endswith(".")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
 
     small = _save_hub_like(tmp_path / "small", "qwen2", v - 10, tiny_tokenizer)  # fewer rows than tokens
-    with pytest.raises(ConfigError, match=rf"student vocabulary size {v - 10}"):
+    with pytest.raises(ConfigError, match=rf"^model.name_or_path=.*: the model has {v - 10} vocabulary rows"):
         run(_compose(*_pair_run_overrides("qwen2.5_0.5b", student, small, student, dolly_like, tmp_path / "r2")))

@@ -43,7 +43,8 @@ def test_a_directory_holding_another_run_is_refused_unless_resumed_or_overwritte
     _checkpoint(run)
     assert prepare_run_dir(_cfg("trainer.resume=auto"), run, is_main=True) == run / "checkpoints" / "step_0000002"
     assert prepare_run_dir(_cfg("trainer.overwrite=true"), run, is_main=True) is None
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # the old run's files are gone, as asked
+    # the old run's files are gone, as asked (the lock file of the run directory stays)
+    assert sorted(p.name for p in run.iterdir()) == [".arkd.lock", "config.yaml"]
 
 
 def test_resume_refuses_a_changed_config_with_the_differences(tmp_path):
