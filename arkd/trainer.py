@@ -166,8 +166,7 @@ class Trainer:
         return self.control.strategy
 
     @property
-    def rollout_seconds_total(self) -> float:
-        """Generation time of this run's steps (the recipe's summary)."""
+    def rollout_seconds_total(self) -> float:  # generation time of this run's steps (the recipe's summary)
         return self.window.generation_seconds
 
     # ----------------------------------------------------------------------------------------------------------------
