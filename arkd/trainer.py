@@ -1,19 +1,12 @@
 """The distillation loop on accelerate: one optimiser step after the other, readable top to bottom.
 
-The trainer receives built objects (student, teacher, tokenizer, batches, alpha strategy, loss, reward, probe,
-optimizer, scheduler, accelerator) and hands each job to its own room:
-
-- :class:`arkd.window.Window` draws the accumulation window (the rollout applied; a peeked batch and its teacher
-  logits reused) and counts its tokens over all micro-batches and processes;
-- :class:`arkd.objective.Objective` turns a micro-batch into its loss and named statistics (teacher or teacher cache,
-  student, features, KD + CE sums, the fused-linear path);
-- :class:`arkd.policy.control.AlphaControl` is everything about alpha: the strategy's decision, what a preview needs,
-  greedy's search, the paired reward and the probe from the optimiser state before the step, the legacy reward after;
-- :class:`arkd.validation.Validator` validates (RNG-neutral) and says when ``best/`` improves;
-- :mod:`arkd.checkpoint` writes and verifies checkpoints and publishes ``best/`` and ``final/`` atomically.
-
-:meth:`Trainer.train_step` is the numbered step; :meth:`Trainer.fit` the loop (signals, logging, validation,
-checkpoints, the run's verdict). What a checkpoint holds is listed in :meth:`Trainer.checkpoint_state`.
+It receives built objects and hands each job to its own room: :class:`arkd.window.Window` draws the accumulation
+window (the rollout applied, a peeked batch reused) and counts its tokens; :class:`arkd.objective.Objective` turns a
+micro-batch into its loss and statistics; :class:`arkd.policy.control.AlphaControl` is everything about alpha (the
+decision, previews, greedy's search, the paired reward and the probe, the legacy reward); :mod:`arkd.branching` runs
+the horizon reward's and probe's branches; :class:`arkd.validation.Validator` validates; :mod:`arkd.checkpoint`
+writes checkpoints and publishes ``best/`` and ``final/``. :meth:`Trainer.train_step` is the numbered step,
+:meth:`Trainer.fit` the loop; what a checkpoint holds is listed in :meth:`Trainer.checkpoint_state`.
 """
 
 from __future__ import annotations
@@ -134,8 +127,6 @@ class Trainer:
             optimizer=self.optimizer, max_steps=config.max_steps, max_grad_norm=config.max_grad_norm,
             temperature=config.temperature, from_hidden=config.fused_linear,
         )  # fmt: skip
-        if self.control.previews:
-            check_previews(engine=engine, fp16_scaler=accelerator.scaler is not None)
         self.objective = Objective(
             student=self.student, teacher=self.teacher, teacher_source=teacher_source, loss=self.loss,
             kd_weight=config.kd_weight, ce_weight=config.ce_weight, temperature=config.temperature,
@@ -152,14 +143,21 @@ class Trainer:
         check_rollout(self.window.rollout, engine=engine, topk_teacher=teacher_source is not None,
                       validates=bool(self.validator.batches) and config.eval_interval > 0)  # fmt: skip
         self.rollout = self.window.bind_rollout(student=self.student, teacher=self.teacher, tokenizer=tokenizer)
-        self.reward_batches = list(reward_batches or [])
-        self.branches = Branches(
-            self.control, snapshot=self.snapshot, restore=self.restore, train_step=self.train_step,
-            score=branching.reward_score(self.reward_batches, self.objective, self.control, accelerator),
-            features=branching.next_features(self.window, self.objective, self.control), max_steps=config.max_steps,
-            **(self.control.probe.horizon_options() if self.control.probe is not None else {}),
+        self.branches = self._counterfactuals(list(reward_batches or []), engine)
+
+    def _counterfactuals(self, reward_batches: list[dict[str, torch.Tensor]], engine: str) -> Branches:
+        """Checks for the step previews, and the branches of the horizon reward and probe (scored on
+        ``reward_batches``)."""
+        acc, control = self.accelerator, self.control
+        if control.previews:
+            check_previews(engine=engine, fp16_scaler=acc.scaler is not None)
+        check_branches(control, reward_rows=len(reward_batches))
+        return Branches(
+            control, snapshot=self.snapshot, restore=self.restore, train_step=self.train_step,
+            score=branching.reward_score(reward_batches, self.objective, control, acc),
+            features=branching.next_features(self.window, self.objective, control), max_steps=self.cfg.max_steps,
+            **(control.probe.horizon_options() if control.probe is not None else {}),
         )  # fmt: skip
-        check_branches(self.control, reward_rows=len(self.reward_batches))
 
     @property
     def strategy(self) -> Any:
