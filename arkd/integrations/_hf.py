@@ -122,6 +122,9 @@ class ARKDTrainerMixin:
         strategy, reward, probe = resolve_alpha(alpha, reward, probe, self.kd_caps.takes_alpha, type(loss).__name__)
         self.alpha_strategy, self.alpha_reward, self.alpha_probe = strategy, reward, probe
         self.alpha_temperature = float(getattr(loss, "temperature", 1.0))
+        self._arkd_given_control = alpha if isinstance(alpha, AlphaControl) else None
+        if self._arkd_given_control is not None:  # its temperature: the features' and the rewards'
+            self.alpha_temperature = float(alpha.temperature)
         if reward is not None and reward.needs_student_logits and fused_linear:
             raise ValueError(
                 "reward=SameBatchReward compares the student's logits before and after a step, which fused_linear=True "
@@ -187,6 +190,13 @@ class ARKDTrainerMixin:
     def _arkd_control(self, model: torch.nn.Module) -> AlphaControl | None:
         if self.alpha_strategy is None:
             return None
+        if self.alpha_control is None and self._arkd_given_control is not None:  # bound to this Trainer's parts
+            control = self._arkd_given_control
+            control.model, control.optimizer = self.accelerator.unwrap_model(model), self.optimizer
+            control.max_steps = max(int(self.state.max_steps), 1)
+            control.max_grad_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
+            control.from_hidden = bool(self._arkd_fused)
+            self.alpha_control = control
         if self.alpha_control is None:
             grad_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
             self.alpha_control = AlphaControl(

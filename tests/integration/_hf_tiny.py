@@ -21,6 +21,8 @@ def _models():
     v = len(tokenizer())
     teacher = build_tiny_model(v, n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=1)
     student = build_tiny_model(v, n_layer=1, n_embd=16, n_head=2, n_positions=64, seed=2)
+    with torch.no_grad():  # a peaked teacher, far from the near-uniform student: FKL and RKL (and alpha) differ
+        teacher.lm_head.weight.mul_(30.0)
     return teacher, student
 
 
