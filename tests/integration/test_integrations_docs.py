@@ -41,3 +41,17 @@ def test_documented_example_runs(name, tmp_path, monkeypatch, capsys):
         assert any("alpha_signal_slope" in row for row in rows)
         assert (tmp_path / "runs" / "kd_example" / "checkpoint-8" / "arkd_alpha_state.pt").is_file()
     assert "'alpha'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["arkd.integrations.transformers", "arkd.integrations.trl"])
+def test_api_md_lists_every_public_name(module):
+    """docs/api.md documents the integrations (tests/unit/test_docs_api.py's check; TRL's module needs TRL)."""
+    if module.endswith(".trl"):
+        pytest.importorskip("trl.experimental.gkd")
+    import importlib
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    assert f"## `{module}`" in text
+    section = text.split(f"## `{module}`", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in importlib.import_module(module).__all__ if f"| `{name}` |" not in section]
+    assert not missing, f"docs/api.md, section {module}: missing {missing}"
