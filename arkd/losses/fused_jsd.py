@@ -96,18 +96,23 @@ def _chunk_jsd(
     ``grad_teacher [C, V] | None`` (fresh), in the compute dtype (float32, float64 for float64 input).
     """
     dtype = compute_dtype(student.dtype)
-    log_q, q, log_p, p, log_m, shifted = buffers.get(student.shape[0], student.shape[1], dtype, student.device)
+    log_q, q, log_p, p, log_m, m = buffers.get(student.shape[0], student.shape[1], dtype, student.device)
     _log_softmax_into(student, temperature, log_q, q)
     _log_softmax_into(teacher, temperature, log_p, p)
-    # log m = logaddexp(log p + log beta, log q + log(1 - beta)): -inf where both are -inf, never an underflowed
-    # m = 0 next to a (denormal) q > 0, which would make q log(q / m) infinite.
-    torch.add(log_p, math.log(beta), out=shifted)
-    torch.add(log_q, math.log1p(-beta), out=log_m)
-    torch.logaddexp(shifted, log_m, out=log_m)
-    # Terms of an entry without mass on the weighting side are 0 (0 * inf would be NaN), selected on the probability
-    # so that a NaN input (NaN probability) still propagates.
-    f_terms = log_p.sub_(log_m).mul_(p).masked_fill_(p == 0, 0.0)  # p (log p - log m)
-    r_terms = log_q.sub_(log_m).mul_(q).masked_fill_(q == 0, 0.0)  # q (log q - log m)
+    # m = beta p + (1 - beta) q in probability space (no cancellation: a sum of non-negative terms), floored at the
+    # smallest normal number: where both p and q underflow, q log(q / m) would otherwise meet log 0 next to a denormal
+    # q > 0; such entries (p, q < 1e-38) change no value or gradient beyond 1e-36. NaN passes through the floor.
+    torch.mul(p, beta, out=m).add_(q, alpha=1.0 - beta).clamp_min_(torch.finfo(dtype).tiny)
+    torch.log(m, out=log_m)
+    # An entry without mass on the weighting side contributes 0 (0 * -inf would be NaN). Such entries exist only where
+    # a logit is -inf (an underflowed probability has a finite log), so the selection runs only then, and on the
+    # probability, so that a NaN input (NaN probability) still propagates.
+    f_terms = log_p.sub_(log_m).mul_(p)  # p (log p - log m)
+    r_terms = log_q.sub_(log_m).mul_(q)  # q (log q - log m)
+    if bool(torch.isneginf(teacher).any()):
+        f_terms.masked_fill_(p == 0, 0.0)
+    if bool(torch.isneginf(student).any()):
+        r_terms.masked_fill_(q == 0, 0.0)
     kl_pm = f_terms.sum(dim=-1)
     kl_qm = r_terms.sum(dim=-1)
     loss = beta * kl_pm + (1.0 - beta) * kl_qm
