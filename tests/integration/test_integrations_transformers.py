@@ -111,3 +111,29 @@ def test_refusals_are_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="give reward= and probe= inside"):
         KDTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=args,
                   alpha=AlphaControl(ConstantAlpha()), probe=AlphaSignalProbe())  # fmt: skip
+
+
+def test_previews_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
+    """A strategy with previews under DeepSpeed, FSDP, several processes or fp16 scaling: one sentence each (the
+    set-ups themselves are out of reach on this CPU, so the check is called on a trainer with the flags set)."""
+    teacher, student = models()
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, 1), train_dataset=rows(4),
+                        data_collator=TrainingCollator(0), alpha=LearnedPolicy(seed=0))  # fmt: skip
+    trainer.is_deepspeed_enabled = True
+    with pytest.raises(ValueError, match="DeepSpeed \\(ZeRO\\) shards or owns"):
+        trainer._arkd_check_supported()
+    trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
+    with pytest.raises(ValueError, match="FSDP shards"):
+        trainer._arkd_check_supported()
+    trainer.is_fsdp_enabled = False
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="one process here"):
+        trainer._arkd_check_supported()
+    monkeypatch.undo()
+    trainer.args.fp16 = True
+    with pytest.raises(ValueError, match="fp16 training scales them"):
+        trainer._arkd_check_supported()
+    trainer.args.fp16 = False
+    trainer.alpha_strategy, trainer.alpha_reward = ConstantAlpha(alpha=0.2), None  # no previews: nothing refused
+    trainer.is_deepspeed_enabled = True
+    trainer._arkd_check_supported()
