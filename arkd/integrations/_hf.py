@@ -341,7 +341,7 @@ class ARKDTrainerMixin:
             ce_sum = F.cross_entropy(counted.float(), targets[mask], reduction="sum")
             total = total + self.ce_weight * ce_sum
             self._arkd_sums["ce"] += float(ce_sum.detach())
-        loss = total / denominator
+        loss = total / denominator * self._arkd_process_scale(num_items_in_batch)
 
         if training:
             sums = self._arkd_sums
@@ -358,12 +358,17 @@ class ARKDTrainerMixin:
             if ctl is not None:
                 batch = {"input_ids": ids, "attention_mask": _ones_if_none(attention, ids), "loss_mask": labels != -100}
                 scale = self.kd_weight * self._arkd_scale(num_items_in_batch) / float(denominator)
+                scale *= self._arkd_process_scale(num_items_in_batch)
                 ctl.record(
                     kd if self.kd_weight else None, alpha=alpha, batch=batch, teacher_logits=t, mask=mask,
                     scale=scale, student_logits=s, rng=state,
                     features=features if hasattr(features, "fkl") else None,
                 )  # fmt: skip
         return (loss, outputs) if return_outputs else loss
+
+    def _arkd_process_scale(self, num_items_in_batch: Any) -> float:
+        """A factor on the normalised loss for several processes (1 here: TRL's GKD applies none)."""
+        return 1.0
 
     def _arkd_eval_alpha(self):
         if self._arkd_last_alpha is not None and self._arkd_last_alpha.dim() == 0:

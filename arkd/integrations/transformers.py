@@ -81,6 +81,18 @@ class KDTrainer(ARKDTrainerMixin, Trainer):
     def _arkd_teacher(self) -> torch.nn.Module:
         return self.teacher_model
 
+    def _arkd_process_scale(self, num_items_in_batch):
+        """``transformers.Trainer.compute_loss``'s factor: with ``average_tokens_across_devices`` the loss over all
+        processes' tokens is multiplied back by the processes that average it (one process: 1)."""
+        if not (
+            getattr(self.args, "average_tokens_across_devices", False)
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            return 1.0
+        tp = self.get_tp_size() if callable(getattr(self, "get_tp_size", None)) else 1
+        return float(self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return self._arkd_compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
