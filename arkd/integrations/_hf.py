@@ -14,8 +14,8 @@ clips the gradients, then ``optimizer.step()``. :class:`ARKDTrainerMixin` maps A
 The paired reward and the probe score the *next* training batch: ``get_batch_samples`` (where the Trainer draws a
 window's micro-batches) draws one batch more and hands it back first at the next call, so the data order, the
 number of batches and ``num_items_in_batch`` are unchanged; only the steps that measure run the teacher on it. At the
-last window of an epoch there is no next batch and the step's own first micro-batch is scored instead (the
-``held_out: same`` variant for that step).
+last window of an epoch there is no next batch and the step's own last micro-batch is scored instead (the
+``held_out: same`` variant for that step), with the teacher logits it already has.
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ class ARKDTrainerMixin:
         self._arkd_on_policy = False
         self._arkd_last_alpha = None
         self._arkd_loaded_from: str | None = None
+        self._arkd_last_teacher: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
 
         trainer = self
 
@@ -159,6 +160,14 @@ class ARKDTrainerMixin:
             return False
         paired = s.needs_reward and self.alpha_reward is not None and int(self.alpha_reward.candidates) >= 2
         return paired or self.alpha_probe is not None or s.chooses_after_gradient
+
+    @property
+    def _arkd_peeks(self) -> bool:
+        """Whether a measurement scores the next training batch (the probe, or a paired reward held out on it)."""
+        if not self._arkd_previews:
+            return False
+        held_out = getattr(self.alpha_reward, "held_out", "same")
+        return self.alpha_probe is not None or (self.alpha_strategy.needs_reward and held_out == "next")
 
     def _arkd_check_supported(self) -> None:
         """Refuse, in one sentence, what the previews (paired reward, probe, greedy) cannot do here."""
@@ -332,7 +341,7 @@ class ARKDTrainerMixin:
             return self.kd_loss(s, t, mask, **extra)
 
         total = torch.zeros((), dtype=torch.float32, device=ids.device)
-        kd_sum = None
+        kd_sum = ce_sum = None
         if self.kd_weight:
             kd_sum = kd(alpha)
             total = total + self.kd_weight * kd_sum
@@ -340,7 +349,6 @@ class ARKDTrainerMixin:
             counted = F.linear(h[mask], weight, bias) if fused else s[mask]
             ce_sum = F.cross_entropy(counted.float(), targets[mask], reduction="sum")
             total = total + self.ce_weight * ce_sum
-            self._arkd_sums["ce"] += float(ce_sum.detach())
         loss = total / denominator * self._arkd_process_scale(num_items_in_batch)
 
         if training:
@@ -348,6 +356,8 @@ class ARKDTrainerMixin:
             sums["tokens"] += float(tokens)
             if kd_sum is not None:
                 sums["kd"] += float(kd_sum.detach())
+            if ce_sum is not None:
+                sums["ce"] += float(ce_sum.detach())
             if features is not None and hasattr(features, "fkl"):
                 sums["fkl"] += float(features.fkl.sum())
                 sums["rkl"] += float(features.rkl.sum())
@@ -357,6 +367,7 @@ class ARKDTrainerMixin:
                 sums["rkl"] += rkl
             if ctl is not None:
                 batch = {"input_ids": ids, "attention_mask": _ones_if_none(attention, ids), "loss_mask": labels != -100}
+                self._arkd_last_teacher = (batch, t_full)  # the control's record keeps a view of it anyway
                 scale = self.kd_weight * self._arkd_scale(num_items_in_batch) / float(denominator)
                 scale *= self._arkd_process_scale(num_items_in_batch)
                 ctl.record(
@@ -406,19 +417,19 @@ class ARKDTrainerMixin:
             if ctl is not None:
                 ctl.after_gradient()
                 if math.isfinite(self._arkd_sums.get("kd", 0.0)):
-                    self._arkd_row.update(ctl.measure(lambda: self._arkd_held_out(inputs)))
+                    self._arkd_row.update(ctl.measure(self._arkd_held_out))
                 else:  # a non-finite loss: nothing a preview could learn from
                     self._arkd_row["reward_skipped"] = 1.0
         return loss
 
-    def _arkd_held_out(self, inputs: dict[str, torch.Tensor]):
+    def _arkd_held_out(self):
         """``(batch, teacher logits)`` of the next training batch (or, at an epoch's end, the step's own)."""
-        raw = self._arkd_next
+        raw = self._arkd_next if self._arkd_peeks else None
         if raw is None:
-            self._arkd_row["held_out_same"] = 1.0
-            batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels") if k in inputs}
-        else:
-            batch = self._prepare_inputs(dict(raw))
+            if self._arkd_peeks:  # the last window of an epoch: no next batch
+                self._arkd_row["held_out_same"] = 1.0
+            return self._arkd_last_teacher  # the step's last micro-batch, its teacher logits already computed
+        batch = self._prepare_inputs(dict(raw))
         ids = batch["input_ids"]
         held = {"input_ids": ids, "attention_mask": _ones_if_none(batch.get("attention_mask"), ids),
                 "loss_mask": batch["labels"] != IGNORE_INDEX}  # fmt: skip
@@ -460,7 +471,7 @@ class ARKDTrainerMixin:
     # ------------------------------------------------------------------------------- the next batch, for the previews
     def _arkd_get_batch_samples(self, draw, epoch_iterator, num_batches, device):
         """The Trainer's ``get_batch_samples`` with one batch of look-ahead when a preview scores the next batch."""
-        if not self._arkd_previews:
+        if not self._arkd_peeks:
             return draw(epoch_iterator, num_batches, device)
         stash, self._arkd_stash = self._arkd_stash, None
         pending = [stash[1]] if stash is not None and stash[0] is epoch_iterator else []

@@ -137,3 +137,24 @@ def test_previews_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
     trainer.alpha_strategy, trainer.alpha_reward = ConstantAlpha(alpha=0.2), None  # no previews: nothing refused
     trainer.is_deepspeed_enabled = True
     trainer._arkd_check_supported()
+
+
+@pytest.mark.parametrize("held_out", ["next", "same"])
+def test_the_paired_reward_draws_one_batch_ahead_only_when_it_scores_the_next_batch(tmp_path, held_out):
+    drawn = []
+
+    class Counting(TrainingCollator):
+        def __call__(self, items):
+            drawn.append(len(items))
+            return super().__call__(items)
+
+    teacher, student = models()
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, 2), train_dataset=rows(16),
+                        data_collator=Counting(0), alpha=LearnedPolicy(seed=0),
+                        reward=PairedReward(interval=1, held_out=held_out))  # fmt: skip
+    trainer.train()
+    log = [row for row in trainer.state.log_history if "loss" in row]
+    assert all("reward" in row and "held_out_same" not in row for row in log)
+    # two steps, accelerate's own one-batch prefetch (it looks ahead for the end of the loader), and one batch more
+    # when the reward scores the next batch
+    assert len(drawn) == 2 + 1 + (held_out == "next")
