@@ -18,9 +18,9 @@ baseline); on CUDA
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import gc
 import statistics
 import subprocess
 import sys
@@ -62,8 +62,9 @@ def build(variant: str, args, workdir: str):
     from arkd.models import build_tiny_tokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    shape = dict(vocab_size=args.vocab, n_positions=args.tokens, n_embd=args.hidden, n_head=4, bos_token_id=0,
-                 eos_token_id=0)
+    shape = dict(
+        vocab_size=args.vocab, n_positions=args.tokens, n_embd=args.hidden, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     student = GPT2LMHeadModel(GPT2Config(n_layer=args.student_layers, **shape)).to(args.device, dtype)
     teacher = GPT2LMHeadModel(GPT2Config(n_layer=args.teacher_layers, **shape)).to(args.device, dtype)

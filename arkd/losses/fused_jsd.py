@@ -30,8 +30,6 @@ A counted token whose logits are all ``-inf`` has no distribution and gives NaN.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._base import check_reduction, check_temperature, check_unit_interval, compute_dtype, masked_reduce
