@@ -21,6 +21,7 @@ last window of an epoch there is no next batch and the step's own last micro-bat
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 from collections import defaultdict
@@ -248,6 +249,7 @@ class ARKDTrainerMixin:
             and module.get_output_embeddings() is not None
             and not (self.alpha_reward is not None and self.alpha_reward.needs_student_logits)
             and not getattr(self, "is_deepspeed_enabled", False)
+            and "logits_to_keep" in inspect.signature(module.forward).parameters  # else it would build them anyway
         )
         if fits:  # the forward's dropout must not move the random state the training forward will use
             devices = [ids_device] if (ids_device := inputs["input_ids"].device).type == "cuda" else []
@@ -262,9 +264,9 @@ class ARKDTrainerMixin:
                 )
         if request and not fits:
             raise ValueError(
-                "fused_linear=True: this model's last hidden state is not the input of its output layer "
-                "(get_output_embeddings), or the set-up (DeepSpeed, a reward that needs the student's logits) keeps "
-                "the logits; use fused_linear=None."
+                "fused_linear=True: this model's forward takes no logits_to_keep or its last hidden state is not the "
+                "input of its output layer (get_output_embeddings), or the set-up (DeepSpeed, a reward that needs the "
+                "student's logits) keeps the logits; use fused_linear=None."
             )
         self._arkd_fused = bool(fits)
         if self.alpha_control is not None:
