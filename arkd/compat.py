@@ -53,8 +53,9 @@ def check_parts(
         )
     if fused_linear and not accepts_hidden_states(loss):
         raise ValueError(
-            f"trainer.fused_linear=true computes the bidirectional KL from hidden states; the loss is "
-            f"{type(loss).__name__}: use loss=bidirectional_kl (policy=... sets alpha) or fused_linear=false."
+            f"trainer.fused_linear=true computes the KD loss from hidden states (bidirectional KL or generalized JSD); "
+            f"the loss is {type(loss).__name__}: use loss=bidirectional_kl (policy=... sets alpha), "
+            "loss=generalized_jsd or fused_linear=false."
         )
     if fused_linear and reward_needs_student_logits:
         raise ValueError(

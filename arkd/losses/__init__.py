@@ -22,6 +22,7 @@ from .functional import (
     total_variation,
 )
 from .fused import BidirectionalKLFunction, FusedLinearBidirectionalKLFunction, fused_linear_bidirectional_kl
+from .fused_jsd import GeneralizedJSDFunction, fused_generalized_jsd, fused_linear_generalized_jsd
 from .modules import (
     AdaptiveKLLoss,
     AlphaBetaDivergenceLoss,
@@ -65,6 +66,7 @@ __all__ = [
     "ForwardKLLoss",
     "FusedLinearBidirectionalKLFunction",
     "FusedLinearBidirectionalKLLoss",
+    "GeneralizedJSDFunction",
     "GeneralizedJSDLoss",
     "JSDivergenceLoss",
     "KDLoss",
@@ -86,7 +88,9 @@ __all__ = [
     "entropy_gated_kl",
     "forward_kl",
     "forward_kl_topk",
+    "fused_generalized_jsd",
     "fused_linear_bidirectional_kl",
+    "fused_linear_generalized_jsd",
     "generalized_jsd",
     "generalized_jsd_topk",
     "js_divergence",

@@ -28,6 +28,7 @@ from torch import nn
 from . import functional, topk
 from ._base import check_reduction, check_temperature, check_unit_interval
 from .fused import fused_linear_bidirectional_kl
+from .fused_jsd import fused_generalized_jsd, fused_linear_generalized_jsd
 
 __all__ = [
     "AdaptiveKLLoss",
@@ -258,23 +259,75 @@ class BidirectionalKLLoss(DivergenceLoss):
 
 def accepts_hidden_states(loss: Any) -> bool:
     """Whether ``loss`` can be computed from the student's final hidden states and output layer (``from_hidden``:
-    the bidirectional KL), as ``trainer.fused_linear=true`` needs."""
+    the bidirectional KL and the generalized JSD), as ``trainer.fused_linear=true`` needs."""
     return callable(getattr(loss, "from_hidden", None))
 
 
 class GeneralizedJSDLoss(DivergenceLoss):
-    """GKD's generalized JSD (TRL convention, ``beta`` in [0, 1]); see :func:`arkd.losses.generalized_jsd`."""
+    """GKD's generalized JSD (TRL convention, ``beta`` in [0, 1]); see :func:`arkd.losses.generalized_jsd`.
+
+    Computed through the fast chunked path (:func:`arkd.losses.fused_generalized_jsd`: analytic gradient, no
+    ``[tokens, V]`` intermediates besides the gradient) unless ``fused=False`` (the autograd composition of
+    :func:`arkd.losses.generalized_jsd`, the reference; same values to float rounding). :meth:`from_hidden` computes it
+    from the student's final hidden states and output layer.
+
+    Args:
+        beta: 0 is FKL, 1 is RKL, the interior the mixture divergence.
+        chunk_size: tokens per chunk of the fast path (None: the library's default for V and the device).
+        fused: use the fast path.
+    """
 
     function = staticmethod(functional.generalized_jsd)
     topk_function = staticmethod(topk.generalized_jsd_topk)
 
-    def __init__(self, beta: float = 0.5, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        beta: float = 0.5,
+        *,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        fused: bool = True,
+    ) -> None:
         super().__init__(temperature=temperature, reduction=reduction)
         check_unit_interval("beta", beta)
         self.beta = float(beta)
+        self.chunk_size = None if chunk_size is None else _check_positive_int("chunk_size", chunk_size)
+        self.fused = bool(fused)
 
     def hyper(self) -> dict[str, object]:
         return {"beta": self.beta}
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """As :meth:`DivergenceLoss.forward`, through the fast path when ``fused``."""
+        if not self.fused or isinstance(teacher_logits, topk.TopKTeacher):
+            return super().forward(student_logits, teacher_logits, mask)
+        return fused_generalized_jsd(
+            student_logits, teacher_logits, mask, beta=self.beta, temperature=self.temperature,
+            reduction=self.reduction, chunk_size=self.chunk_size,
+        )  # fmt: skip
+
+    def from_hidden(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        alpha: None = None,
+    ) -> torch.Tensor:
+        """The same loss from the student's final hidden states and output layer
+        (:func:`arkd.losses.fused_linear_generalized_jsd`: no ``[tokens, V]`` student logits are built). ``alpha``
+        is accepted for the trainers' uniform call and must be None (this loss takes no alpha)."""
+        if alpha is not None:
+            raise ValueError("GeneralizedJSDLoss takes no alpha (its mixture is fixed by beta); pass alpha=None.")
+        return fused_linear_generalized_jsd(
+            student_hidden, student_weight, teacher_logits, mask, student_bias=bias, beta=self.beta,
+            temperature=self.temperature, reduction=self.reduction, chunk_size=self.chunk_size,
+        )  # fmt: skip
 
 
 class JSDivergenceLoss(DivergenceLoss):

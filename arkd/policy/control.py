@@ -77,6 +77,8 @@ class AlphaControl:
         probe: an ``arkd.policy.AlphaSignalProbe`` (None: no probe).
         model: the student module (unwrapped): its trainable parameters are previewed and scored.
         optimizer: the student's optimiser (its update is previewed from its state: Adam / AdamW exactly, SGD else).
+            ``model`` and ``optimizer`` may be set later, as attributes, before the first :meth:`begin` (a Trainer
+            integration binds its own); :meth:`begin` refuses a control that previews without them.
         max_steps: the run's length (a strategy's ``progress``).
         max_grad_norm: the loop's clipping threshold (None or <= 0: none), applied to previewed steps too.
         temperature: of the features and of the reward's ``D = (FKL + RKL) / 2``.
@@ -106,11 +108,6 @@ class AlphaControl:
         self.temperature, self.from_hidden = temperature, from_hidden
         self._held: float | None = None
         self._shift: float | None = None
-        if self.previews and (model is None or optimizer is None):
-            raise ValueError(
-                "this alpha control previews steps (a paired reward, the probe or greedy search): give model= and "
-                "optimizer=."
-            )
 
     @property
     def wants_features(self) -> bool:
@@ -194,6 +191,11 @@ class AlphaControl:
 
     def begin(self, step: int) -> StepControl:
         """Start optimiser step ``step + 1`` (``step`` steps taken)."""
+        if self.previews and (self.model is None or self.optimizer is None):
+            raise ValueError(
+                "this alpha control previews steps (a paired reward, the probe or greedy search): give model= and "
+                "optimizer=."
+            )
         return StepControl(self, step, self.plan(step))
 
     def scorer(self, parts: list[tuple[dict[str, torch.Tensor], Any, torch.Tensor]]) -> BatchScorer:
