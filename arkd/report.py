@@ -102,7 +102,9 @@ def final_report(
     rows_per_process: list[int] = [len(examples)]
     started = time.perf_counter()
     builders: dict[str, Callable[[], torch.nn.Module] | None] = {
-        "teacher": (lambda: teacher) if teacher is not None else None,
+        # report.teacher=false skips the teacher's own scores (the same in every run of a sweep); it still serves
+        # as the reference of the students' distribution metrics.
+        "teacher": (lambda: teacher) if teacher is not None and final.get("teacher", True) else None,
         "student_before": student_before,
         "student_after": lambda: load_model(after_dir),
     }
