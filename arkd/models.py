@@ -551,4 +551,7 @@ def load_lora_merged(path: str | os.PathLike, *, dtype: str = "float32"):
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them (less memory, one more
     forward); non-reentrant, so it also works when only LoRA adapters have gradients."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
