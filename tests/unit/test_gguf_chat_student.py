@@ -277,3 +277,91 @@ def test_lora_student_trains_only_adapters_and_its_saved_directory_loads_merged(
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, student(x).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Through the real entry points: arkd-train config=smollm2_dolly and arkd-eval, on the tiny GGUF model
+
+
+def _dolly_dir(root: Path) -> Path:
+    """A data_dir laid out like ../shared/data/dolly, with a few rows in each protocol file."""
+    import json
+
+    from arkd.data.template import format_prompt
+
+    words = "the cat sat on a mat all day and then it rested near the warm red door".split()
+    rows = []
+    for k in range(24):
+        instruction = " ".join(words[k % 7 : k % 7 + 3 + k % 4]).capitalize() + f" {k}?"
+        context = " ".join(words[: k % 5]) if k % 3 == 0 else ""
+        rows.append({"instruction": instruction, "input": context, "output": " ".join(words[k % 5 : k % 5 + 4]),
+                     "prompt": format_prompt(instruction, context)})  # fmt: skip
+    (root / "dolly").mkdir(parents=True)
+    for name, part in (("minillm_dolly_valid1000.jsonl", rows[:20]), ("minillm_dolly_test500.jsonl", rows[20:])):
+        (root / "dolly" / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root
+
+
+def test_smollm2_dolly_config_runs_through_arkd_train_with_a_gguf_teacher_chat_lora_and_checkpointing(tiny, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("peft")
+    path = tiny[0]
+    run_dir, data = tmp_path / "run", _dolly_dir(tmp_path / "data")
+    cmd = [
+        str(Path(sys.executable).parent / "arkd-train"), "config=smollm2_dolly", f"hydra.run.dir={run_dir}",
+        f"tokenizer.name_or_path={path}", f"teacher.name_or_path={path}", f"model.teacher={path}", "model.layers=2",
+        "+model.lora.r=4", "+model.lora.alpha=8", "trainer.gradient_checkpointing=true", f"data.data_dir={data}",
+        "data.splits.validation.limit=4", "trainer.max_steps=3", "reward.interval=2", "validation.subset=2",
+        "validation.max_new_tokens=4", "report.subset=3", "report.max_new_tokens=4",
+    ]  # fmt: skip
+    env = dict(os.environ, ARKD_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["results"]) == {"teacher", "student_before", "student_after"}
+    assert report["test_rows"] == 3 and "fkl" in report["results"]["student_after"]
+    prompt = report["examples"][0]["prompt"]
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    final = run_dir / "final"
+    assert (final / "adapter_config.json").is_file()  # a LoRA student: the adapters, on the cached pruned base
+    base = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).parent == tmp_path / "cache" / "students"
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    merged = load_model(final)
+    assert merged.config.num_hidden_layers == 2 and not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_arkd_eval_takes_a_gguf_model_and_teacher_and_the_chat_template(tiny, tmp_path, monkeypatch):
+    import json
+
+    from arkd.cli.eval import main
+
+    path, data = tiny[0], _dolly_dir(tmp_path / "data")
+    monkeypatch.setenv("ARKD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "eval"
+    argv = [
+        f"model_path={path}", f"teacher_path={path}", "template=chat", f"data_dir={data}", "datasets=[dolly]",
+        "seeds=[10]", "decoding.max_new_tokens=4", "bertscore.enabled=false", "progress=false", f"output_dir={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}", "hydra/job_logging=none", "hydra/hydra_logging=none",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["arkd-eval", *argv])
+    main()
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["prompt"].endswith("<|im_start|>assistant\n") for r in records)
+    results = json.loads((out / "results.json").read_text())
+    assert results["datasets"]["dolly"]["fkl"]["mean"] == pytest.approx(0.0, abs=1e-4)  # the teacher is the model
+
+    from arkd.models import build_tiny_model, build_tiny_tokenizer, save_pretrained
+
+    plain = tmp_path / "plain"
+    tokenizer = build_tiny_tokenizer(vocab_size=300, corpus_size=100)
+    save_pretrained(build_tiny_model(len(tokenizer), n_layer=1, n_embd=16, n_head=2), tokenizer, plain)
+    argv = [a for a in argv if not a.startswith(("model_path", "teacher_path", "output_dir"))]
+    monkeypatch.setattr(sys, "argv", ["arkd-eval", f"model_path={plain}", f"output_dir={tmp_path / 'e2'}", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code != 0
