@@ -365,3 +365,25 @@ def test_arkd_eval_takes_a_gguf_model_and_teacher_and_the_chat_template(tiny, tm
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code != 0
+
+
+def test_the_new_keys_are_checked_before_anything_is_built(tiny):
+    from arkd.cli.train import check_overrides
+
+    path = tiny[0]
+    base = ["config=smollm2_dolly", f"tokenizer.name_or_path={path}", f"teacher.name_or_path={path}",
+            f"model.teacher={path}"]  # fmt: skip
+    assert check_overrides(base + ["+model.lora.r=4", "trainer.gradient_checkpointing=true"]) is None
+    cases = {
+        "data.template=alpaca": r"data\.template: got 'alpaca', expected one of protocol, chat",
+        "trainer.gradient_checkpointing=maybe": r"trainer\.gradient_checkpointing: got 'maybe', expected true or false",
+        "model.init=copy": r"model\.init: got 'copy', expected one of from_teacher, fresh",
+        "model.layers=0": r"model\.layers: got 0, expected a number of blocks >= 1",
+        "+model.lora.rank=4": r"model\.lora\.rank: nothing reads this key; expected LoRA options among r, alpha",
+        "+model.lora.r=0": r"model\.lora\.r: got 0, expected an integer >= 1",
+        "report.teacher=1": r"report\.teacher: got 1, expected true or false",
+        "teacher.name_or_path=pkg://no_such_pkg/x.gguf": r"teacher\.name_or_path: the Python package 'no_such_pkg'",
+    }
+    for override, message in cases.items():
+        error = check_overrides(base + [override])
+        assert error is not None and __import__("re").search(message, error), (override, error)
