@@ -387,3 +387,26 @@ def test_the_new_keys_are_checked_before_anything_is_built(tiny):
     for override, message in cases.items():
         error = check_overrides(base + [override])
         assert error is not None and __import__("re").search(message, error), (override, error)
+
+
+def test_smollm2_dolly_with_seqkd_trains_on_the_teachers_generations_of_the_chat_prompts(tiny, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    path = tiny[0]
+    run_dir, data = tmp_path / "run", _dolly_dir(tmp_path / "data")
+    cmd = [
+        str(Path(sys.executable).parent / "arkd-train"), "config=smollm2_dolly", "rollout=seqkd", "policy=fkl",
+        f"hydra.run.dir={run_dir}", f"tokenizer.name_or_path={path}", f"teacher.name_or_path={path}",
+        f"model.teacher={path}", "model.layers=1", f"data.data_dir={data}", "data.splits.validation.limit=4",
+        "trainer.max_steps=2", "rollout.max_new_tokens=6", "validation.subset=2", "validation.max_new_tokens=4",
+        "report.enabled=false",
+    ]  # fmt: skip
+    env = dict(os.environ, ARKD_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (generations,) = (tmp_path / "cache" / "seqkd").glob("*/generations.json")
+    assert len(json.loads(generations.read_text())) > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rollout"] == "seqkd" and summary["steps"] == 2
