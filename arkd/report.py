@@ -102,12 +102,14 @@ def final_report(
     rows_per_process: list[int] = [len(examples)]
     started = time.perf_counter()
     builders: dict[str, Callable[[], torch.nn.Module] | None] = {
-        # report.teacher=false skips the teacher's own scores (the same in every run of a sweep); it still serves
-        # as the reference of the students' distribution metrics.
-        "teacher": (lambda: teacher) if teacher is not None and final.get("teacher", True) else None,
+        "teacher": (lambda: teacher) if teacher is not None else None,
         "student_before": student_before,
         "student_after": lambda: load_model(after_dir),
     }
+    # report.models leaves out models whose scores are the same in every run of a sweep (the teacher; a student
+    # before that does not depend on the seed); the teacher still serves as the students' reference.
+    chosen = set(final.get("models") or MODELS)
+    builders = {name: build if name in chosen else None for name, build in builders.items()}
     # Every process evaluates (evaluate_model shares the rows over them); the main process writes.
     for name, build in builders.items():
         if build is None:

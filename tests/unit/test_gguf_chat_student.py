@@ -381,7 +381,7 @@ def test_the_new_keys_are_checked_before_anything_is_built(tiny):
         "model.layers=0": r"model\.layers: got 0, expected a number of blocks >= 1",
         "+model.lora.rank=4": r"model\.lora\.rank: nothing reads this key; expected LoRA options among r, alpha",
         "+model.lora.r=0": r"model\.lora\.r: got 0, expected an integer >= 1",
-        "report.teacher=1": r"report\.teacher: got 1, expected true or false",
+        "report.models=[teacher,student]": r"report\.models: got \['teacher', 'student'\], expected a non-empty list",
         "teacher.name_or_path=pkg://no_such_pkg/x.gguf": r"teacher\.name_or_path: the Python package 'no_such_pkg'",
     }
     for override, message in cases.items():
@@ -401,12 +401,14 @@ def test_smollm2_dolly_with_seqkd_trains_on_the_teachers_generations_of_the_chat
         f"hydra.run.dir={run_dir}", f"tokenizer.name_or_path={path}", f"teacher.name_or_path={path}",
         f"model.teacher={path}", "model.layers=1", f"data.data_dir={data}", "data.splits.validation.limit=4",
         "trainer.max_steps=2", "rollout.max_new_tokens=6", "validation.subset=2", "validation.max_new_tokens=4",
-        "report.enabled=false",
+        "report.models=[student_after]", "report.subset=2", "report.max_new_tokens=4",
     ]  # fmt: skip
     env = dict(os.environ, ARKD_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (generations,) = (tmp_path / "cache" / "seqkd").glob("*/generations.json")
     assert len(json.loads(generations.read_text())) > 0
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rollout"] == "seqkd" and summary["steps"] == 2
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["training"]["rollout"] == "seqkd" and report["training"]["steps"] == 2
+    # report.models: only the student after is scored, still against the teacher
+    assert set(report["results"]) == {"student_after"} and "fkl" in report["results"]["student_after"]
