@@ -8,8 +8,8 @@ Each set-up runs in its own process (peak RSS only grows): it builds the smollm2
 ``--rows`` longest chat-templated training rows (cut to ``--length`` tokens; the job's batch is 4 rows of at most 320),
 and runs one step: the teacher's forward under no_grad, the student's forward, ARKD's bidirectional KL at alpha 0.5,
 the backward pass and an AdamW step. It prints the peak resident memory of the step above the memory held before it
-(models, data, allocator state: the same in every set-up), the step's loss and its wall time. On a CPU the peak RSS is
-what the step needs from the machine; on a GPU use torch.cuda.max_memory_allocated instead.
+(models with every weight paged in, data: the same in every set-up), the step's loss and its wall time. On a CPU the
+peak RSS is what the step needs from the machine; on a GPU use torch.cuda.max_memory_allocated instead.
 """
 
 from __future__ import annotations
@@ -61,10 +61,15 @@ def run_one(setup: str, rows: int, length: int) -> dict:
     if "checkpointing" in setup:
         enable_gradient_checkpointing(student)
     dataset = TokenizedDataset(splits["train"], tokenizer, max_prompt_length=288, max_length=length, add_bos=False)
-    items = sorted((dataset[i] for i in range(len(dataset))), key=lambda item: -len(item["input_ids"]))[:rows]
+    items = sorted(
+        (dataset[i] for i in range(len(dataset))), key=lambda item: -len(item["prompt_ids"]) - len(item["response_ids"])
+    )[:rows]
     batch = TrainingCollator(tokenizer.pad_token_id)(items)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():  # every weight paged in (safetensors maps them lazily) before the baseline is taken
+        teacher(input_ids=batch["input_ids"][:1, :8])
+        student(input_ids=batch["input_ids"][:1, :8])
     before = _current_mib()
     started = time.perf_counter()
     with torch.no_grad():
@@ -84,7 +89,7 @@ def run_one(setup: str, rows: int, length: int) -> dict:
         "trainable_parameters": trainable,
         "held_before_step_mib": round(before, 1),
         "step_peak_above_held_mib": round(_rss_mib() - before, 1),
-        "loss": round(float(loss), 5),
+        "loss": round(float(loss.detach()), 5),
         "seconds": round(seconds, 1),
     }
 
@@ -101,7 +106,9 @@ def main() -> None:
     results = []
     for setup in SETUPS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--setup", setup, "--rows", str(args.rows)]
-        out = subprocess.run(cmd + ["--length", str(args.length)], capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd + ["--length", str(args.length)], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{setup}: {out.stderr.strip().splitlines()[-1]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     plain = results[0]["step_peak_above_held_mib"]
