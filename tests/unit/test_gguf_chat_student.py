@@ -302,6 +302,7 @@ def _dolly_dir(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_smollm2_dolly_config_runs_through_arkd_train_with_a_gguf_teacher_chat_lora_and_checkpointing(tiny, tmp_path):
     import json
     import os
@@ -334,6 +335,7 @@ def test_smollm2_dolly_config_runs_through_arkd_train_with_a_gguf_teacher_chat_l
     assert merged.config.num_hidden_layers == 2 and not any("lora_" in n for n, _ in merged.named_parameters())
 
 
+@pytest.mark.slow
 def test_arkd_eval_takes_a_gguf_model_and_teacher_and_the_chat_template(tiny, tmp_path, monkeypatch):
     import json
 
@@ -389,6 +391,7 @@ def test_the_new_keys_are_checked_before_anything_is_built(tiny):
         assert error is not None and __import__("re").search(message, error), (override, error)
 
 
+@pytest.mark.slow
 def test_smollm2_dolly_with_seqkd_trains_on_the_teachers_generations_of_the_chat_prompts(tiny, tmp_path):
     import json
     import os
