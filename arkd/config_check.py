@@ -192,9 +192,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "report.head_top_p": _number(0, 1, open_low=True),
     "report.diversity": _bool(),
     "report.models": (
-        lambda v: isinstance(v, (list, tuple))
-        and len(v) > 0
-        and all(m in ("teacher", "student_before", "student_after") for m in v),
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and len(v) > 0
+            and all(m in ("teacher", "student_before", "student_after") for m in v)
+        ),
         "a non-empty list of teacher, student_before, student_after",
     ),
     "init_sft.*.max_steps": _int(1),
