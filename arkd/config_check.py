@@ -24,6 +24,8 @@ from arkd.errors import ConfigError
 
 # Keys of the options of `init_sft.teacher` / `init_sft.student` (arkd.recipes.sft_cache.sft_cached reads these).
 SFT_OPTIONS = {"max_steps", "lr", "batch_size", "warmup_steps", "lr_schedule", "weight_decay", "max_grad_norm", "seed"}
+# Keys of `model.lora` (the arguments of arkd.models.apply_lora, which the recipe's build_model calls).
+LORA_OPTIONS = ("r", "alpha", "dropout", "target_modules")
 # Hydra's own keys inside a `_target_` node.
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Nodes whose keys go through to a library as they are (checked by that library).
@@ -127,6 +129,29 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "trainer.fused_linear": _bool(),
     "trainer.best_metric": _choice(*BEST_MODES),
     "trainer.best_mode": _choice("max", "min"),
+    "trainer.gradient_checkpointing": _bool(),
+    "data.template": _choice("protocol", "chat"),
+    "model.init": _choice("from_teacher", "fresh"),
+    "model.layers": (
+        lambda v: (
+            (_is_int(v) and v >= 1)
+            or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(i) and i >= 0 for i in v))
+        ),
+        "a number of blocks >= 1 or a list of block indices",
+    ),
+    "model.lora": (
+        (lambda v: v is None or isinstance(v, Mapping)),
+        "null or a mapping of r, alpha, dropout, target_modules",
+    ),
+    "model.lora.r": _int(1),
+    "model.lora.alpha": _number(0, open_low=True),
+    "model.lora.dropout": _number(0, 1),
+    "model.lora.target_modules": _nullable(
+        (
+            (lambda v: isinstance(v, (list, tuple)) and all(isinstance(m, str) and m for m in v)),
+            "a list of module names",
+        )
+    ),
     "teacher.cache_dir": ((lambda v: v is None or (isinstance(v, str) and v != "")), "null or a directory"),
     "teacher.top_k": _int(1),
     "data.batch_size": _int(1),
@@ -172,6 +197,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str] | Callable[[], tuple[Callable
     "report.student": _choice("best", "final"),
     "report.head_top_p": _number(0, 1, open_low=True),
     "report.diversity": _bool(),
+    "report.models": (
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and len(v) > 0
+            and all(m in ("teacher", "student_before", "student_after") for m in v)
+        ),
+        "a non-empty list of teacher, student_before, student_after",
+    ),
     "init_sft.*.max_steps": _int(1),
     "init_sft.*.lr": _number(0, open_low=True),
     "init_sft.*.batch_size": _int(1),
@@ -251,7 +284,9 @@ def _walk(value: Any, reference: Any, path: str) -> None:
         child_path = f"{path}.{key}" if path else str(key)
         if key in _HYDRA_KEYS:
             continue
-        if key not in ref:
+        if child_path == "model.lora":  # read by the recipe (arkd.recipes.build.build_model), whatever the target
+            _check_lora(child)
+        elif key not in ref:
             if path.startswith("init_sft.") and path.count(".") == 1:
                 if key not in SFT_OPTIONS:
                     raise ConfigError(
@@ -277,6 +312,35 @@ def _walk(value: Any, reference: Any, path: str) -> None:
             if key not in value and key not in _HYDRA_KEYS:
                 path_text = f"{path}.{key}" if path else str(key)
                 raise ConfigError(f"{path_text} was removed; expected the key (its default: {_show(ref[key])}).")
+
+
+def _check_lora(value: Any) -> None:
+    if isinstance(value, Mapping):
+        unknown = sorted(str(k) for k in value if k not in LORA_OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"model.lora.{unknown[0]}: nothing reads this key; expected LoRA options among "
+                f"{', '.join(LORA_OPTIONS)}."
+            )
+
+
+def _check_gguf_files(plain: Mapping) -> None:
+    """Every GGUF file a tokenizer, model or teacher config names exists (a missing package says how to install it)."""
+    from arkd.gguf import is_gguf, resolve_gguf
+
+    for group, key in (
+        ("tokenizer", "name_or_path"),
+        ("model", "name_or_path"),
+        ("model", "teacher"),
+        ("teacher", "name_or_path"),
+    ):
+        node = plain.get(group)
+        value = node.get(key) if isinstance(node, Mapping) else None
+        if isinstance(value, str) and is_gguf(value):
+            try:
+                resolve_gguf(value)
+            except FileNotFoundError as err:
+                raise ConfigError(f"{group}.{key}: {err}") from None
 
 
 def check_train_config(cfg: Any, reference: Any | None = None, *, build: bool = True) -> None:
@@ -316,6 +380,7 @@ def check_train_config(cfg: Any, reference: Any | None = None, *, build: bool = 
             "strategies' per-sequence features and rewards would see several packed items as one sequence; set "
             "data.packing=false (data.group_by_length keeps the padding low)."
         )
+    _check_gguf_files(plain)
     if build:
         _build_cheap_objects(cfg)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -68,19 +68,24 @@ def load_tokenizer(
     padding_side: str = "left",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    gguf_cache_dir: str | os.PathLike | None = None,
 ):
     """Load a tokenizer by Hugging Face name or local directory, with a pad token and a padding side.
 
     Args:
-        name_or_path: e.g. ``"gpt2"`` or a directory written by ``save_pretrained``.
+        name_or_path: e.g. ``"gpt2"``, a directory written by ``save_pretrained``, or a GGUF file (a ``.gguf`` path
+            or ``pkg://PACKAGE/FILE.gguf``: the tokenizer stored in it, :mod:`arkd.gguf`).
         padding_side: ``"left"`` (generation) or ``"right"``.
         trust_remote_code: allow code shipped with the checkpoint (off by default).
         revision: a Hub branch, tag or commit.
+        gguf_cache_dir: where a GGUF file's converted copy is cached (None: ``$ARKD_CACHE`` or ``~/.cache/arkd``).
 
     Returns:
         A ``PreTrainedTokenizerBase`` whose pad token is set (end-of-text for GPT-2-style tokenizers).
     """
     from transformers import AutoTokenizer
+
+    name_or_path = _local_gguf(name_or_path, gguf_cache_dir)
 
     kwargs = {"trust_remote_code": trust_remote_code}
     if revision is not None:
@@ -103,22 +108,31 @@ def load_model(
     revision: str | None = None,
     use_safetensors: bool | None = True,
     attn_implementation: str | None = None,
+    gguf_cache_dir: str | os.PathLike | None = None,
 ):
     """Load a causal language model by Hugging Face name or local directory.
 
+    A GGUF file (a ``.gguf`` path or ``pkg://PACKAGE/FILE.gguf``) is dequantised once and cached
+    (:mod:`arkd.gguf`); a directory holding a LoRA adapter (``adapter_config.json``, a student trained with
+    ``model.lora``) is loaded with peft on its base model and merged.
+
     Args:
-        name_or_path: e.g. ``"gpt2-xl"`` or a directory written by ``save_pretrained``.
+        name_or_path: e.g. ``"gpt2-xl"``, a directory written by ``save_pretrained``, or a GGUF file.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or short forms) or ``"auto"``.
         trust_remote_code: allow code shipped with the checkpoint (off by default).
         revision: a Hub branch, tag or commit.
         use_safetensors: True loads safetensors weights only (no pickle); None also accepts ``.bin`` files.
         attn_implementation: e.g. ``"sdpa"`` or ``"flash_attention_2"`` (None: the library's default).
+        gguf_cache_dir: where a GGUF file's converted copy is cached (None: ``$ARKD_CACHE`` or ``~/.cache/arkd``).
 
     Returns:
         The model (``PreTrainedModel``), in train mode, on the CPU.
     """
     from transformers import AutoModelForCausalLM
 
+    name_or_path = _local_gguf(name_or_path, gguf_cache_dir)
+    if (Path(str(name_or_path)) / "adapter_config.json").is_file():
+        return load_lora_merged(name_or_path, dtype=dtype)
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code, "use_safetensors": use_safetensors}
     if revision is not None:
         kwargs["revision"] = revision
@@ -131,6 +145,15 @@ def load_model(
             f"could not load a causal language model from '{name_or_path}' ({err}); expected a Hugging Face model "
             "name or a local directory written by save_pretrained (with safetensors weights)"
         ) from err
+
+
+def _local_gguf(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> str | os.PathLike:
+    """A GGUF reference becomes its cached float copy's directory; anything else is returned as it is."""
+    from arkd.gguf import gguf_pretrained_dir, is_gguf
+
+    if not is_gguf(name_or_path):
+        return name_or_path
+    return gguf_pretrained_dir(name_or_path, cache_dir)
 
 
 def build_tiny_tokenizer(
@@ -341,3 +364,194 @@ def slice_to_vocab(model, vocab_size: int):
         model.resize_token_embeddings(vocab_size)
         logger.info("vocabulary: dropped %d padded embedding rows (%d -> %d)", rows - vocab_size, rows, vocab_size)
     return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Students made from a teacher, LoRA, gradient checkpointing
+
+STUDENT_INITS = ("from_teacher", "fresh")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks (Llama / Qwen / Mistral ``model.layers``, GPT-2 ``transformer.h``)."""
+    base = getattr(model, "base_model", model)
+    for path in ("layers", "h", "decoder.layers"):
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, torch.nn.ModuleList):
+            return node
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}; expected model.layers or .h")
+
+
+def select_layers(total: int, layers: int | Sequence[int]) -> list[int]:
+    """The teacher's blocks a pruned student keeps: ``n`` evenly spaced ones, the first and the last always among
+    them (``round(linspace(0, total - 1, n))``), or an explicit list of indices.
+
+    Raises:
+        ValueError: a count outside ``[1, total]``, or indices that are out of range, repeated or not increasing.
+    """
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if not 1 <= layers <= total:
+            raise ValueError(f"model.layers: got {layers}, expected a number of blocks between 1 and {total}")
+        if layers == 1:
+            return [0]
+        return [round(i * (total - 1) / (layers - 1)) for i in range(layers)]
+    chosen = [int(i) for i in layers]
+    if not chosen or any(not 0 <= i < total for i in chosen) or chosen != sorted(set(chosen)):
+        raise ValueError(f"model.layers: got {chosen}, expected increasing, distinct block indices in [0, {total - 1}]")
+    return chosen
+
+
+def student_from_teacher(
+    teacher: str | os.PathLike,
+    *,
+    init: str = "from_teacher",
+    layers: int | Sequence[int] = 6,
+    dtype: str = "float32",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """A student with the teacher's architecture, tokenizer and vocabulary, and fewer transformer blocks.
+
+    ``init="from_teacher"`` is depth pruning (DistilBERT took every other layer of BERT; Minitron prunes depth and
+    retrains by distillation): the student keeps the teacher's embeddings, final norm and output head, and the
+    weights of the selected blocks (:func:`select_layers`), in order. ``init="fresh"`` builds the same smaller
+    architecture with random weights (``seed``). The student is written once to
+    ``cache_dir/students/<hash>/`` (keyed by the teacher's files, ``init``, the blocks and the seed) and loaded from
+    there, so that it has a directory of its own (a LoRA adapter trained on it names it as its base).
+
+    Args:
+        teacher: the teacher's name or path (a GGUF reference too, as for :func:`load_model`).
+        init: ``"from_teacher"`` (pruned) or ``"fresh"`` (random weights).
+        layers: how many blocks (evenly spaced, first and last kept) or which ones.
+        dtype: the student's dtype.
+        seed: the initialisation seed of ``init="fresh"``.
+        cache_dir: the cache root (None: ``$ARKD_CACHE`` or ``~/.cache/arkd``).
+    """
+    import hashlib
+    import json
+    import shutil
+
+    from arkd.checkpoint import COMPLETE, MANIFEST, file_digest, verify_checkpoint
+    from arkd.gguf import default_cache_dir
+
+    if init not in STUDENT_INITS:
+        raise ValueError(f"model.init: got {init!r}, expected one of {', '.join(STUDENT_INITS)}")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    source = Path(str(_local_gguf(teacher, root)))
+    teacher_files = (
+        {f.name: f.stat().st_size for f in sorted(source.iterdir()) if f.is_file()} if source.is_dir() else str(source)
+    )
+    key = json.dumps(
+        {
+            "teacher": str(teacher),
+            "files": teacher_files,
+            "init": init,
+            "layers": layers,
+            "seed": seed if init == "fresh" else None,
+        },
+        sort_keys=True,
+        default=list,
+    )
+    target = root / "students" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if not target.is_dir() or verify_checkpoint(target) is not None:
+        shutil.rmtree(target, ignore_errors=True)
+        model = _make_student(load_model(source, dtype="float32"), init, layers, seed)
+        tmp = target.parent / f".tmp_{target.name}_{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            files = {f.name: {"size": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps({"student": json.loads(key), "files": files}, indent=2) + "\n")
+            (tmp / COMPLETE).write_text("")
+            try:
+                tmp.rename(target)
+            except OSError:
+                if verify_checkpoint(target) is not None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_model(target, dtype=dtype)
+
+
+def _make_student(teacher, init: str, layers: int | Sequence[int], seed: int):
+    """The student model in memory: the teacher's config with fewer blocks, weights copied (pruned) or fresh."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    blocks = decoder_layers(teacher)
+    chosen = select_layers(len(blocks), layers)
+    config = copy.deepcopy(teacher.config)
+    for name in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, name):
+            setattr(config, name, len(chosen))
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in chosen]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    if init == "fresh":
+        return student
+    prefix = {id(m): n for n, m in teacher.named_modules()}[id(blocks)]
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        if name.startswith(prefix + "."):
+            index, _, rest = name[len(prefix) + 1 :].partition(".")
+            if int(index) not in chosen:
+                continue
+            name = f"{prefix}.{chosen.index(int(index))}.{rest}"
+        state[name] = tensor.clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def apply_lora(
+    model, *, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules: Sequence[str] | None = None
+):
+    """Wrap a model in LoRA adapters (peft): only the adapters train; the base weights are frozen.
+
+    Args:
+        model: the student.
+        r: the adapters' rank.
+        alpha: LoRA's scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: dropout on the adapters' input.
+        target_modules: names of the linear layers that get adapters (None: peft's default for the architecture,
+            the attention projections for Llama).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("model.lora needs the 'peft' package; install it with `pip install 'arkd[lora]'`.") from None
+    config = LoraConfig(
+        r=int(r),
+        lora_alpha=float(alpha),
+        lora_dropout=float(dropout),
+        target_modules=list(target_modules) if target_modules is not None else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_lora_merged(path: str | os.PathLike, *, dtype: str = "float32"):
+    """A LoRA student saved by arkd-train (``adapter_config.json`` + adapter weights): its base model (the
+    adapter config's ``base_model_name_or_path``) with the adapters merged in."""
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise OSError(f"{path}/adapter_config.json names no base model; expected base_model_name_or_path")
+    return PeftModel.from_pretrained(load_model(base, dtype=dtype), str(path)).merge_and_unload()
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, one more
+    forward); non-reentrant, so it also works when only LoRA adapters have gradients."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -106,6 +106,10 @@ def final_report(
         "student_before": student_before,
         "student_after": lambda: load_model(after_dir),
     }
+    # report.models leaves out models whose scores are the same in every run of a sweep (the teacher; a student
+    # before that does not depend on the seed); the teacher still serves as the students' reference.
+    chosen = set(final.get("models") or MODELS)
+    builders = {name: build if name in chosen else None for name, build in builders.items()}
     # Every process evaluates (evaluate_model shares the rows over them); the main process writes.
     for name, build in builders.items():
         if build is None:

@@ -193,6 +193,8 @@ def teacher_forced_metrics(
         max_length=max_length,
         overlong_prompt="truncate",
     )
+    # Longest first: batches of similar lengths pad little (the sums below do not depend on the order).
+    items = sorted(items, key=lambda it: -(len(it.prompt_ids) + len(it.response_ids)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = TrainingCollator(pad)
     vocab = len(tokenizer)

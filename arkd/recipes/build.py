@@ -70,15 +70,29 @@ def check_processes_agree(record: dict[str, Any], what: str = "run") -> None:
 
 
 def build_model(node: DictConfig, tokenizer: Any) -> torch.nn.Module:
-    """Instantiate a model config; a ``vocab_size: null`` (tiny models) is filled with ``len(tokenizer)``."""
+    """Instantiate a model config; a ``vocab_size: null`` (tiny models) is filled with ``len(tokenizer)``; a
+    ``lora`` mapping (r, alpha, dropout, target_modules) wraps the model in LoRA adapters
+    (:func:`arkd.models.apply_lora`)."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from arkd.teacher_cache import model_node
 
     node = model_node(node)  # a teacher's cache keys (teacher.cache_dir, teacher.top_k) are not the model's
+    lora = node.get("lora") if isinstance(node, DictConfig) else None
+    if isinstance(node, DictConfig) and "lora" in node:
+        plain = OmegaConf.to_container(node, resolve=False)
+        plain.pop("lora")
+        node = OmegaConf.create(plain, parent=node._get_parent())
     if "vocab_size" in node and node.vocab_size is None:
-        return instantiate(node, vocab_size=len(tokenizer))
-    return instantiate(node)
+        model = instantiate(node, vocab_size=len(tokenizer))
+    else:
+        model = instantiate(node)
+    if lora is not None:
+        from arkd.models import apply_lora
+
+        model = apply_lora(model, **OmegaConf.to_container(lora, resolve=True))
+    return model
 
 
 def make_loader(

@@ -290,6 +290,16 @@ def _check_limits(cfg: DictConfig, tokenizer: Any, train_dataset: Any, splits: A
     check_model_limits(cfg, tokenizer, longest_row=longest_row, models=models, generations=generations)
 
 
+def _templated(splits: dict, tokenizer: Any, cfg: DictConfig) -> dict:
+    """The splits' prompts in ``data.template`` (protocol: as read; chat: the model's chat template)."""
+    from arkd.data.template import apply_template
+
+    try:
+        return apply_template(splits, tokenizer, str(cfg.data.get("template", "protocol")))
+    except ValueError as err:
+        raise ConfigError(f"{err}.") from None
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     """Rank 0's run directory, on every process (ranks may resolve ``${now:...}`` a second apart)."""
     from arkd.distributed import broadcast_object
@@ -353,7 +363,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # Tokenizer, data, models.
     tokenizer = instantiate(cfg.tokenizer)
-    splits = instantiate(cfg.data.splits)
+    splits = _templated(instantiate(cfg.data.splits), tokenizer, cfg)
     for name in ("train", "validation"):
         if name not in splits or not splits[name]:
             raise ConfigError(f"data.splits gave no {name!r} rows: expected train and validation examples.")
@@ -410,6 +420,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         models = {"student": student, "teacher": teacher if isinstance(teacher, torch.nn.Module) else None}
         check_processes_agree({k: model_fingerprint(m) if m is not None else None for k, m in models.items()})
+    if cfg.trainer.get("gradient_checkpointing"):
+        from arkd.models import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(student)
 
     # Strategy, loss, optimizer, schedule.
     loss = instantiate(cfg.loss) if cfg.loss is not None else None

@@ -105,9 +105,41 @@ def _model_sources(cfg: DictConfig) -> dict[str, str]:
     if cfg.get("teacher_path"):
         sources["teacher_path"] = str(cfg.teacher_path)
     for key, source in sources.items():
+        if _gguf(key, source):
+            continue
         if not Path(source).expanduser().exists() and _looks_like_path(source):
             raise EvalError(f"{key}={source}: no such directory; expected a model directory or a Hub name.")
     return sources
+
+
+def _gguf(key: str, source: str) -> bool:
+    """Whether a source is a GGUF file (a ``.gguf`` path or ``pkg://PACKAGE/FILE``); a missing one is an error."""
+    from arkd.gguf import is_gguf, resolve_gguf
+
+    if not is_gguf(source):
+        return False
+    try:
+        resolve_gguf(source)
+    except FileNotFoundError as err:
+        raise EvalError(f"{key}={source}: {err}") from None
+    return True
+
+
+def _local(source: str) -> str | Path:
+    """A model source as load_model / load_tokenizer take it (a GGUF reference stays a string)."""
+    from arkd.gguf import is_gguf
+
+    return source if is_gguf(source) else Path(source).expanduser()
+
+
+def _templated(loaded: dict[str, list], tokenizer: Any, cfg: DictConfig) -> dict[str, list]:
+    """The datasets' prompts in ``template`` (protocol: the files' own; chat: the model's chat template)."""
+    from arkd.data.template import apply_template
+
+    try:
+        return apply_template(loaded, tokenizer, str(cfg.get("template", "protocol")))
+    except ValueError as err:
+        raise EvalError(f"{err}.") from None
 
 
 def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = True):
@@ -138,8 +170,8 @@ def load_model_and_tokenizer(cfg: DictConfig, device: str, *, report: bool = Tru
     if cfg.tokenizer_path:
         _check_model_dir("tokenizer_path", sources["tokenizer_path"], weights=False)
     try:
-        tokenizer = load_tokenizer(Path(sources["tokenizer_path"]).expanduser())
-        model = load_model(Path(sources["model_path"]).expanduser(), dtype=dtype)
+        tokenizer = load_tokenizer(_local(sources["tokenizer_path"]))
+        model = load_model(_local(sources["model_path"]), dtype=dtype)
     except OSError as err:
         raise EvalError(
             f"{_first_line(err)} (set model_path=PATH, and tokenizer_path=PATH if it lives elsewhere)."
@@ -233,7 +265,7 @@ def load_teacher(cfg: DictConfig, device: str, tokenizer):
 
     if not cfg.get("teacher_path"):
         return None
-    source = Path(str(cfg.teacher_path)).expanduser()
+    source = _local(str(cfg.teacher_path))
     try:
         teacher = load_model(source, dtype=resolve_dtype(str(cfg.dtype)))
     except OSError as err:
@@ -431,6 +463,7 @@ def _evaluate(
     else:
         model, tokenizer, dropped = load_model_and_tokenizer(cfg, device, report=main)
     teacher = load_teacher(cfg, device, tokenizer)
+    loaded = _templated(loaded, tokenizer, cfg)
     _check_positions(cfg, decoding, tokenizer, loaded, [("model_path", model), ("teacher_path", teacher)])
     inputs = _inputs_record(model, teacher, tokenizer, loaded, fingerprint=backend != "vllm")
     if pdist.world_size() > 1:  # every process loaded the same model, teacher, tokenizer and rows

@@ -90,7 +90,24 @@ def local_families(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     }
 
 
-FAMILY_OF = {"qwen2.5_": ("qwen2", "Qwen2ForCausalLM"), "llama3.2_": ("llama", "LlamaForCausalLM")}
+FAMILY_OF = {
+    "qwen2.5_": ("qwen2", "Qwen2ForCausalLM"),
+    "llama3.2_": ("llama", "LlamaForCausalLM"),
+    "smollm2_": ("gguf", "LlamaForCausalLM"),
+}
+
+
+@pytest.fixture(scope="module")
+def local_gguf(tmp_path_factory) -> Path:
+    """A tiny Llama with a ChatML tokenizer in a GGUF file (stands in for SmolLM2-135M-Instruct's)."""
+    pytest.importorskip("gguf")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_gguf import tiny_chat_tokenizer, tiny_llama, write_gguf
+
+    tokenizer = tiny_chat_tokenizer()
+    return write_gguf(tiny_llama(len(tokenizer)), tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 def _family(name: str) -> tuple[str, str] | None:
@@ -148,7 +165,7 @@ def test_size_experiments_share_a_base():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(name, local_gpt2, local_families, dolly_like):
+def test_experiment_composes_and_instantiates(name, local_gpt2, local_families, dolly_like, request):
     overrides = [f"config={name}", "output_dir=unused"]
     cfg = _compose(*overrides)
     synthetic = ("arkd.data.synthetic.synthetic_splits", "arkd.data.synthetic.tradeoff_splits")
@@ -160,7 +177,11 @@ def test_experiment_composes_and_instantiates(name, local_gpt2, local_families, 
             f"data.splits.test.source={dolly_like['test']}",
         ]
     family = _family(name)
-    if cfg.tokenizer._target_ == "arkd.models.load_tokenizer":  # Hub names: tiny models of the same family
+    if family is not None and family[0] == "gguf":  # a GGUF teacher and a student pruned from it: a tiny GGUF file
+        local = request.getfixturevalue("local_gguf")
+        overrides += [f"tokenizer.name_or_path={local}", f"teacher.name_or_path={local}", f"model.teacher={local}"]
+        overrides += ["model.layers=2", f"cache_dir={request.getfixturevalue('tmp_path')}"]
+    elif cfg.tokenizer._target_ == "arkd.models.load_tokenizer":  # Hub names: tiny models of the same family
         local = local_families[family[0]] if family else local_gpt2
         overrides += [f"tokenizer.name_or_path={local}", f"model.name_or_path={local}"]
         if cfg.teacher is not None:
