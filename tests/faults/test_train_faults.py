@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small import SMALL
 
 from arkd import checkpoint as ckpt
 from arkd.run_log import read_metrics
-from tests.faults.conftest import SMALL
 
 BIN = Path(sys.executable).parent
 
