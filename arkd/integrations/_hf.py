@@ -89,6 +89,24 @@ class ARKDTrainerMixin:
     """The arkd part of a ``transformers.Trainer`` subclass (put it first in the bases). See the module docstring."""
 
     # ------------------------------------------------------------------------------------------------- set-up
+
+    # The Trainer's own hooks, the same for every subclass (the mixin stands before the Trainer in its bases, so
+    # super() is the Trainer's)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        return self._arkd_get_batch_samples(super().get_batch_samples, epoch_iterator, num_batches, device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        self._arkd_merge_logs(logs)
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        self._arkd_save(trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._arkd_load(resume_from_checkpoint)
+
     def _arkd_init(
         self,
         *,

@@ -97,18 +97,3 @@ class ARKDGKDTrainer(ARKDTrainerMixin, GKDTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._arkd_on_policy = False
         return self._arkd_training_step(super().training_step, model, inputs, num_items_in_batch)
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        return self._arkd_get_batch_samples(super().get_batch_samples, epoch_iterator, num_batches, device)
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        self._arkd_merge_logs(logs)
-        super().log(logs, *args, **kwargs)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        self._arkd_save(trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._arkd_load(resume_from_checkpoint)
