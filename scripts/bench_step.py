@@ -3,11 +3,11 @@
 Trainers share the teacher, the student's initial weights and the data:
 
 - ``constant``: ``ConstantAlpha(0.5)`` (features are still computed: every strategy receives them);
-- ``learned``: ``LearnedPolicy`` with the shipped paired reward (``reward.interval`` 8, 2 candidates: one extra
-  backward for dg/dalpha and 3 student forwards on the next batch every 8 steps, whose teacher logits the next step
-  reuses), no probe;
+- ``learned``: ``LearnedPolicy`` with the one-step paired reward (``reward=paired``: ``reward.interval`` 8, 2
+  candidates: one extra backward for dg/dalpha and 3 student forwards on the next batch every 8 steps, whose teacher
+  logits the next step reuses), no probe;
 - ``learned@16``: the same with a reward every 16 steps (half the updates, half the cost);
-- ``learned+probe``: the shipped defaults of ``policy=learned`` (the probe every 8 steps: 3 forwards on the next
+- ``learned+probe``: ``policy=learned reward=paired`` with its probe (the probe every 8 steps: 3 forwards on the next
   batch, 2 on the window);
 - ``constant+probe``: the probe's own cost on a strategy that does not learn;
 - ``learned/same_batch``: the legacy same-batch reward (one replayed forward every 4 steps), for comparison.

@@ -8,7 +8,8 @@ reference.
 Arms (every setting is the config's own or the presets' defaults, fixed before the runs; nothing per arm):
 
 - fixed: ``policy=fkl``, ``rkl``, ``constant`` (0.5), ``linear``, ``cosine``;
-- ``learned``: the learned policy with the one-step paired reward (``reward=paired``, the default);
+- ``learned``: the learned policy with the one-step paired reward (``reward=paired``; the default of
+  ``policy=learned`` when the matrices ran, pinned here since the horizon reward became the default);
 - ``learned_horizon``: ``reward=horizon`` (horizon 32, 2 candidates, continue from the best branch, 64 reward rows);
 - ``learned_horizon_frozen``: the same with ``policy.lr=0`` (the branches and the best-branch selection without
   learning: separates what the policy learns from what picking the better of two branches gives);
@@ -34,7 +35,7 @@ ARMS: dict[str, list[str]] = {
     "constant": ["policy=constant"],
     "linear": ["policy=linear"],
     "cosine": ["policy=cosine"],
-    "learned": ["policy=learned"],
+    "learned": ["policy=learned", "reward=paired"],
     "learned_horizon": ["policy=learned", "reward=horizon", "label=learned_horizon"],
     "learned_horizon_frozen": ["policy=learned", "policy.lr=0", "reward=horizon", "label=learned_horizon_frozen"],
 }

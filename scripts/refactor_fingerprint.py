@@ -64,7 +64,10 @@ def _one(name: str, run_dir: str, cache: str, crash_after: int | None, resume: b
     from arkd.recipes.distill import run
     from arkd.trainer import Trainer
 
-    overrides = [*COMMON, *RUNS[name], f"cache_dir={cache}", f"output_dir={run_dir}"]
+    # The baseline's runs used the paired reward, then the default of policy=learned (the default is now the
+    # horizon reward): pinned, unless the variant names its own.
+    pinned = [] if any(o.startswith("reward=") for o in RUNS[name]) else ["reward=paired"]
+    overrides = [*COMMON, *pinned, *RUNS[name], f"cache_dir={cache}", f"output_dir={run_dir}"]
     if name == "teacher_cache":
         overrides.append(f"teacher.cache_dir={cache}/teacher_cache")
     if resume:

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> None:
                     continue
                 shared = [f"rollout.max_new_tokens={args.max_new_tokens}"] if overrides else []
                 cmd = [arkd_train, f"config={args.config}", *overrides, *shared, f"policy={policy}", f"seed={seed}"]
+                cmd += ["reward=paired"]  # the reward the published sweep ran with (the default then)
                 cmd += [f"label={rollout}-{policy}", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
                 cmd += [f"report.seeds={args.report_seeds}"] if args.report_seeds else []
                 cmd += [f"trainer.max_steps={args.steps}"] if args.steps else []

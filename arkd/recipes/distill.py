@@ -436,7 +436,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     optimizer = instantiate(cfg.optimizer)(params=[p for p in student.parameters() if p.requires_grad])
     scheduler = make_scheduler(optimizer, str(cfg.trainer.lr_schedule), int(cfg.trainer.warmup_steps), max_steps)
     reward = instantiate(cfg.reward) if strategy is not None and strategy.needs_reward else None
-    probe = _build_probe(cfg, strategy)
+    probe = _build_probe(cfg, strategy, reward)
     rollout = _build_rollout(cfg, tokenizer, distill_dataset, teacher)
 
     # Validation: loss on (a subset of) the validation split, Rouge-L of generations on a subset.
@@ -592,15 +592,19 @@ def _reward_rows(cfg: DictConfig) -> int:
     return int(probe.get("rows", 64)) if enabled is True or (enabled == "auto" and learns) else 0
 
 
-def _build_probe(cfg: DictConfig, strategy: Any) -> Any:
-    """The alpha-signal probe of ``cfg.probe`` (``enabled: auto`` = on for strategies that learn from rewards)."""
+def _build_probe(cfg: DictConfig, strategy: Any, reward: Any = None) -> Any:
+    """The alpha-signal probe of ``cfg.probe``. ``enabled: auto`` = on for strategies that learn from a one-step reward;
+    under a reward that branches (``reward=horizon``, which already measures alpha over whole segments) only when
+    ``probe.horizon`` > 0: the one-step probe changes no weight (bit for bit) and would cost ~30 % more steps there."""
     if strategy is None or cfg.get("probe") is None:
         return None
     options = OmegaConf.to_container(cfg.probe, resolve=True)
     enabled = options.pop("enabled", "auto")
     if enabled not in ("auto", True, False):
         raise ConfigError(f"probe.enabled must be auto, true or false, got {enabled!r}.")
-    if enabled is False or (enabled == "auto" and not strategy.needs_reward):
+    branching = reward is not None and reward.branches
+    auto_on = strategy.needs_reward and (not branching or int(options.get("horizon", 0)) > 0)
+    if enabled is False or (enabled == "auto" and not auto_on):
         return None
     from hydra.utils import instantiate
 

@@ -8,7 +8,7 @@ import errno
 import pytest
 
 BASE = ["config=tiny", "init_sft.teacher=null", "init_sft.student=null", "data.splits.n_train=32",
-        "data.splits.n_validation=4", "data.splits.n_test=4", "trainer.progress=false"]  # fmt: skip
+        "data.splits.n_validation=4", "data.splits.n_test=4", "trainer.progress=false", "reward=paired"]  # fmt: skip
 
 
 def _run(argv, capsys) -> tuple[int, str]:

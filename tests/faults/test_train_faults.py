@@ -309,8 +309,8 @@ def test_sigint_during_a_cached_sft_says_it_starts_again(arkd_train, tmp_path, m
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
     outcome = arkd_train(
-        "config=tiny", "data.splits.n_train=64", "init_sft.teacher.max_steps=20", "init_sft.teacher.batch_size=8",
-        "trainer.progress=false", small=False,
+        "config=tiny", "data.splits.n_train=64", "reward=paired", "init_sft.teacher.max_steps=20",
+        "init_sft.teacher.batch_size=8", "trainer.progress=false", small=False,
     )  # fmt: skip
     assert outcome.code == 130
     assert _one_sentence(outcome) == (
@@ -576,7 +576,9 @@ def test_an_unwritable_run_directory_is_refused_before_anything_is_built(arkd_tr
 def test_an_unwritable_cache_is_refused_before_the_sft_trains(arkd_train, tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
-    outcome = arkd_train("config=tiny", "data.splits.n_train=64", f"cache_dir={blocker / 'cache'}", small=False)
+    outcome = arkd_train(
+        "config=tiny", "data.splits.n_train=64", "reward=paired", f"cache_dir={blocker / 'cache'}", small=False
+    )
     assert outcome.code == 1
     assert _one_sentence(outcome) == (
         f"arkd-train: cannot write to the cache directory (cache_dir) {blocker / 'cache'}: "
@@ -688,7 +690,12 @@ def test_bad_values_exit_2_with_one_sentence_before_any_work(arkd_train, tmp_pat
 def test_a_batch_larger_than_the_data_is_refused_before_the_teacher_is_trained(arkd_train, tmp_path):
     # The tiny config's own SFT stages (teacher 450 steps): refused before they start.
     outcome = arkd_train(
-        "config=tiny", "data.splits.n_train=64", "data.batch_size=100", "trainer.progress=false", small=False
+        "config=tiny",
+        "data.splits.n_train=64",
+        "reward=paired",
+        "data.batch_size=100",
+        "trainer.progress=false",
+        small=False,
     )
     assert outcome.code == 2
     line = _one_sentence(outcome)

@@ -377,6 +377,7 @@ def _pair_run_overrides(name: str, tokenizer_dir: Path, student: Path, teacher: 
         "trainer.precision=fp32",
         "trainer.cpu=true",
         "trainer.max_steps=2",
+        "reward=paired",  # 2 steps on 20 rows: the horizon reward holds out 64
         "trainer.grad_accum=1",
         "trainer.warmup_steps=0",
         "trainer.eval_interval=0",
@@ -464,3 +465,26 @@ def test_vocabulary_mismatch_is_refused_in_one_sentence(tmp_path, tiny_tokenizer
     small = _save_hub_like(tmp_path / "small", "qwen2", v - 10, tiny_tokenizer)  # fewer rows than tokens
     with pytest.raises(ConfigError, match=rf"^model.name_or_path=.*: the model has {v - 10} vocabulary rows"):
         run(_compose(*_pair_run_overrides("qwen2.5_0.5b", student, small, student, dolly_like, tmp_path / "r2")))
+
+
+def test_policy_learned_defaults_to_the_horizon_reward_and_the_probe_auto_rule():
+    """The learned policy's default reward is the horizon reward (issue 21's evidence, docs/results.md); probe
+    ``enabled: auto`` is on under a one-step reward, off under the branching reward unless it asks at a horizon."""
+    from arkd.recipes.distill import _build_probe
+    from arkd.reward import HorizonReward, PairedReward
+
+    cfg = _compose("config=tiny")
+    assert cfg.reward._target_ == "arkd.reward.HorizonReward"
+    strategy, reward = instantiate(cfg.policy), instantiate(cfg.reward)
+    assert isinstance(reward, HorizonReward) and reward.horizon == 32 and reward.candidates == 2
+    assert _build_probe(cfg, strategy, reward) is None
+    assert _build_probe(_compose("config=tiny", "probe.horizon=8"), strategy, reward).horizon == 8
+    assert _build_probe(_compose("config=tiny", "probe.enabled=true"), strategy, reward) is not None
+    paired = _compose("config=tiny", "reward=paired")
+    assert _build_probe(paired, strategy, instantiate(paired.reward)) is not None
+    assert isinstance(instantiate(paired.reward), PairedReward)
+    off = _compose("config=tiny", "reward=paired", "probe.enabled=false")
+    assert _build_probe(off, strategy, PairedReward()) is None
+    fixed = _compose("config=tiny", "policy=constant")
+    assert _build_probe(fixed, instantiate(fixed.policy), None) is None
+    assert _compose("config=smollm2_dolly").reward._target_ == "arkd.reward.PairedReward"  # 16 steps: half a horizon

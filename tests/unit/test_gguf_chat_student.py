@@ -315,8 +315,8 @@ def test_smollm2_dolly_config_runs_through_arkd_train_with_a_gguf_teacher_chat_l
         str(Path(sys.executable).parent / "arkd-train"), "config=smollm2_dolly", f"hydra.run.dir={run_dir}",
         f"tokenizer.name_or_path={path}", f"teacher.name_or_path={path}", f"model.teacher={path}", "model.layers=2",
         "+model.lora.r=4", "+model.lora.alpha=8", "trainer.gradient_checkpointing=true", f"data.data_dir={data}",
-        "data.splits.validation.limit=4", "trainer.max_steps=3", "reward.interval=2", "validation.subset=2",
-        "validation.max_new_tokens=4", "report.subset=3", "report.max_new_tokens=4",
+        "data.splits.validation.limit=4", "trainer.max_steps=3", "reward=paired", "reward.interval=2",
+        "validation.subset=2", "validation.max_new_tokens=4", "report.subset=3", "report.max_new_tokens=4",
     ]  # fmt: skip
     env = dict(os.environ, ARKD_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
