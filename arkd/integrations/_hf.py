@@ -73,6 +73,11 @@ def resolve_alpha(alpha: Any, reward: Any, probe: Any, takes_alpha: bool, loss_n
         raise ValueError("reward= and probe= need an alpha strategy: give alpha= as well.")
     if strategy is not None and strategy.needs_reward and reward is None:
         reward = PairedReward()
+    if reward is not None and reward.branches:
+        raise ValueError(
+            f"reward={type(reward).__name__} trains whole branches from in-memory snapshots, which arkd's own loop "
+            "(arkd-train, arkd.trainer.Trainer) runs and the HF Trainer's does not: use reward=PairedReward() here."
+        )
     return strategy, reward, probe
 
 

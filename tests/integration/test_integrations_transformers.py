@@ -16,7 +16,7 @@ from arkd.data import TrainingCollator, build_dataloader
 from arkd.integrations.transformers import KDTrainer
 from arkd.losses import BidirectionalKLLoss, DiversityAwareRKLLoss, GeneralizedJSDLoss
 from arkd.policy import AlphaControl, AlphaSignalProbe, ConstantAlpha, LearnedPolicy
-from arkd.reward import PairedReward
+from arkd.reward import HorizonReward, PairedReward
 from arkd.trainer import BatchStream, Trainer, TrainerConfig
 
 LR = 0.5
@@ -111,6 +111,9 @@ def test_refusals_are_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="give reward= and probe= inside"):
         KDTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=args,
                   alpha=AlphaControl(ConstantAlpha()), probe=AlphaSignalProbe())  # fmt: skip
+    with pytest.raises(ValueError, match="reward=HorizonReward trains whole branches"):
+        KDTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=args,
+                  alpha=LearnedPolicy(seed=0), reward=HorizonReward())  # fmt: skip
 
 
 def test_previews_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
