@@ -394,3 +394,19 @@ def test_controls_are_named_in_the_tables(tmp_path):
     assert "learned_frozen (*A/A noise floor*)" in text
     assert "constant_at_learned_mean (*adapting control*)" in text
     assert control_role("learned[lr=0]") == CONTROLS["learned_frozen"] and control_role("learned[lr=0.01]") is None
+
+
+def test_the_best_mean_is_bold_in_the_metrics_direction():
+    """Rouge-L: the highest mean in bold; FKL (lower is better): the lowest; a trade-off metric (tail recall): none."""
+    from arkd.evaluation.compare.render import _table_lines
+
+    def result(metric):
+        rows = {"fkl": {"d": {"mean": 5.0, "std": 0.1, "n": 3}}, "rkl": {"d": {"mean": 7.0, "std": 0.2, "n": 3}}}
+        return {"tables": {metric: rows}, "datasets": {metric: ["d"]}, "reference_models": {}}
+
+    def bold(metric):
+        return [line.split(" |")[0][2:] for line in _table_lines(result(metric), metric, {}) if "**" in line]
+
+    assert bold("rougeL") == ["rkl"]
+    assert bold("fkl") == ["fkl"] and bold("rkl") == ["fkl"]
+    assert bold("tail_recall") == []

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from arkd.evaluation.results import METRIC_TITLES, summary_cell
+from arkd.evaluation.results import HIGHER_IS_BETTER, METRIC_TITLES, summary_cell
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -86,7 +86,8 @@ def _omnibus_lines(result: dict[str, Any]) -> list[str]:
 
 
 def _table_lines(result: dict[str, Any], metric: str, controls: dict[str, str]) -> list[str]:
-    """A metric's table: strategy x dataset (the best mean in bold), then the reference models."""
+    """A metric's table: strategy x dataset (the best mean in bold, where a metric has a better direction), then the
+    reference models."""
     table = result["tables"][metric]
     datasets = result["datasets"][metric]
     title = METRIC_TITLES.get(metric, metric)
@@ -97,7 +98,13 @@ def _table_lines(result: dict[str, Any], metric: str, controls: dict[str, str]) 
         "| strategy | " + " | ".join(datasets) + " | seeds |",
         "|---|" + "---:|" * len(datasets) + "---:|",
     ]
-    best = {d: max((row[d]["mean"] for row in table.values() if d in row), default=None) for d in datasets}
+    # The best mean in bold: the highest, the lowest where lower is better (fkl, rkl), none for a trade-off metric.
+    direction = HIGHER_IS_BETTER.get(metric)
+    pick = max if direction else min
+    best = {
+        d: None if direction is None else pick((row[d]["mean"] for row in table.values() if d in row), default=None)
+        for d in datasets
+    }
     for strategy, row in table.items():
         cells = []
         for d in datasets:
