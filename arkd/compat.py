@@ -117,12 +117,19 @@ def check_previews(*, engine: str | None, fp16_scaler: bool) -> None:
         )
 
 
-def check_branches(control: Any, *, reward_rows: int) -> None:
-    """The horizon reward and the horizon probe: one alpha per step, and a reward split to score branches on."""
+def check_branches(control: Any, *, reward_rows: int, engine: str | None = None) -> None:
+    """The horizon reward and the horizon probe: one alpha per step, a reward split to score branches on, and the
+    whole student and optimiser state on every process (the in-memory snapshots)."""
     horizon_probe = control.probe is not None and control.probe.horizon > 0
     if not (control.horizon or horizon_probe):
         return
     what = "reward=horizon" if control.horizon else "probe.horizon"
+    if engine in _GENERATING_ENGINES:
+        raise ValueError(
+            f"{what} snapshots the student's parameters and optimiser state in memory and restores them for each "
+            f"branch, which {engine} shards across processes: use DDP (launch/accelerate/multi_gpu_ddp.yaml), or "
+            "reward=same_batch with probe.horizon=0."
+        )
     if control.strategy.granularity != "batch":
         raise ValueError(
             f"{what} holds one alpha for whole branches of steps; policy.granularity={control.strategy.granularity} "

@@ -151,7 +151,7 @@ class Trainer:
         acc, control = self.accelerator, self.control
         if control.previews:
             check_previews(engine=engine, fp16_scaler=acc.scaler is not None)
-        check_branches(control, reward_rows=len(reward_batches))
+        check_branches(control, reward_rows=len(reward_batches), engine=engine)
         return Branches(
             control, snapshot=self.snapshot, restore=self.restore, train_step=self.train_step,
             score=branching.reward_score(reward_batches, self.objective, control, acc),

@@ -182,3 +182,21 @@ def test_horizon_options_and_combinations_are_refused_in_one_sentence(tmp_path):
             accelerator=__import__("accelerate").Accelerator(cpu=True),
             config=TrainerConfig(max_steps=4, output_dir=str(tmp_path), progress=False), reward=HorizonReward(),
         )  # fmt: skip
+
+
+def test_branches_are_refused_where_an_engine_shards_the_state_they_snapshot():
+    """DeepSpeed and FSDP shard the parameters and optimiser state a branch restores: refused in one sentence, before
+    training; DDP and one process are not."""
+    from arkd.compat import check_branches
+    from arkd.policy import AlphaControl
+
+    control = AlphaControl(LearnedPolicy(), reward=HorizonReward())
+    for engine in ("DEEPSPEED", "FSDP"):
+        with pytest.raises(ValueError, match=rf"^reward=horizon snapshots .* which {engine} shards across processes"):
+            check_branches(control, reward_rows=4, engine=engine)
+    probe = AlphaControl(ConstantAlpha(), probe=AlphaSignalProbe(horizon=8))
+    with pytest.raises(ValueError, match=r"^probe.horizon snapshots"):
+        check_branches(probe, reward_rows=4, engine="FSDP")
+    for engine in (None, "NO", "MULTI_GPU"):
+        check_branches(control, reward_rows=4, engine=engine)
+    check_branches(AlphaControl(ConstantAlpha()), reward_rows=0, engine="DEEPSPEED")  # no branches: nothing to refuse
