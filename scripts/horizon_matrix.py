@@ -16,6 +16,13 @@ Arms (every setting is the config's own or the presets' defaults, fixed before t
 - ``constant_at_horizon_mean``: ``policy=constant policy.alpha=A_s``, A_s the mean ``alpha_mean`` over the logged
   training steps of seed s's ``learned_horizon`` run (run after those).
 
+With ``--carry``, the policy carried across runs (``policy.init_from``) instead: a chain of five runs on seeds
+100-104 (in ``OUT_chain/``, beside the sweep, so that arkd-compare does not read it; each starting from the previous
+one's policy, the first fresh), then
+``learned_horizon_carried`` (seeds as given, each starting from the chain's last policy) and its control
+``learned_horizon_carried_frozen`` (the same with ``policy.lr=0``: the carried policy played without learning more).
+The chain's seeds are not the evaluation seeds: no evaluated run's data order trained the carried policy.
+
 Runs already finished (a ``report.json`` in their directory) are skipped, so the script can be run again.
 """
 
@@ -64,6 +71,30 @@ def _run(cmd: list[str], run_dir: Path) -> tuple[str, float, int]:
     return str(run_dir), time.time() - started, code
 
 
+CHAIN_SEEDS = (100, 101, 102, 103, 104)
+
+
+def _carry(args: argparse.Namespace) -> None:
+    """The chain (in order, one run at a time), then the carried arms (``args.workers`` at a time)."""
+    previous: Path | None = None
+    for seed in CHAIN_SEEDS:
+        run_dir = args.out.with_name(f"{args.out.name}_chain") / str(seed)
+        extra = ["policy=learned", "reward=horizon", "label=chain"]
+        extra += [f"policy.init_from={previous}"] if previous is not None else []
+        code = _run(_command(args.config, run_dir.parent, ".", seed, extra), run_dir)[2]
+        print(f"{run_dir}: exit {code}", flush=True)
+        previous = run_dir
+    carried = ["policy=learned", "reward=horizon", f"policy.init_from={previous}"]
+    arms = {
+        "learned_horizon_carried": [*carried, "label=learned_horizon_carried"],
+        "learned_horizon_carried_frozen": [*carried, "policy.lr=0", "label=learned_horizon_carried_frozen"],
+    }
+    jobs = [(_command(args.config, args.out, a, s, arms[a]), args.out / a / str(s)) for s in args.seeds for a in arms]
+    with ThreadPoolExecutor(args.workers) as pool:
+        for run_dir, seconds, code in pool.map(lambda job: _run(*job), jobs):
+            print(f"{run_dir}: exit {code}, {seconds:.0f} s", flush=True)
+
+
 def _mean_alpha(run_dir: Path) -> float:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     alphas = [r["alpha_mean"] for r in rows if r.get("split") is None and isinstance(r.get("alpha_mean"), float)]
@@ -78,7 +109,11 @@ def main() -> None:
     parser.add_argument("--arms", nargs="*", default=list(ARMS), help=f"a subset of {list(ARMS)}")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-controls", action="store_true", help="skip constant_at_horizon_mean")
+    parser.add_argument("--carry", action="store_true", help="the carried policy's chain and arms (policy.init_from)")
     args = parser.parse_args()
+    if args.carry:
+        _carry(args)
+        return
 
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     with ThreadPoolExecutor(args.workers) as pool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -68,6 +69,8 @@ class LearnedPolicy(AlphaStrategy):
         feature_momentum: momentum of the feature normaliser.
         max_grad_norm: gradient-norm clip of each policy step (None: no clip).
         seed: seeds the network's initialisation and the sampling RNG.
+        init_from: start from the policy another run learned (:meth:`adopt`): its run directory (the newest verified
+            checkpoint's policy), a checkpoint directory or a ``state.pt``; None: a fresh policy.
     """
 
     needs_reward = True
@@ -92,6 +95,7 @@ class LearnedPolicy(AlphaStrategy):
         feature_momentum: float = 0.99,
         max_grad_norm: float | None = 1.0,
         seed: int = 0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if granularity not in GRANULARITIES:
@@ -140,6 +144,25 @@ class LearnedPolicy(AlphaStrategy):
         self._pending: list[_Pending] = []
         self._pending_step: int | None = None
         self._candidates: list[torch.Tensor] = []
+        self.init_from = None if init_from is None else str(init_from)
+        if self.init_from is not None:
+            self.adopt(carried_policy_state(self.init_from))
+
+    def adopt(self, state: dict) -> None:
+        """Continue from a policy another run learned (``state``: its ``state_dict``): its network, Adam moments,
+        feature normaliser, advantage scale, baselines and update count carry over; this run keeps its own sampling
+        seed, its own learning rate (``lr=0`` freezes the carried policy: its control) and an empty PPO buffer."""
+        own_rng = self._rng_state.clone()
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"policy.init_from: the carried policy does not fit this one ({str(error).splitlines()[0]}); expected "
+                "a LearnedPolicy with the same hidden_size, num_layers and features."
+            ) from None
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self._rng_state, self._buffer = own_rng, []
 
     # ------------------------------------------------------------------ state
     def _context(self, progress: float, d: float, learning: bool) -> torch.Tensor:
@@ -438,3 +461,28 @@ def _with_on_policy_input(state: dict, zero_weight: torch.Tensor) -> dict:
     zeros = lambda x: torch.cat([x[..., :column], x.new_zeros(*x.shape[:-1], 1), x[..., column:]], dim=-1)  # noqa: E731
     state["buffer"] = [(zeros(entry[0]), *entry[1:]) for entry in state["buffer"]]
     return state
+
+
+def carried_policy_state(path: str | Path) -> dict:
+    """The learned policy's state in another run's checkpoint: ``path`` is a run directory (its newest complete
+    checkpoint, verified against its manifest), a checkpoint directory or a ``state.pt`` file."""
+    from arkd.checkpoint import STATE_FILE, latest_checkpoint, read_state, verify_checkpoint
+
+    where = Path(path)
+    if where.is_file():
+        state = torch.load(where, map_location="cpu", weights_only=True)
+    else:
+        checkpoint = latest_checkpoint(where / "checkpoints") if (where / "checkpoints").is_dir() else where
+        if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
+            raise ValueError(
+                f"policy.init_from: no checkpoint at {where}; expected a run directory of arkd-train (with "
+                "checkpoints/), a checkpoint directory or a state.pt file."
+            )
+        problem = verify_checkpoint(checkpoint)
+        if problem is not None:
+            raise ValueError(f"policy.init_from: {checkpoint} fails its manifest ({problem}); expected a complete one.")
+        state = read_state(checkpoint)
+    policy = state.get("strategy") if isinstance(state, dict) else None
+    if not isinstance(policy, dict) or "network" not in policy:
+        raise ValueError(f"policy.init_from: {where} holds no learned policy's state (a run of policy=learned).")
+    return policy
