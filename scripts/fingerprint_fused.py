@@ -7,6 +7,9 @@ few seeded inputs: masked and unmasked, the trainer's ``logits[:, :-1]`` layout,
 over all of them. A refactor of ``arkd/losses/fused`` that keeps the numerics to the bit prints the same lines before
 and after (on the same machine, torch and thread count: the hashes are of floating-point bytes).
 
+The generalized JSD's fused paths (``fused_generalized_jsd``, ``fused_linear_generalized_jsd``) are fingerprinted too,
+in the eager modes.
+
 Run: ``python scripts/fingerprint_fused.py`` (``--no-compiled`` skips the compiled path).
 """
 
@@ -118,6 +121,39 @@ def _run_linear_case(hidden, weight, bias, kwargs, chunk_size, compiled):
     return (loss, *grads, *grads_one)
 
 
+def _jsd_cases():
+    """``(name, student_full, teacher_full, slicer, mask, kwargs)``: inputs of ``fused_generalized_jsd``."""
+    s, t = _logits((3, 12, 37), seed=30)
+    mask = torch.rand(3, 11, generator=torch.Generator().manual_seed(31)) < 0.6
+    shifted = lambda x: x[:, :-1]  # noqa: E731  the trainer's layout
+    whole = lambda x: x  # noqa: E731
+    yield "jsd_plain", s, t, whole, None, dict(beta=0.5)
+    yield "jsd_shifted_masked_T", s, t, shifted, mask, dict(beta=0.3, temperature=1.7, reduction="sum")
+    yield "jsd_none", s, t, whole, None, dict(beta=0.8, reduction="none")
+    si, ti = _logits((2, 8, 19), seed=32)
+    si[0, 1, 3] = ti[0, 1, 3] = float("-inf")
+    si[1, 2, 5] = float("-inf")
+    yield "jsd_neg_inf", si, ti, whole, None, dict(beta=0.5, reduction="none")
+
+
+def _run_jsd_case(student_full, teacher_full, slicer, mask, kwargs, chunk_size):
+    s = student_full.clone().requires_grad_(True)
+    t = teacher_full.clone().requires_grad_(True)
+    loss = L.fused_generalized_jsd(slicer(s), slicer(t), mask, chunk_size=chunk_size, **kwargs)
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(33), dtype=loss.dtype) + 0.5
+    return (loss, *torch.autograd.grad(loss, (s, t), upstream))
+
+
+def _run_linear_jsd(chunk_size):
+    g = torch.Generator().manual_seed(34)
+    hidden, weight = torch.randn(3, 14, 8, generator=g), torch.randn(31, 8, generator=g) * 0.7
+    bias, teacher = torch.randn(31, generator=g) * 0.1, torch.randn(3, 14, 31, generator=g) * 2
+    mask = torch.rand(3, 14, generator=g) < 0.7
+    h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight, bias))
+    loss = L.fused_linear_generalized_jsd(h, w, teacher, mask, student_bias=b, beta=0.4, chunk_size=chunk_size)
+    return (loss, *torch.autograd.grad(loss * 1.3, (h, w, b)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile path")
@@ -135,6 +171,10 @@ def main() -> None:
         for name, hidden, weight, bias, kwargs in _linear_cases():
             out = _run_linear_case(hidden, weight, bias, kwargs, chunk_size, compiled)
             lines.append(f"{mode:16s} {name} {_hash(out)}")
+        if not compiled:  # the generalized JSD has an eager path only
+            for name, s, t, slicer, mask, kwargs in _jsd_cases():
+                lines.append(f"{mode:16s} {name} {_hash(_run_jsd_case(s, t, slicer, mask, kwargs, chunk_size))}")
+            lines.append(f"{mode:16s} lin_jsd {_hash(_run_linear_jsd(chunk_size))}")
     from arkd.losses import fused
 
     kernels = fused.compiled_kernels()

@@ -35,48 +35,10 @@ import torch
 from ._base import check_reduction, check_temperature, check_unit_interval, compute_dtype, masked_reduce
 from .functional import bidirectional_kl
 from .fused import fused_linear_bidirectional_kl
+from .fused._chunks import _log_softmax_into, _resolve_chunk_size, _Workspace
+from .fused._rows import _row_chunks, _Rows
 
 __all__ = ["GeneralizedJSDFunction", "fused_generalized_jsd", "fused_linear_generalized_jsd"]
-
-CPU_CHUNK_ELEMENTS = 2**24  # the bidirectional path's CPU default: 16M entries per [chunk, V] buffer
-CUDA_CHUNK_ELEMENTS = 2**25
-
-
-def _chunk_rows(chunk_size: int | None, vocab_size: int, device: torch.device) -> int:
-    if chunk_size is None:
-        elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
-        return max(1, elements // max(1, vocab_size))
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer (tokens per chunk) or None, got {chunk_size!r}")
-    return chunk_size
-
-
-class _Buffers:
-    """``count`` reusable ``[rows, V]`` buffers (allocated once per call; the last chunk uses a prefix)."""
-
-    def __init__(self, count: int) -> None:
-        self.count, self.buffers = count, []
-
-    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        first = self.buffers[0] if self.buffers else None
-        if first is None or first.shape[0] < rows or first.shape[1] != cols or first.dtype != dtype:
-            self.buffers = [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(self.count)]
-        return [b[:rows] for b in self.buffers]
-
-
-def _log_softmax_into(x: torch.Tensor, temperature: float, log_out: torch.Tensor, prob_out: torch.Tensor) -> None:
-    """``log_out = log_softmax(x / T)``, ``prob_out = softmax(x / T)`` (one ``exp``; NaN / ``+inf`` give NaN rows)."""
-    row_max = x.amax(dim=-1, keepdim=True).to(log_out.dtype)
-    if x.dtype == log_out.dtype:
-        torch.sub(x, row_max, out=log_out)
-    else:
-        log_out.copy_(x).sub_(row_max)
-    if temperature != 1.0:
-        log_out.div_(temperature)
-    torch.exp(log_out, out=prob_out)
-    total = prob_out.sum(dim=-1, keepdim=True)
-    prob_out.div_(total)
-    log_out.sub_(total.log_())
 
 
 def _chunk_jsd(
@@ -86,7 +48,7 @@ def _chunk_jsd(
     temperature: float,
     student_grad: bool,
     teacher_grad: bool,
-    buffers: _Buffers,
+    buffers: _Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Generalized JSD (``0 < beta < 1``) of ``[C, V]`` logits and its analytic gradients.
 
@@ -123,38 +85,6 @@ def _chunk_jsd(
     return loss, grad_student, grad_teacher
 
 
-def _rows(x: torch.Tensor):
-    """``rows -> x`` as ``[N, V]`` rows without copying a non-viewable layout (``logits[:, :-1]``) whole."""
-    try:
-        flat = x.view(-1, x.shape[-1])
-        return lambda rows: flat[rows]
-    except RuntimeError:
-        shape = x.shape[:-1]
-
-        def gather(rows):
-            if isinstance(rows, slice):
-                rows = torch.arange(rows.start, rows.stop, device=x.device)
-            coords, index = [], rows
-            for size in reversed(shape):
-                coords.append(index % size)
-                index = index // size
-            return x[tuple(reversed(coords))]
-
-        return gather
-
-
-def _row_chunks(mask: torch.Tensor | None, n: int, chunk: int):
-    """``(rows, index)``: a slice (everything counted) or the counted rows' indices, ``chunk`` at a time."""
-    if mask is None:
-        for start in range(0, n, chunk):
-            yield slice(start, min(start + chunk, n)), None
-        return
-    counted = mask.nonzero().squeeze(-1)
-    for start in range(0, counted.numel(), chunk):
-        index = counted[start : start + chunk]
-        yield index, index
-
-
 class GeneralizedJSDFunction(torch.autograd.Function):
     """Chunked generalized JSD (``0 < beta < 1``) over ``[..., V]`` logits with a precomputed analytic gradient.
 
@@ -172,11 +102,11 @@ class GeneralizedJSDFunction(torch.autograd.Function):
         new = torch.empty if mask is None else torch.zeros  # uncounted rows keep a zero gradient
         grad_s = new((n, v), dtype=student.dtype, device=student.device) if need_s else None
         grad_t = new((n, v), dtype=teacher.dtype, device=teacher.device) if need_t else None
-        s_rows, t_rows = _rows(student), _rows(teacher)
+        s_rows, t_rows = _Rows(student), _Rows(teacher)
         loss = torch.zeros(n, dtype=dtype, device=student.device)
-        buffers = _Buffers(6)
+        buffers = _Workspace(6)
         for rows, index in _row_chunks(mask, n, chunk_size):
-            out = _chunk_jsd(s_rows(rows), t_rows(rows), beta, temperature, need_s, need_t, buffers)
+            out = _chunk_jsd(s_rows[rows], t_rows[rows], beta, temperature, need_s, need_t, buffers)
             for target, value in zip((loss, grad_s, grad_t), out):
                 if target is None:
                     continue
@@ -252,7 +182,7 @@ def fused_generalized_jsd(
             chunk_size=chunk_size,
         )  # fmt: skip
     token_shape = student_logits.shape[:-1]
-    chunk = _chunk_rows(chunk_size, student_logits.shape[-1], student_logits.device)
+    chunk = _resolve_chunk_size(chunk_size, student_logits.shape[-1], student_logits.device)
     flat_mask = None if mask is None else mask.reshape(-1)
     loss = GeneralizedJSDFunction.apply(
         student_logits, teacher_logits, flat_mask, beta, float(temperature), chunk, True
@@ -277,8 +207,8 @@ class _FusedLinearJSD(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=dtype, device=device)
-        buffers, logits_buffer = _Buffers(6), _Buffers(1)
-        teacher_rows = _rows(teacher_logits)
+        buffers, logits_buffer = _Workspace(6), _Workspace(1)
+        teacher_rows = _Rows(teacher_logits)
         for rows, index in _row_chunks(mask, hidden.shape[0], chunk_size):
             h = hidden[rows].to(dtype)
             (logits,) = logits_buffer.get(h.shape[0], v, dtype, device)
@@ -286,7 +216,7 @@ class _FusedLinearJSD(torch.autograd.Function):
                 torch.mm(h, w.t(), out=logits)
             else:
                 torch.addmm(b, h, w.t(), out=logits)
-            loss, grad_logits, _ = _chunk_jsd(logits, teacher_rows(rows), beta, temperature, need, False, buffers)
+            loss, grad_logits, _ = _chunk_jsd(logits, teacher_rows[rows], beta, temperature, need, False, buffers)
             tw = token_weight[rows].to(dtype)
             total = total + (tw * loss).sum()
             if grad_logits is None:
@@ -387,7 +317,7 @@ def fused_linear_generalized_jsd(
         token_weight = token_weight * mask
     if reduction == "mean":
         token_weight = token_weight / token_weight.sum().clamp(min=1)
-    chunk = _chunk_rows(chunk_size, v, student_hidden.device)
+    chunk = _resolve_chunk_size(chunk_size, v, student_hidden.device)
     return _FusedLinearJSD.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias, teacher_logits.detach(),
         token_weight,
