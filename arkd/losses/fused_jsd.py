@@ -35,7 +35,14 @@ import torch
 from ._base import check_reduction, check_temperature, check_unit_interval, compute_dtype, masked_reduce
 from .functional import bidirectional_kl
 from .fused import fused_linear_bidirectional_kl
-from .fused._chunks import _log_softmax_into, _resolve_chunk_size, _Workspace
+from .fused._chunks import (
+    _gradient_buffers,
+    _linear_gradients,
+    _log_softmax_into,
+    _resolve_chunk_size,
+    _save_linear_gradients,
+    _Workspace,
+)
 from .fused._rows import _row_chunks, _Rows
 
 __all__ = ["GeneralizedJSDFunction", "fused_generalized_jsd", "fused_linear_generalized_jsd"]
@@ -96,12 +103,9 @@ class GeneralizedJSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, mask, beta, temperature, chunk_size, inplace_backward):
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        v = student.shape[-1]
         n = student.shape[:-1].numel()
         dtype = compute_dtype(student.dtype)
-        new = torch.empty if mask is None else torch.zeros  # uncounted rows keep a zero gradient
-        grad_s = new((n, v), dtype=student.dtype, device=student.device) if need_s else None
-        grad_t = new((n, v), dtype=teacher.dtype, device=teacher.device) if need_t else None
+        grad_s, grad_t = _gradient_buffers(student, teacher, mask, need_s, need_t)
         s_rows, t_rows = _Rows(student), _Rows(teacher)
         loss = torch.zeros(n, dtype=dtype, device=student.device)
         buffers = _Workspace(6)
@@ -231,20 +235,13 @@ class _FusedLinearJSD(torch.autograd.Function):
                 grad_w.addmm_(grad_logits.t(), h * tw.unsqueeze(-1))
             if need_b:
                 grad_b.add_(tw @ grad_logits)
-        ctx.save_for_backward(
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-        )
+        _save_linear_gradients(ctx, grad_h, grad_w, grad_b, weight, bias)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
-        if bool(grad_total == 1):
-            grads = list(ctx.saved_tensors)
-        else:
-            grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        grads = _linear_gradients(ctx, grad_total)
         return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 

@@ -52,6 +52,34 @@ class _Workspace:
         return [buffer[:rows] for buffer in self.buffers]
 
 
+def _gradient_buffers(student, teacher, mask, need_s: bool, need_t: bool):
+    """``(grad_s, grad_t)``: ``[N, V]`` gradient buffers of the logits that need one (None otherwise); zeros when a
+    mask leaves rows uncounted (they keep a zero gradient), uninitialised when every row is written."""
+    n, v = student.shape[:-1].numel(), student.shape[-1]
+    new = torch.empty if mask is None else torch.zeros
+    grad_s = new((n, v), dtype=student.dtype, device=student.device) if need_s else None
+    grad_t = new((n, v), dtype=teacher.dtype, device=teacher.device) if need_t else None
+    return grad_s, grad_t
+
+
+def _save_linear_gradients(ctx, grad_h, grad_w, grad_b, weight, bias) -> None:
+    """Save a fused-linear loss's precomputed gradients of hidden states, weight and bias, in the parameters'
+    dtypes."""
+    ctx.save_for_backward(
+        grad_h,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
+
+
+def _linear_gradients(ctx, grad_total: torch.Tensor) -> list:
+    """The saved gradients of :func:`_save_linear_gradients` times the upstream gradient (as they are for
+    ``loss.backward()`` itself: no pass over them)."""
+    if bool(grad_total == 1):
+        return list(ctx.saved_tensors)
+    return [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+
+
 def _log_softmax_into(x: torch.Tensor, temperature: float, log_out: torch.Tensor, prob_out: torch.Tensor) -> None:
     """``log_out = log_softmax(x / T)`` and ``prob_out = softmax(x / T)`` in the buffers' dtype, with one ``exp``.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._base import broadcast_token_weight, compute_dtype
-from ._chunks import _chunk_bidirectional, _resolve_chunk_size, _Workspace
+from ._chunks import _chunk_bidirectional, _gradient_buffers, _resolve_chunk_size, _Workspace
 from ._compiled import _check_compiled, _CompileFailed, _kernel, compile_enabled
 from ._kernels import _alpha_modes, _make_backward_kernel, _make_forward_kernel
 from ._rows import _row_chunks, _RowLayout, _Rows
@@ -92,12 +92,9 @@ def _backward_compiled(state, grad_loss, need_s, need_t, student, teacher):
 
 def _forward_eager(need_s, need_t, student, teacher, alpha, mask, temperature, chunk_size):
     """The logits path op by op (no compiler): counted rows only, gathered chunk by chunk into reusable buffers."""
-    v = student.shape[-1]
     n = student.shape[:-1].numel()
     dtype = compute_dtype(student.dtype)
-    new_buffer = torch.empty if mask is None else torch.zeros  # uncounted rows keep a zero gradient
-    grad_s = new_buffer((n, v), dtype=student.dtype, device=student.device) if need_s else None
-    grad_t = new_buffer((n, v), dtype=teacher.dtype, device=teacher.device) if need_t else None
+    grad_s, grad_t = _gradient_buffers(student, teacher, mask, need_s, need_t)
     student_rows, teacher_rows = _Rows(student), _Rows(teacher)
     loss = torch.zeros(n, dtype=dtype, device=student.device)
     fkl = torch.zeros(n, dtype=dtype, device=student.device)

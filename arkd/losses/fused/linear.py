@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .._base import broadcast_token_weight, check_alpha, check_reduction, check_temperature, compute_dtype
-from ._chunks import _chunk_bidirectional, _resolve_chunk_size, _Workspace
+from ._chunks import _chunk_bidirectional, _linear_gradients, _resolve_chunk_size, _save_linear_gradients, _Workspace
 from ._compiled import _check_compiled, _CompileFailed, _kernel, compile_enabled
 from ._kernels import _alpha_modes, _make_fused_kernel
 from ._rows import _row_chunks
@@ -184,20 +184,13 @@ class FusedLinearBidirectionalKLFunction(torch.autograd.Function):
         if out is None:
             out = _fused_linear_forward(hidden, weight, bias, teacher, tokens, needs, compiled=False)
         total, grad_h, grad_w, grad_b = out
-        ctx.save_for_backward(
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-        )
+        _save_linear_gradients(ctx, grad_h, grad_w, grad_b, weight, bias)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
-        if bool(grad_total == 1):  # loss.backward() itself: the saved gradients as they are, no pass over them
-            grads = list(ctx.saved_tensors)
-        else:
-            grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        grads = _linear_gradients(ctx, grad_total)
         return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None, None
 
 
