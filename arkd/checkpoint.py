@@ -125,8 +125,13 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         return f"{MANIFEST} unreadable: {type(err).__name__}"
     if manifest is None:
         return None if (path / STATE_FILE).is_file() else f"{STATE_FILE} is missing"
+    return _files_problem(path, manifest)
+
+
+def _files_problem(directory: Path, manifest: dict[str, Any]) -> str | None:
+    """The first file of ``manifest`` that is missing, of another size or fails its SHA-256, in a few words."""
     for name, entry in manifest.get("files", {}).items():
-        file = path / name
+        file = directory / name
         if not file.is_file():
             return f"{name} is missing"
         size = file.stat().st_size
@@ -164,16 +169,7 @@ def verify_manifest(directory: str | os.PathLike) -> str | None:
         return f"{MANIFEST} unreadable: {type(err).__name__}"
     if manifest is None:
         return f"{MANIFEST} is missing"
-    for name, entry in manifest.get("files", {}).items():
-        file = directory / name
-        if not file.is_file():
-            return f"{name} is missing"
-        size = file.stat().st_size
-        if size != entry["size"]:
-            return f"{name} has {size} bytes, expected {entry['size']}"
-        if file_digest(file) != entry["sha256"]:
-            return f"{name} fails its SHA-256 checksum"
-    return None
+    return _files_problem(directory, manifest)
 
 
 def is_healthy(path: str | os.PathLike) -> bool:
